@@ -1,0 +1,30 @@
+"""``python -m trainer [hydra overrides]``: train as configured by conf/ and the command line."""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from trainer.config import ConfigError, to_config
+
+
+@hydra.main(config_path="pkg://conf", config_name="config", version_base="1.3")
+def _run(cfg: DictConfig) -> None:
+    from trainer.loop import train
+
+    try:
+        train(to_config(cfg))
+    except ConfigError as err:
+        # A configuration mistake, found before anything ran: say what to change, without a traceback.
+        print(f"meshtron: configuration error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    _run()
+
+
+if __name__ == "__main__":
+    main()

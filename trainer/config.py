@@ -1,0 +1,320 @@
+"""Typed configuration schemas, registered in Hydra's ConfigStore.
+
+YAML files under ``conf/`` extend these dataclasses (``defaults: [base_<group>]``), so an unknown key or a
+value of the wrong type fails in OmegaConf with the key's full name. Each dataclass checks its own fields in
+``validate()``; checks that span several groups live in :func:`validate_config`, which runs before any
+process group starts or any tensor is allocated.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run. The message names the values involved and what was expected."""
+
+
+def _require(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def _one_of(name: str, value: Any, allowed: tuple) -> None:
+    _require(value in allowed, f"{name}={value!r} is not supported; expected one of {list(allowed)}")
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+@dataclass
+class RopeScalingConfig:
+    """HF ``rope_scaling`` / ``rope_parameters``. Only Llama 3.1's frequency-band scaling is implemented."""
+
+    rope_type: str = "llama3"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def validate(self) -> None:
+        _one_of("model.rope_scaling.rope_type", self.rope_type, ("llama3",))
+        _require(self.factor >= 1.0, f"model.rope_scaling.factor={self.factor} must be >= 1")
+        _require(
+            self.high_freq_factor > self.low_freq_factor,
+            f"model.rope_scaling.high_freq_factor={self.high_freq_factor} must exceed "
+            f"low_freq_factor={self.low_freq_factor}",
+        )
+
+
+MODEL_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass
+class ModelConfig:
+    """A decoder-only transformer. Field names follow Megatron-LM's arguments where it has one."""
+
+    name: str = "tiny"
+    family: str = "llama"
+    # An HF checkpoint directory. When set, its config.json replaces the shape fields below and its
+    # safetensors weights initialise the model.
+    hf_path: Optional[str] = None
+    vocab_size: int = 2048
+    hidden_size: int = 128
+    ffn_hidden_size: int = 352
+    num_layers: int = 4
+    num_attention_heads: int = 4
+    num_query_groups: int = 2
+    # Per-head dimension; None means hidden_size // num_attention_heads (Qwen3 sets it explicitly).
+    kv_channels: Optional[int] = None
+    max_position_embeddings: int = 2048
+    rotary_base: float = 10000.0
+    rope_scaling: Optional[RopeScalingConfig] = None
+    norm_epsilon: float = 1e-5
+    tie_word_embeddings: bool = False
+    add_qkv_bias: bool = False
+    qk_layernorm: bool = False
+    # Mistral-style sliding-window attention; None or 0 means full causal attention.
+    sliding_window: Optional[int] = None
+    init_std: float = 0.02
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    def validate(self) -> None:
+        _one_of("model.family", self.family, MODEL_FAMILIES)
+        for name in ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads",
+                     "num_query_groups", "max_position_embeddings"):
+            _require(getattr(self, name) > 0, f"model.{name}={getattr(self, name)} must be positive")
+        _require(
+            self.num_attention_heads % self.num_query_groups == 0,
+            f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
+            f"model.num_query_groups={self.num_query_groups} (the number of key/value heads)",
+        )
+        if self.kv_channels is None:
+            _require(
+                self.hidden_size % self.num_attention_heads == 0,
+                f"model.hidden_size={self.hidden_size} is not divisible by "
+                f"model.num_attention_heads={self.num_attention_heads}; set model.kv_channels explicitly",
+            )
+        _require(self.head_dim % 2 == 0, f"model head dim {self.head_dim} must be even for rotary embeddings")
+        _require(self.rotary_base > 0, f"model.rotary_base={self.rotary_base} must be positive")
+        _require(self.norm_epsilon > 0, f"model.norm_epsilon={self.norm_epsilon} must be positive")
+        if self.sliding_window is not None:
+            _require(self.sliding_window >= 0, f"model.sliding_window={self.sliding_window} must be >= 0")
+        if self.rope_scaling is not None:
+            self.rope_scaling.validate()
+
+
+# ------------------------------------------------------------------------------------------ parallel
+
+
+@dataclass
+class ParallelConfig:
+    """Mesh degrees. ``dp_shard=-1`` takes whatever the world size leaves after the other degrees."""
+
+    dp_replicate: int = 1
+    dp_shard: int = -1
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    # Sequences per forward/backward on one data-parallel rank; the global batch is reached by accumulation.
+    microbatch_size: int = 1
+
+    def validate(self) -> None:
+        for name in ("dp_replicate", "tp", "pp", "cp", "microbatch_size"):
+            _require(getattr(self, name) >= 1, f"parallel.{name}={getattr(self, name)} must be >= 1")
+        _require(self.dp_shard == -1 or self.dp_shard >= 1,
+                 f"parallel.dp_shard={self.dp_shard} must be >= 1, or -1 to infer it from the world size")
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+DATA_FORMATS = ("text", "jsonl_text")
+
+
+@dataclass
+class DataConfig:
+    name: str = "pretrain_text"
+    # Training corpus: a file or a directory of files; None means the corpus bundled with meshtron.
+    path: Optional[str] = None
+    # Held-out corpus for validation; None with path=None means the bundled validation split, otherwise
+    # val_fraction of the training documents is held out.
+    val_path: Optional[str] = None
+    val_fraction: float = 0.05
+    # text: plain-text files, one document per blank-line-separated block; jsonl_text: one JSON object per line.
+    format: str = "text"
+    text_field: str = "text"
+    # HF tokenizer directory; None means model.hf_path's tokenizer if it has one, else the bundled one.
+    tokenizer: Optional[str] = None
+    seq_len: int = 256
+    # Where tokenized corpora are cached (keyed by file contents and tokenizer); None: ~/.cache/meshtron
+    # (or $XDG_CACHE_HOME/meshtron).
+    cache_dir: Optional[str] = None
+
+    def validate(self) -> None:
+        _one_of("data.format", self.format, DATA_FORMATS)
+        _require(self.seq_len >= 2, f"data.seq_len={self.seq_len} must be >= 2")
+        _require(0.0 <= self.val_fraction < 1.0, f"data.val_fraction={self.val_fraction} must be in [0, 1)")
+
+
+# --------------------------------------------------------------------------------------------- optim
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 10
+    # LR after warmup: cosine or linear decay to min_lr over the remaining steps, or constant.
+    decay: str = "cosine"
+    # Max global gradient norm; 0 disables clipping (the norm is still measured and logged).
+    grad_clip: float = 1.0
+    # torch AdamW implementation: auto picks fused on CUDA and foreach elsewhere.
+    implementation: str = "auto"
+
+    def validate(self) -> None:
+        _one_of("optim.name", self.name, ("adamw",))
+        _one_of("optim.decay", self.decay, ("cosine", "linear", "constant"))
+        _one_of("optim.implementation", self.implementation, ("auto", "fused", "foreach", "for_loop"))
+        _require(self.lr > 0, f"optim.lr={self.lr} must be positive")
+        _require(0 <= self.min_lr <= self.lr, f"optim.min_lr={self.min_lr} must be in [0, optim.lr={self.lr}]")
+        _require(self.warmup_steps >= 0, f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        _require(self.grad_clip >= 0, f"optim.grad_clip={self.grad_clip} must be >= 0")
+        for name in ("beta1", "beta2"):
+            _require(0 <= getattr(self, name) < 1, f"optim.{name}={getattr(self, name)} must be in [0, 1)")
+
+
+# ------------------------------------------------------------------------------------------- trainer
+
+
+@dataclass
+class TrainerConfig:
+    seed: int = 1234
+    max_steps: int = 200
+    # Sequences (rows of data.seq_len tokens) per optimizer step, summed over all data-parallel ranks.
+    global_batch_size: int = 16
+    # Run validation every N steps (and after the last step); 0 disables it.
+    eval_every: int = 50
+    eval_batches: int = 4
+    log_every: int = 1
+    output_dir: str = "outputs/${now:%Y-%m-%d_%H-%M-%S}"
+    # fp32, or bf16 autocast over fp32 master weights.
+    precision: str = "fp32"
+    device: str = "auto"
+    # Save the final model as HF safetensors (+ tokenizer) under <output_dir>/hf.
+    export_hf: bool = True
+
+    def validate(self) -> None:
+        _one_of("trainer.precision", self.precision, ("fp32", "bf16"))
+        _one_of("trainer.device", self.device, ("auto", "cpu", "cuda"))
+        for name in ("max_steps", "global_batch_size", "log_every", "eval_batches"):
+            _require(getattr(self, name) >= 1, f"trainer.{name}={getattr(self, name)} must be >= 1")
+        _require(self.eval_every >= 0, f"trainer.eval_every={self.eval_every} must be >= 0")
+
+
+@dataclass
+class LoggingConfig:
+    wandb: bool = True
+    wandb_project: str = "meshtron"
+    wandb_entity: Optional[str] = None
+    wandb_run_name: Optional[str] = None
+    # Prefer the WANDB_API_KEY environment variable. A key given here is used but never written to disk.
+    wandb_api_key: Optional[str] = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    cs.store(group="model", name="base_model", node=ModelConfig)
+    cs.store(group="parallel", name="base_parallel", node=ParallelConfig)
+    cs.store(group="data", name="base_data", node=DataConfig)
+    cs.store(group="optim", name="base_optim", node=OptimConfig)
+    cs.store(group="trainer", name="base_trainer", node=TrainerConfig)
+
+
+register_configs()
+
+
+# ----------------------------------------------------------------------------------- cross-field checks
+
+
+def to_config(cfg: DictConfig | Config) -> Config:
+    """The typed object behind a composed DictConfig, interpolations resolved.
+
+    Re-merging into a fresh schema catches keys that Hydra's ``+key=value`` force-adds past the schema,
+    which would otherwise be dropped without a word.
+    """
+    if isinstance(cfg, Config):
+        return cfg
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=False)
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), plain))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{err}".strip()) from err
+
+
+def validate_config(cfg: Config) -> None:
+    """Every group's own checks, then those spanning groups. Runs before anything is allocated."""
+    for part in (cfg.model, cfg.parallel, cfg.data, cfg.optim, cfg.trainer):
+        part.validate()
+    m, d, t, p = cfg.model, cfg.data, cfg.trainer, cfg.parallel
+    _require(
+        d.seq_len <= m.max_position_embeddings,
+        f"data.seq_len={d.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}",
+    )
+    _require(
+        t.global_batch_size % p.microbatch_size == 0,
+        f"trainer.global_batch_size={t.global_batch_size} is not divisible by "
+        f"parallel.microbatch_size={p.microbatch_size}",
+    )
+
+
+# ------------------------------------------------------------------------------------------- secrets
+
+_SECRET_WORDS = {"token", "secret", "password", "passwd", "credential", "credentials", "apikey"}
+
+
+def is_secret_key(key: str) -> bool:
+    """api keys, tokens, passwords... judged by whole words, so 'tokenizer' or 'max_tokens' are kept."""
+    k = str(key).lower()
+    return "api_key" in k or "access_key" in k or bool(_SECRET_WORDS & set(re.split(r"[_\-.]", k)))
+
+
+def redact_secrets(node: Any) -> Any:
+    """A copy of a plain container with every secret-looking key's value replaced by '<redacted>'."""
+    if isinstance(node, dict):
+        return {k: ("<redacted>" if is_secret_key(k) and v is not None else redact_secrets(v))
+                for k, v in node.items()}
+    if isinstance(node, list):
+        return [redact_secrets(v) for v in node]
+    return node
+
+
+def resolved_yaml(cfg: Config) -> str:
+    """The run's resolved config as YAML with secrets removed: what goes into the output directory."""
+    plain = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    return OmegaConf.to_yaml(OmegaConf.create(redact_secrets(plain)))

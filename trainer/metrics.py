@@ -1,0 +1,101 @@
+"""Where a run's numbers go: metrics.jsonl, the console progress bar, and wandb."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from tqdm import tqdm
+
+from trainer.config import Config, LoggingConfig, redact_secrets
+
+
+def wandb_mode(cfg: LoggingConfig, env: Optional[dict] = None) -> str:
+    """offline unless the user asked otherwise: WANDB_MODE wins, then an API key means online."""
+    env = os.environ if env is None else env
+    if env.get("WANDB_MODE"):
+        return env["WANDB_MODE"]
+    return "online" if (cfg.wandb_api_key or env.get("WANDB_API_KEY")) else "offline"
+
+
+class MetricsLogger:
+    """One JSON object per logged step in ``metrics.jsonl``, a tqdm bar, and (optionally) a wandb run.
+
+    Only the main rank writes; the others construct it with ``enabled=False`` and every call is a no-op.
+    """
+
+    def __init__(self, cfg: Config, output_dir: Path, total_steps: int, start_step: int = 0,
+                 enabled: bool = True):
+        self.enabled = enabled
+        self.path = output_dir / "metrics.jsonl"
+        self._file = None
+        self._bar = None
+        self._wandb = None
+        self._print_every = max(1, total_steps // 10)
+        if not enabled:
+            return
+        self._file = open(self.path, "a", encoding="utf-8")
+        self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
+                         dynamic_ncols=True, file=sys.stdout, mininterval=1.0)
+        if cfg.logging.wandb:
+            self._wandb = _start_wandb(cfg, output_dir)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        self._bar.update(record["step"] - self._bar.n)
+        self._bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        step = record["step"]
+        if step == 1 or step % self._print_every == 0 or "val_loss" in record:
+            self.write(format_record(record))
+
+    def write(self, line: str) -> None:
+        if self.enabled:
+            self._bar.write(line, file=sys.stdout)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._bar.close()
+        self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def format_record(r: dict[str, Any]) -> str:
+    line = (f"step {r['step']:>6} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | grad_norm {r['grad_norm']:.3f}"
+            f" | {r['tokens_per_s']:,.0f} tok/s")
+    if "val_loss" in r:
+        line += f" | val_loss {r['val_loss']:.4f} | val_ppl {r['val_ppl']:.2f}"
+    return line
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 80.0))
+
+
+def _start_wandb(cfg: Config, output_dir: Path):
+    import wandb  # imported only when used: it starts a service process
+
+    from omegaconf import OmegaConf
+
+    lg = cfg.logging
+    plain = redact_secrets(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
+    settings = wandb.Settings(silent=True, console="off", api_key=lg.wandb_api_key or None)
+    return wandb.init(
+        project=lg.wandb_project,
+        entity=lg.wandb_entity,
+        name=lg.wandb_run_name,
+        dir=str(output_dir),
+        config=plain,
+        mode=wandb_mode(lg),
+        settings=settings,
+    )
