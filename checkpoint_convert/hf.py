@@ -1,0 +1,351 @@
+"""HF transformers checkpoints (config.json + safetensors) <-> meshtron's GPTModel.
+
+Names and tensor transforms come from the family tables in `checkpoint_convert.models`; this module only
+handles the HF file formats. Weights are read tensor by tensor from memory-mapped safetensors and written
+as safetensors; nothing from outside is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import AutoConfig, GenerationConfig, PreTrainedConfig
+
+from checkpoint_convert.models.registry import family, family_for_hf
+from trainer.config import ConfigError, ModelConfig, RopeScalingConfig
+
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # transformers' own default shard size is of this order
+
+# Keys a config.json may omit; the installed transformers config class supplies them, as from_pretrained would.
+_DEFAULTED_KEYS = ("hidden_act", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
+                   "initializer_range", "attention_bias", "mlp_bias", "sliding_window", "use_sliding_window",
+                   "max_window_layers")
+
+# ------------------------------------------------------------------------------------- config.json
+
+
+def read_hf_config(path: Union[str, Path], base: Optional[ModelConfig] = None) -> ModelConfig:
+    """ModelConfig from an HF checkpoint directory's config.json (transformers 4.x or 5.x layout).
+
+    Shape fields come from the file; everything else (name, ...) from `base`. hf_path is set to `path`.
+    """
+    path = Path(path)
+    with open(path / "config.json") as f:
+        raw = json.load(f)
+    base = base or ModelConfig(name=path.name)
+    return dataclasses.replace(model_config_from_hf(raw, base), hf_path=str(path))
+
+
+def model_config_from_hf(raw: Mapping[str, Any], base: Optional[ModelConfig] = None) -> ModelConfig:
+    fam = family_for_hf(raw.get("model_type"), raw.get("architectures"))
+    defaults = AutoConfig.for_model(fam.hf_model_type)
+    hf = {**{k: getattr(defaults, k) for k in _DEFAULTED_KEYS if hasattr(defaults, k)}, **raw}
+    _check_supported(hf, fam.name)
+
+    hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
+    head_dim = hf.get("head_dim")
+    theta, scaling = _rope(hf)
+    cfg = dataclasses.replace(
+        base or ModelConfig(),
+        family=fam.name,
+        vocab_size=hf["vocab_size"],
+        hidden_size=hidden,
+        ffn_hidden_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_query_groups=hf.get("num_key_value_heads") or heads,
+        # Canonical form: only an explicit head_dim that differs from hidden/heads is kept (Qwen3 style).
+        kv_channels=head_dim if head_dim and head_dim * heads != hidden else None,
+        max_position_embeddings=hf["max_position_embeddings"],
+        rotary_base=theta,
+        rope_scaling=scaling,
+        norm_epsilon=hf["rms_norm_eps"],
+        tie_word_embeddings=bool(hf["tie_word_embeddings"]),
+        # Qwen2 hard-codes bias=True on q/k/v; older configs do not even have an attention_bias key.
+        add_qkv_bias=fam.name == "qwen2",
+        qk_layernorm=fam.name == "qwen3",
+        sliding_window=_sliding_window(hf, fam.name),
+        init_std=hf["initializer_range"],
+    )
+    cfg.validate()
+    return cfg
+
+
+def _check_supported(hf: Mapping[str, Any], fam: str) -> None:
+    if hf["hidden_act"] != "silu":
+        raise ConfigError(f"HF hidden_act={hf['hidden_act']!r} is not supported; only 'silu' (SwiGLU) is")
+    # Llama/Qwen3's attention_bias also puts a bias on o_proj, which Megatron's layout has no place for.
+    if fam != "qwen2" and hf.get("attention_bias"):
+        raise ConfigError(f"HF attention_bias=true is not supported for {fam} (it adds a bias to o_proj); "
+                          f"only Qwen2's q/k/v biases are")
+    if hf.get("mlp_bias"):
+        raise ConfigError("HF mlp_bias=true is not supported; the MLP has no biases")
+
+
+def _rope(hf: Mapping[str, Any]) -> tuple[float, Optional[RopeScalingConfig]]:
+    """(rope theta, llama3 scaling or None) from either config generation.
+
+    transformers 5 writes `rope_parameters` with rope_theta inside; < 5 writes top-level `rope_theta`
+    and `rope_scaling` (keyed "rope_type", or "type" in older files), None meaning unscaled.
+    """
+    params = hf.get("rope_parameters")
+    if params is None:
+        params = dict(hf.get("rope_scaling") or {})
+        params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ConfigError(f"HF partial_rotary_factor={params['partial_rotary_factor']} is not supported; "
+                          "rotary must cover the whole head")
+    if rope_type == "default":
+        return theta, None
+    if rope_type != "llama3":
+        raise ConfigError(f"HF rope type {rope_type!r} is not supported; supported: ['default', 'llama3']")
+    scaling = RopeScalingConfig(
+        rope_type="llama3",
+        factor=float(params["factor"]),
+        low_freq_factor=float(params["low_freq_factor"]),
+        high_freq_factor=float(params["high_freq_factor"]),
+        # transformers falls back to max_position_embeddings when the key is missing.
+        original_max_position_embeddings=int(
+            params.get("original_max_position_embeddings", hf["max_position_embeddings"])),
+    )
+    return theta, scaling
+
+
+def _sliding_window(hf: Mapping[str, Any], fam: str) -> Optional[int]:
+    if fam == "mistral":
+        return hf.get("sliding_window") or None
+    if fam not in ("qwen2", "qwen3") or not hf.get("use_sliding_window"):
+        return None  # Qwen configs carry a sliding_window value even when it is switched off
+    window = hf.get("sliding_window") or None
+    n = hf["num_hidden_layers"]
+    # Qwen windows only layers >= max_window_layers; meshtron has one attention kind for all layers.
+    kinds = hf.get("layer_types") or [
+        "sliding_attention" if window and i >= hf["max_window_layers"] else "full_attention" for i in range(n)]
+    if set(kinds) == {"full_attention"}:
+        return None
+    if set(kinds) == {"sliding_attention"}:
+        return window
+    raise ConfigError(f"HF {fam} config mixes full and sliding-window layers (max_window_layers="
+                      f"{hf.get('max_window_layers')}, layer_types={kinds}); only all-or-none is supported")
+
+
+def hf_config(cfg: ModelConfig, **overrides: Any) -> PreTrainedConfig:
+    """The installed transformers' config object for `cfg`. `overrides` set extra HF keys, e.g. token ids."""
+    fam = family(cfg.family)
+    kwargs: dict[str, Any] = dict(
+        architectures=[fam.hf_architecture],
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.ffn_hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_query_groups,
+        head_dim=cfg.head_dim,
+        hidden_act="silu",
+        max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.norm_epsilon,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        initializer_range=cfg.init_std,
+        rope_parameters=_rope_parameters(cfg),
+    )
+    if fam.name == "mistral":
+        kwargs["sliding_window"] = cfg.sliding_window or None
+    elif fam.name in ("qwen2", "qwen3"):
+        kwargs.update(use_sliding_window=bool(cfg.sliding_window), sliding_window=cfg.sliding_window or None,
+                      max_window_layers=0 if cfg.sliding_window else cfg.num_layers)
+    elif cfg.sliding_window:
+        raise ConfigError(f"model.sliding_window={cfg.sliding_window} cannot be written as an HF "
+                          f"{fam.name} config; use family mistral")
+    if (cfg.add_qkv_bias, cfg.qk_layernorm) != (fam.name == "qwen2", fam.name == "qwen3"):
+        raise ConfigError(f"model.add_qkv_bias={cfg.add_qkv_bias} / qk_layernorm={cfg.qk_layernorm} do not "
+                          f"match HF family {fam.name!r} (qwen2 has qkv bias, qwen3 has q/k norms)")
+    kwargs.update(overrides)
+    return AutoConfig.for_model(fam.hf_model_type, **kwargs)
+
+
+def hf_config_dict(cfg: ModelConfig, **overrides: Any) -> dict:
+    """config.json contents as the installed transformers' save_pretrained writes them."""
+    return hf_config(cfg, **overrides).to_diff_dict()
+
+
+def _rope_parameters(cfg: ModelConfig) -> dict:
+    if cfg.rope_scaling is None:
+        return {"rope_type": "default", "rope_theta": cfg.rotary_base}
+    return {"rope_theta": cfg.rotary_base, **dataclasses.asdict(cfg.rope_scaling)}
+
+
+# ----------------------------------------------------------------------------------------- weights
+
+
+class _SafetensorsDir:
+    """Tensors of an HF directory by name, memory-mapped: one model.safetensors or an index of shards."""
+
+    def __init__(self, path: Path, stack: ExitStack):
+        index = path / SAFE_INDEX
+        if index.exists():
+            with open(index) as f:
+                files = {name: path / file for name, file in json.load(f)["weight_map"].items()}
+        elif (path / SAFE_WEIGHTS).exists():
+            files = None
+        else:
+            raise FileNotFoundError(f"{path} has neither {SAFE_WEIGHTS} nor {SAFE_INDEX}")
+        handles = {}
+        for file in sorted(set(files.values()) if files else [path / SAFE_WEIGHTS]):
+            handles[file] = stack.enter_context(safe_open(str(file), framework="pt"))
+        if files is None:
+            files = {name: path / SAFE_WEIGHTS for name in handles[path / SAFE_WEIGHTS].keys()}
+        self.files, self.handles = files, handles
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.handles[self.files[name]].get_tensor(name)
+
+
+def _ignored(name: str, cfg: ModelConfig) -> bool:
+    # Old checkpoints saved the rotary buffer; tied ones sometimes still carry a copy of the embedding.
+    return name.endswith("rotary_emb.inv_freq") or (cfg.tie_word_embeddings and name == "lm_head.weight")
+
+
+@torch.no_grad()
+def load_hf_weights(model: nn.Module, path: Union[str, Path]) -> None:
+    """Copy an HF checkpoint's weights into an already-built GPTModel, in place, one tensor at a time.
+
+    Every model parameter must be filled and every checkpoint tensor used (rotary buffers aside).
+    """
+    cfg: ModelConfig = model.config
+    params = dict(model.named_parameters())
+    used: set[str] = set()
+    with ExitStack() as stack:
+        ckpt = _SafetensorsDir(Path(path), stack)
+        for unit in family(cfg.family).table.units(params):
+            missing = [n for n in unit.theirs if n not in ckpt]
+            if "lm_head.weight" in missing:
+                raise KeyError(f"{path}: lm_head.weight is missing but the config has tie_word_embeddings=false")
+            if missing:
+                raise KeyError(f"{path}: tensors {missing} are missing (needed for {list(unit.ours)})")
+            theirs = [ckpt.get(n) for n in unit.theirs]
+            try:
+                ours = unit.convert_to_ours(theirs, cfg)
+            except (ValueError, RuntimeError) as e:
+                raise ValueError(f"{path}: cannot convert {_shapes(unit.theirs, theirs)} into "
+                                 f"{_shapes(unit.ours, [params[n] for n in unit.ours])}: {e}") from e
+            for name, tensor in ours.items():
+                if tensor.shape != params[name].shape:
+                    raise ValueError(f"{path}: {_shapes(unit.theirs, theirs)} gives {name} of shape "
+                                     f"{list(tensor.shape)}, but the model's is {list(params[name].shape)}")
+                params[name].copy_(tensor)
+            used.update(unit.theirs)
+        unexpected = sorted(n for n in ckpt.files if n not in used and not _ignored(n, cfg))
+    if unexpected:
+        raise KeyError(f"{path}: tensors the {cfg.family} model has no place for: {unexpected}")
+
+
+def _shapes(names, tensors) -> str:
+    return ", ".join(f"{n} {list(t.shape)}" for n, t in zip(names, tensors))
+
+
+def to_hf_state_dict(state: Mapping[str, torch.Tensor], cfg: ModelConfig,
+                     dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+    """meshtron names and layouts -> HF names and layouts (contiguous CPU tensors, optionally cast)."""
+    if cfg.tie_word_embeddings and "output_layer.weight" in state:
+        raise ValueError("state dict has output_layer.weight but the config has tie_word_embeddings=true")
+    out = {}
+    for unit in family(cfg.family).table.units(state):
+        for name, t in unit.convert_to_theirs([state[n] for n in unit.ours], cfg).items():
+            t = t.detach().cpu()
+            out[name] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
+    return out
+
+
+def save_hf(
+    model_or_state_dict: Union[nn.Module, Mapping[str, torch.Tensor]],
+    cfg: ModelConfig,
+    out_dir: Union[str, Path],
+    dtype: Optional[torch.dtype] = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+    config_overrides: Optional[Mapping[str, Any]] = None,
+) -> Path:
+    """Write an HF checkpoint directory: safetensors (sharded with an index above max_shard_bytes),
+    config.json and generation_config.json. Returns the directory.
+
+    Everything is written into a hidden sibling directory first and renamed at the end, so an
+    interrupted export never looks complete. `config_overrides` sets extra HF config keys (token ids).
+    """
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True to replace it")
+    state = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
+    tensors = to_hf_state_dict(state, cfg, dtype)
+    config = hf_config(cfg, **(config_overrides or {}))
+    config.dtype = _dtype_name(tensors)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        _write_safetensors(tensors, tmp, max_shard_bytes)
+        with open(tmp / "config.json", "w") as f:
+            f.write(json.dumps(config.to_diff_dict(), indent=2, sort_keys=True) + "\n")
+        GenerationConfig.from_model_config(config).save_pretrained(tmp)
+        _replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _dtype_name(tensors: Mapping[str, torch.Tensor]) -> str:
+    floats = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    return str(floats.pop()).removeprefix("torch.") if len(floats) == 1 else "float32"
+
+
+def _write_safetensors(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: int) -> None:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:  # a tensor larger than a shard gets its own
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(out / SAFE_WEIGHTS), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    with open(out / SAFE_INDEX, "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move a finished directory into place; an old dst (empty, or overwrite=True) is removed after."""
+    if not dst.exists():
+        src.rename(dst)
+        return
+    old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+    dst.rename(old)
+    src.rename(dst)
+    shutil.rmtree(old)
