@@ -1,0 +1,70 @@
+"""Which tokenizer a run uses, and the checks that make a bad choice fail before any data is read."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Optional
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from trainer.assets import BUNDLED_TOKENIZER
+from trainer.config import ConfigError, DataConfig
+
+# Either file marks a directory as an HF tokenizer (slow tokenizers ship only tokenizer_config.json + vocab).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return path.is_dir() and any((path / name).is_file() for name in _TOKENIZER_FILES)
+
+
+def resolve_tokenizer_path(data_cfg: DataConfig, hf_path: Optional[str]) -> tuple[Path, str]:
+    """(directory, which setting chose it): data.tokenizer, else model.hf_path's tokenizer, else the bundled one."""
+    if data_cfg.tokenizer is not None:
+        path = Path(data_cfg.tokenizer).expanduser()
+        if not path.exists():
+            raise ConfigError(f"data.tokenizer={data_cfg.tokenizer!r} does not exist; expected a local HF "
+                              f"tokenizer directory containing {' or '.join(_TOKENIZER_FILES)}")
+        if not _has_tokenizer(path):
+            raise ConfigError(f"data.tokenizer={data_cfg.tokenizer!r} is not an HF tokenizer directory: "
+                              f"expected {' or '.join(_TOKENIZER_FILES)} inside it")
+        return path, "data.tokenizer"
+    # A model checkpoint without tokenizer files is common (weights-only exports): fall back quietly.
+    if hf_path is not None and _has_tokenizer(Path(hf_path).expanduser()):
+        return Path(hf_path).expanduser(), "model.hf_path"
+    return BUNDLED_TOKENIZER, "bundled"
+
+
+def load_tokenizer(data_cfg: DataConfig, hf_path: Optional[str]) -> PreTrainedTokenizerBase:
+    """The run's tokenizer (see :func:`resolve_tokenizer_path`). It must define an EOS token: documents are
+    joined with it, and it is what generation stops on."""
+    path, source = resolve_tokenizer_path(data_cfg, hf_path)
+    try:
+        # local_files_only: a typo must not turn into a hub lookup (compute nodes are often offline).
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:  # transformers raises OSError, ValueError, JSON errors... all mean "unusable"
+        raise ConfigError(f"could not load the tokenizer in {path} (from {source}): {type(e).__name__}: {e}") from e
+    if tok.eos_token_id is None:
+        raise ConfigError(f"the tokenizer in {path} (from {source}) has no EOS token; set eos_token in its "
+                          f"tokenizer_config.json (documents are joined with it)")
+    return tok
+
+
+def check_vocab_fits(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> None:
+    """Every token id must index the model's embedding table (which may be padded beyond the tokenizer)."""
+    if len(tokenizer) > vocab_size:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size={vocab_size}; "
+                          f"use a larger model.vocab_size or a smaller tokenizer")
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A hash of everything that decides token ids: the fast tokenizer's full serialization (normalizer,
+    pre-tokenizer, model, added tokens), or for a slow tokenizer its class and vocabulary."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        blob = backend.to_str()
+    else:
+        blob = json.dumps([type(tokenizer).__name__, sorted(tokenizer.get_vocab().items())])
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
