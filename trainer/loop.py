@@ -18,11 +18,6 @@ from trainer.metrics import MetricsLogger, perplexity
 from trainer.optim import build_optimizer, build_scheduler
 
 
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "meshtron"
-
-
 def resolve_model(cfg: Config) -> Config:
     """With model.hf_path set, the checkpoint's config.json decides the model's shape."""
     if not cfg.model.hf_path:
@@ -40,8 +35,15 @@ def world_size_from_env() -> int:
 
 def prepare(cfg: Config) -> tuple[Config, ParallelDims]:
     """Every check that needs no allocation: config groups, cross-field rules, the parallel layout."""
+    from trainer.data.pretrain import has_val_split
+
     cfg = resolve_model(cfg)
     validate_config(cfg)
+    if cfg.trainer.eval_every and not has_val_split(cfg.data):
+        raise ConfigError(
+            f"trainer.eval_every={cfg.trainer.eval_every} needs a validation split, but data.val_path is unset "
+            f"and data.val_fraction={cfg.data.val_fraction}; set one of them, or trainer.eval_every=0"
+        )
     dims = ParallelDims.from_config(cfg.parallel, world_size_from_env())
     if not dims.is_single:
         raise ConfigError(
@@ -120,22 +122,18 @@ def build_model(cfg: Config, device: torch.device):
 
 def train(cfg: Config) -> Path:
     """Train as configured; returns the output directory."""
-    from trainer.data.pretrain import RowLoader, build_token_rows, iter_batches
-    from trainer.data.tokenizer import load_tokenizer
+    from trainer.data.pretrain import RowLoader, build_token_rows, default_cache_dir, iter_batches
+    from trainer.data.tokenizer import check_vocab_fits, load_tokenizer
 
     cfg, dims = prepare(cfg)
     tokenizer = load_tokenizer(cfg.data, cfg.model.hf_path)
-    if len(tokenizer) > cfg.model.vocab_size:
-        raise ConfigError(
-            f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size={cfg.model.vocab_size}; "
-            "use a model whose vocabulary covers the tokenizer"
-        )
+    check_vocab_fits(tokenizer, cfg.model.vocab_size)
     device = pick_device(cfg.trainer.device)
     out = Path(cfg.trainer.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(resolved_yaml(cfg))
 
-    cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
+    cache = default_cache_dir(cfg.data)
     mbs = cfg.parallel.microbatch_size
     train_rows = build_token_rows(cfg.data, tokenizer, "train", cache)
     val_rows = build_token_rows(cfg.data, tokenizer, "val", cache) if cfg.trainer.eval_every else None
@@ -172,7 +170,8 @@ def train(cfg: Config) -> Path:
     if cfg.trainer.export_hf:
         from checkpoint_convert.hf import save_hf
 
-        save_hf(model, cfg.model, export_dir)
+        ids = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        save_hf(model, cfg.model, export_dir, config_overrides=ids)
         tokenizer.save_pretrained(str(export_dir))
     logger.write(f"done: {cfg.trainer.max_steps} steps, {tokens:,} tokens. Outputs in {out.resolve()}: "
                  "config.yaml, metrics.jsonl" + (", hf/ (safetensors model + tokenizer)" if cfg.trainer.export_hf else ""))

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -39,8 +40,13 @@ class MetricsLogger:
         if not enabled:
             return
         self._file = open(self.path, "a", encoding="utf-8")
+        # A live bar on a terminal; in a log file (Slurm, CI) the periodic lines below carry rate and ETA.
         self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
-                         dynamic_ncols=True, file=sys.stdout, mininterval=1.0)
+                         dynamic_ncols=True, file=sys.stdout, mininterval=1.0,
+                         disable=not sys.stdout.isatty())
+        self._start = time.perf_counter()
+        self._start_step = start_step
+        self._total = total_steps
         if cfg.logging.wandb:
             self._wandb = _start_wandb(cfg, output_dir)
 
@@ -54,12 +60,17 @@ class MetricsLogger:
         self._bar.update(record["step"] - self._bar.n)
         self._bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         step = record["step"]
-        if step == 1 or step % self._print_every == 0 or "val_loss" in record:
-            self.write(format_record(record))
+        if step == self._start_step + 1 or step % self._print_every == 0 or "val_loss" in record:
+            self.write(f"{format_record(record)} | eta {self._eta(step)}")
+
+    def _eta(self, step: int) -> str:
+        done = step - self._start_step
+        left = (time.perf_counter() - self._start) / max(done, 1) * (self._total - step)
+        return time.strftime("%H:%M:%S", time.gmtime(left))
 
     def write(self, line: str) -> None:
         if self.enabled:
-            self._bar.write(line, file=sys.stdout)
+            tqdm.write(line, file=sys.stdout)
 
     def close(self) -> None:
         if not self.enabled:

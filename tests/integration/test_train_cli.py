@@ -1,0 +1,122 @@
+"""`python -m trainer` end to end on the tiny model and the bundled corpus, on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+FAST = [
+    "data.seq_len=64",
+    "trainer.global_batch_size=8",
+    "parallel.microbatch_size=4",
+    "trainer.eval_every=0",
+    "logging.wandb=false",
+    "trainer.export_hf=false",
+]
+
+
+def run_trainer(tmp_path: Path, *overrides: str, out: str = "run", check: bool = True,
+                extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    """Runs the CLI from tmp_path (not the repo), so conf/ must come from the installed package."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "WANDB_MODE": "disabled",
+           **(extra_env or {})}
+    cmd = [sys.executable, "-m", "trainer", f"trainer.output_dir={tmp_path / out}", *overrides]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"trainer failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_falls_on_bundled_corpus(tmp_path):
+    """The loss at step 40 is at least 20% below the first step's, with the default tiny config."""
+    proc = run_trainer(tmp_path, "trainer.max_steps=40", "trainer.eval_every=20", "trainer.eval_batches=2",
+                       "logging.wandb=false", "trainer.export_hf=false")
+    rows = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    first, last = rows[0]["loss"], rows[-1]["loss"]
+    assert last <= 0.8 * first, (first, last)
+    for r in rows:
+        assert {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"} <= r.keys()
+        assert r["tokens"] == r["step"] * 16 * 256 and r["tokens_per_s"] > 0
+    evals = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in evals] == [20, 40]
+    assert evals[1]["val_loss"] < evals[0]["val_loss"]
+    assert "tok/s" in proc.stdout and "eta" in proc.stdout and "Outputs in" in proc.stdout
+
+
+def test_same_seed_same_losses_and_lr_schedule(tmp_path):
+    args = [*FAST, "trainer.max_steps=6", "optim.warmup_steps=2", "optim.decay=linear"]
+    run_trainer(tmp_path, *args, out="a")
+    run_trainer(tmp_path, *args, out="b")
+    a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert [r["grad_norm"] for r in a] == [r["grad_norm"] for r in b]
+    lrs = [r["lr"] for r in a]
+    assert lrs[0] == pytest.approx(1.5e-3) and lrs[1] == pytest.approx(3e-3)  # warmup over 2 steps
+    assert lrs[-1] == pytest.approx(3e-4)  # linear decay ends at min_lr
+
+
+def test_resolved_config_written_without_secrets(tmp_path):
+    secret = "wandb-key-that-must-not-leak-0123456789"
+    run_trainer(tmp_path, *FAST, "trainer.max_steps=1", f"logging.wandb_api_key={secret}")
+    run_dir = tmp_path / "run"
+    text = (run_dir / "config.yaml").read_text()
+    saved = yaml.safe_load(text)
+    assert saved["logging"]["wandb_api_key"] == "<redacted>"
+    assert saved["trainer"]["max_steps"] == 1 and saved["data"]["seq_len"] == 64
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            assert secret not in path.read_text(errors="ignore"), path
+
+
+def test_config_error_exits_before_writing(tmp_path):
+    proc = run_trainer(tmp_path, *FAST, "model.num_attention_heads=6", "model.num_query_groups=4",
+                       "model.hidden_size=96", check=False)
+    assert proc.returncode == 2
+    assert "num_attention_heads=6" in proc.stderr and "num_query_groups=4" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_key_fails_naming_it(tmp_path):
+    proc = run_trainer(tmp_path, "trainer.maxsteps=3", check=False)
+    assert proc.returncode != 0 and "trainer.maxsteps" in proc.stderr
+
+
+def test_bf16_autocast_trains(tmp_path):
+    run_trainer(tmp_path, *FAST, "trainer.max_steps=3", "trainer.precision=bf16")
+    rows = read_metrics(tmp_path / "run")
+    assert len(rows) == 3 and all(r["loss"] == r["loss"] for r in rows)  # finite, not NaN
+
+
+def test_wandb_offline_logs_the_run(tmp_path):
+    pytest.importorskip("wandb")
+    run_trainer(tmp_path, *FAST, "trainer.max_steps=2", "logging.wandb=true",
+                extra_env={"WANDB_MODE": "offline", "WANDB_API_KEY": ""})
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+
+
+@pytest.mark.slow
+def test_hf_export_loads_in_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    run_trainer(tmp_path, *FAST[:-1], "trainer.max_steps=2")
+    hf_dir = tmp_path / "run" / "hf"
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
+    tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    ids = tok("def main():", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 5
+    assert torch.isfinite(model(ids).logits).all()

@@ -1,0 +1,93 @@
+"""LR schedule, weight-decay groups, and the global-token loss with gradient accumulation."""
+
+import math
+
+import pytest
+import torch
+
+from trainer.config import Config, ModelConfig, OptimConfig
+from trainer.loss import IGNORE_INDEX, count_valid, cross_entropy_sum
+from trainer.loop import train_step
+from trainer.model import GPTModel
+from trainer.optim import build_optimizer, build_scheduler, lr_at, param_groups
+
+TINY = ModelConfig(vocab_size=64, hidden_size=32, ffn_hidden_size=64, num_layers=2, num_attention_heads=4,
+                   num_query_groups=2, max_position_embeddings=64)
+
+
+def test_warmup_then_cosine_reaches_min_lr():
+    cfg = OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=4, decay="cosine")
+    lrs = [lr_at(s, cfg, max_steps=14) for s in range(14)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert lrs[4] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1)
+    assert lrs[9] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 5 / 9)))
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
+
+
+def test_linear_and_constant_decay():
+    lin = OptimConfig(lr=1.0, min_lr=0.0, warmup_steps=0, decay="linear")
+    assert [lr_at(s, lin, 5) for s in range(5)] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
+    const = OptimConfig(lr=0.5, min_lr=0.0, warmup_steps=2, decay="constant")
+    assert [lr_at(s, const, 5) for s in range(5)] == pytest.approx([0.25, 0.5, 0.5, 0.5, 0.5])
+
+
+def test_scheduler_follows_lr_at():
+    model = GPTModel(TINY)
+    cfg = OptimConfig(lr=0.01, min_lr=0.001, warmup_steps=3)
+    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    sched = build_scheduler(opt, cfg, max_steps=10)
+    seen = []
+    for _ in range(10):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx([lr_at(s, cfg, 10) for s in range(10)])
+
+
+def test_no_weight_decay_on_norms_and_biases():
+    model = GPTModel(ModelConfig(**{**TINY.__dict__, "add_qkv_bias": True, "qk_layernorm": True}))
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    nd = {names[id(p)] for p in no_decay["params"]}
+    assert nd and all(n.endswith("layernorm.weight") or n.endswith(".bias") for n in nd)
+    assert "decoder.layers.0.self_attention.linear_qkv.bias" in nd
+    assert all(p.ndim == 2 for p in decay["params"])
+
+
+def test_loss_is_sum_over_global_valid_tokens():
+    logits = torch.randn(2, 5, 7)
+    labels = torch.randint(0, 7, (2, 5))
+    labels[0, :3] = IGNORE_INDEX
+    total = cross_entropy_sum(logits, labels)
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, 7), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+    assert count_valid(labels) == 7
+    assert torch.allclose(total / count_valid(labels), ref)
+
+
+def _batch(seed, n, seq=8, masked=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, TINY.vocab_size, (n, seq), generator=g)
+    labels = torch.randint(0, TINY.vocab_size, (n, seq), generator=g)
+    labels[:masked, : seq // 2] = IGNORE_INDEX
+    return {"input_ids": ids, "labels": labels}
+
+
+def test_accumulation_equals_one_big_batch_with_uneven_valid_tokens():
+    """Two micro-batches with different valid-token counts give the same step as one batch of both:
+    the loss is divided by the step's token count once, not averaged per micro-batch."""
+    cfg = Config(model=TINY, optim=OptimConfig(warmup_steps=0, decay="constant", lr=1e-2))
+    a, b = _batch(1, 2, masked=2), _batch(2, 2)
+    both = {k: torch.cat([a[k], b[k]]) for k in a}
+    results = []
+    for micro in ([a, b], [both]):
+        torch.manual_seed(0)
+        model = GPTModel(TINY)
+        opt = build_optimizer(model, cfg.optim, torch.device("cpu"))
+        rec = train_step(model, opt, build_scheduler(opt, cfg.optim, 10), micro, cfg, torch.device("cpu"))
+        results.append((rec, [p.detach().clone() for p in model.parameters()]))
+    (r1, p1), (r2, p2) = results
+    assert r1["loss"] == pytest.approx(r2["loss"], rel=1e-6)
+    assert r1["grad_norm"] == pytest.approx(r2["grad_norm"], rel=1e-5)
+    for x, y in zip(p1, p2):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
