@@ -120,3 +120,47 @@ def test_hf_export_loads_in_transformers(tmp_path):
     out = model.generate(ids, max_new_tokens=5, do_sample=False)
     assert out.shape[1] == ids.shape[1] + 5
     assert torch.isfinite(model(ids).logits).all()
+
+
+def test_trains_from_hf_checkpoint_and_torchrun(tmp_path):
+    """model.hf_path: shape from config.json, weights from safetensors, tokenizer from the directory; the
+    first logged loss is transformers' own loss on the same batch. Launched through torchrun."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from trainer.assets import BUNDLED_TOKENIZER
+    from trainer.config import DataConfig
+    from trainer.data.pretrain import RowLoader, build_token_rows, default_cache_dir
+    from trainer.data.tokenizer import load_tokenizer
+
+    hf_dir = tmp_path / "hf_llama"
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      tie_word_embeddings=True)
+    hf_model = transformers.LlamaForCausalLM(config).eval()
+    hf_model.save_pretrained(hf_dir)
+    tok = transformers.AutoTokenizer.from_pretrained(BUNDLED_TOKENIZER)
+    tok.save_pretrained(hf_dir)
+
+    args = [*FAST, "trainer.max_steps=2", f"model.hf_path={hf_dir}", "optim.warmup_steps=0"]
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "WANDB_MODE": "disabled"}
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "1",
+           "-m", "trainer", f"trainer.output_dir={tmp_path / 'run'}", *args]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["model"]["hidden_size"] == 64 and saved["model"]["tie_word_embeddings"] is True
+
+    # The same first step's batch, as the trainer draws it, scored by transformers.
+    data_cfg = DataConfig(seq_len=64)
+    rows = build_token_rows(data_cfg, load_tokenizer(data_cfg, str(hf_dir)), "train",
+                            default_cache_dir(DataConfig(cache_dir=str(tmp_path / "cache" / "meshtron"))))
+    loader = iter(RowLoader(rows, 4, seed=1234))
+    batches = [next(loader), next(loader)]
+    with torch.no_grad():
+        losses = [torch.nn.functional.cross_entropy(hf_model(b["input_ids"]).logits.flatten(0, 1),
+                                                    b["labels"].flatten(), reduction="sum") for b in batches]
+    expected = float(sum(losses)) / sum(b["labels"].numel() for b in batches)
+    first = read_metrics(tmp_path / "run")[0]["loss"]
+    assert first == pytest.approx(expected, rel=1e-5)
