@@ -23,6 +23,8 @@ from transformers import AutoConfig, GenerationConfig, PreTrainedConfig
 
 from checkpoint_convert.models.registry import family, family_for_hf
 from trainer.config import ConfigError, ModelConfig, RopeScalingConfig
+from trainer.model.gpt import VOCAB_PARAMS
+from trainer.model.init import assign_full
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -246,14 +248,23 @@ def load_hf_weights(model: nn.Module, path: Union[str, Path]) -> None:
                 raise ValueError(f"{path}: cannot convert {_shapes(unit.theirs, theirs)} into "
                                  f"{_shapes(unit.ours, [params[n] for n in unit.ours])}: {e}") from e
             for name, tensor in ours.items():
+                tensor = pad_vocab_rows(name, tensor, params[name].shape)
                 if tensor.shape != params[name].shape:
                     raise ValueError(f"{path}: {_shapes(unit.theirs, theirs)} gives {name} of shape "
                                      f"{list(tensor.shape)}, but the model's is {list(params[name].shape)}")
-                params[name].copy_(tensor)
+                assign_full(params[name], tensor)  # this rank's part when the model is already sharded
             used.update(unit.theirs)
         unexpected = sorted(n for n in ckpt.files if n not in used and not _ignored(n, cfg))
     if unexpected:
         raise KeyError(f"{path}: tensors the {cfg.family} model has no place for: {unexpected}")
+
+
+def pad_vocab_rows(name: str, tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Zero rows appended to a vocabulary tensor to fill the model's padded vocabulary."""
+    extra = shape[0] - tensor.shape[0]
+    if name not in VOCAB_PARAMS or extra <= 0 or tensor.shape[1:] != shape[1:]:
+        return tensor
+    return torch.cat([tensor, tensor.new_zeros(extra, *tensor.shape[1:])])
 
 
 def _shapes(names, tensors) -> str:
@@ -266,6 +277,8 @@ def to_hf_state_dict(state: Mapping[str, torch.Tensor], cfg: ModelConfig,
     if cfg.tie_word_embeddings and "output_layer.weight" in state:
         raise ValueError("state dict has output_layer.weight but the config has tie_word_embeddings=true")
     out = {}
+    # Padded vocabulary rows (for tensor parallelism) are meshtron's own; HF gets exactly vocab_size.
+    state = {n: (t[:cfg.vocab_size] if n in VOCAB_PARAMS else t) for n, t in state.items()}
     for unit in family(cfg.family).table.units(state):
         for name, t in unit.convert_to_theirs([state[n] for n in unit.ours], cfg).items():
             t = t.detach().cpu()

@@ -83,6 +83,8 @@ class ModelConfig:
     # Mistral-style sliding-window attention; None or 0 means full causal attention.
     sliding_window: Optional[int] = None
     init_std: float = 0.02
+    # Megatron pads the vocabulary to a multiple of this x tensor-parallel size; padded logits are -inf.
+    make_vocab_size_divisible_by: int = 128
 
     @property
     def head_dim(self) -> int:
@@ -91,7 +93,7 @@ class ModelConfig:
     def validate(self) -> None:
         _one_of("model.family", self.family, MODEL_FAMILIES)
         for name in ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads",
-                     "num_query_groups", "max_position_embeddings"):
+                     "num_query_groups", "max_position_embeddings", "make_vocab_size_divisible_by"):
             _require(getattr(self, name) > 0, f"model.{name}={getattr(self, name)} must be positive")
         _require(
             self.num_attention_heads % self.num_query_groups == 0,

@@ -24,8 +24,7 @@ def resolve_model(cfg: Config) -> Config:
         return cfg
     from checkpoint_convert.hf import read_hf_config
 
-    hf = read_hf_config(cfg.model.hf_path)
-    hf = dataclasses.replace(hf, name=cfg.model.name, hf_path=cfg.model.hf_path, init_std=cfg.model.init_std)
+    hf = read_hf_config(cfg.model.hf_path, base=cfg.model)
     return dataclasses.replace(cfg, model=hf)
 
 

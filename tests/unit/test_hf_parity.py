@@ -162,3 +162,29 @@ def test_tied_export_has_no_lm_head_and_refuses_to_overwrite(tmp_path):
     save_hf(model, cfg, path, overwrite=True, dtype=torch.bfloat16)
     assert all(t.dtype == torch.bfloat16 for t in _read_safetensors_dir(path).values())
     assert json.loads((path / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_padded_vocabulary_loads_exports_and_keeps_logits(tmp_path):
+    """Rows added for tensor parallelism are zero on load, -inf in the logits, and gone on export."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    hf = transformers.LlamaForCausalLM(config).eval()
+    hf.save_pretrained(tmp_path / "in")
+    cfg = read_hf_config(tmp_path / "in")
+    model = GPTModel(cfg, padded_vocab_size=128)
+    load_hf_weights(model, tmp_path / "in")
+    assert model.embedding.word_embeddings.weight.shape[0] == 128
+    assert torch.equal(model.output_layer.weight[100:], torch.zeros(28, 32))
+    ids = torch.randint(0, 100, (2, 7))
+    with torch.no_grad():
+        ours, ref = model(ids), hf(ids).logits
+    assert torch.isinf(ours[..., 100:]).all()
+    torch.testing.assert_close(ours[..., :100], ref, rtol=0, atol=1e-4)
+    labels = torch.randint(0, 100, (2, 7))
+    ce = torch.nn.functional.cross_entropy
+    torch.testing.assert_close(ce(ours.flatten(0, 1), labels.flatten()), ce(ref.flatten(0, 1), labels.flatten()))
+    save_hf(model, cfg, tmp_path / "out")
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("lm_head.weight").shape[0] == 100
+        assert f.get_tensor("model.embed_tokens.weight").shape[0] == 100

@@ -11,7 +11,7 @@ import torch
 from checkpoint_convert.mapping import interleave_qkv, split_qkv
 from trainer.config import ModelConfig
 from trainer.model import GPTModel, TransformerLayer
-from trainer.model.attention import SelfAttention, build_attention_mask
+from trainer.model.attention import SelfAttention, TokenLayout, allowed_mask
 
 TINY = ModelConfig(vocab_size=64, hidden_size=32, ffn_hidden_size=48, num_layers=2, num_attention_heads=4,
                    num_query_groups=2)
@@ -33,7 +33,7 @@ def test_forward_shapes(kw):
     ids = torch.randint(0, 64, (3, 7))
     assert model(ids).shape == (3, 7, 64)
     assert model(ids, torch.arange(7).expand(3, 7) + 5).shape == (3, 7, 64)
-    assert isinstance(model.decoder.layers[1], TransformerLayer)
+    assert isinstance(model.decoder.layers["1"], TransformerLayer)
 
 
 def test_parameter_names_qwen3_tied():
@@ -104,7 +104,7 @@ def test_attention_reads_the_interleaved_layout():
     cfg = _cfg(num_attention_heads=6, num_query_groups=2, hidden_size=36)  # 3 heads per group, d=6
     torch.manual_seed(0)
     model = GPTModel(cfg)
-    attn: SelfAttention = model.decoder.layers[0].self_attention
+    attn: SelfAttention = model.decoder.layers["0"].self_attention
     d, G, hpg = 6, 2, 3
     q_w, k_w, v_w = torch.randn(G * hpg * d, 36), torch.randn(G * d, 36), torch.randn(G * d, 36)
     with torch.no_grad():
@@ -112,7 +112,7 @@ def test_attention_reads_the_interleaved_layout():
     x = torch.randn(2, 5, 36)
     cos, sin = _rope(model, 2, 5)
     ref = _reference_attention(x, q_w, k_w, v_w, attn.linear_proj.weight, hpg, d, cos, sin)
-    torch.testing.assert_close(attn(x, (cos, sin)), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(attn(x, (cos, sin), TokenLayout()), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_attention_takes_group_count_from_the_tensor_shape():
@@ -121,12 +121,12 @@ def test_attention_takes_group_count_from_the_tensor_shape():
     cfg = _cfg(num_attention_heads=4, num_query_groups=2, add_qkv_bias=True)
     torch.manual_seed(0)
     model = GPTModel(cfg)
-    attn = model.decoder.layers[0].self_attention
+    attn = model.decoder.layers["0"].self_attention
     with torch.no_grad():
         attn.linear_qkv.bias.normal_()
     x = torch.randn(2, 5, 32)
     rope = _rope(model, 2, 5)
-    full = attn(x, rope)
+    full = attn(x, rope, TokenLayout())
     partial = 0
     rows, cols = attn.linear_qkv.weight.shape[0] // 2, attn.linear_proj.weight.shape[1] // 2
     for r in range(2):
@@ -137,7 +137,7 @@ def test_attention_takes_group_count_from_the_tensor_shape():
             shard.linear_qkv.weight.copy_(attn.linear_qkv.weight[r * rows:(r + 1) * rows])
             shard.linear_qkv.bias.copy_(attn.linear_qkv.bias[r * rows:(r + 1) * rows])
             shard.linear_proj.weight.copy_(attn.linear_proj.weight[:, r * cols:(r + 1) * cols])
-        partial = partial + shard(x, rope)
+        partial = partial + shard(x, rope, TokenLayout())
     torch.testing.assert_close(partial, full, rtol=1e-5, atol=1e-5)
 
 
@@ -146,14 +146,12 @@ def test_attention_takes_group_count_from_the_tensor_shape():
 
 def test_init_is_deterministic_and_megatron_scaled():
     cfg = _cfg(num_layers=8, hidden_size=256, ffn_hidden_size=512, add_qkv_bias=True, init_std=0.05)
-    torch.manual_seed(3)
-    a = GPTModel(cfg)
-    torch.manual_seed(3)
-    b = GPTModel(cfg)
+    a = GPTModel(cfg, seed=3)
+    torch.manual_seed(99)  # the global RNG plays no part: each tensor has its own (seed, name) generator
+    b = GPTModel(cfg, seed=3)
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(pa, pb), name
-    torch.manual_seed(4)
-    assert not torch.equal(GPTModel(cfg).embedding.word_embeddings.weight, a.embedding.word_embeddings.weight)
+    assert not torch.equal(GPTModel(cfg, seed=4).embedding.word_embeddings.weight, a.embedding.word_embeddings.weight)
 
     p = dict(a.named_parameters())
     layer = "decoder.layers.0"
@@ -171,11 +169,8 @@ def test_meta_device_build_then_init_weights_matches_cpu_init():
     with torch.device("meta"):
         meta = GPTModel(cfg)
     meta.to_empty(device="cpu")
-    torch.manual_seed(7)
-    meta.init_weights()
-    cpu = GPTModel(cfg)
-    torch.manual_seed(7)
-    cpu.init_weights()
+    meta.init_weights(seed=7)
+    cpu = GPTModel(cfg, seed=7)
     for (name, pa), pb in zip(meta.state_dict().items(), cpu.state_dict().values()):
         assert torch.equal(pa, pb), name
     assert torch.equal(meta.rotary_pos_emb.inv_freq, cpu.rotary_pos_emb.inv_freq)
@@ -187,13 +182,25 @@ def test_meta_device_build_then_init_weights_matches_cpu_init():
 
 
 def test_sliding_window_mask_matches_mistral_semantics():
-    mask = build_attention_mask(6, 3, torch.device("cpu"))
+    index = torch.arange(6)[None]
+    mask = allowed_mask(index, index, 3)
     # Query i sees keys i-2, i-1, i: `window` tokens including itself.
     expected = torch.tensor([[j <= i and j > i - 3 for j in range(6)] for i in range(6)])
-    assert torch.equal(mask, expected)
-    assert build_attention_mask(6, None, torch.device("cpu")) is None
-    assert build_attention_mask(6, 0, torch.device("cpu")) is None
-    assert build_attention_mask(6, 6, torch.device("cpu")) is None  # window covers the row: plain causal
+    assert torch.equal(mask[0, 0], expected)
+    assert TokenLayout(sliding_window=None).is_plain_causal(6)
+    assert TokenLayout(sliding_window=0).is_plain_causal(6)
+    assert TokenLayout(sliding_window=6).is_plain_causal(6)  # window covers the row: plain causal
+    assert not TokenLayout(sliding_window=5).is_plain_causal(6)
+
+
+def test_mask_follows_row_index_and_documents():
+    """seq_index is the token's place in the full row (context parallelism holds pieces of rows)."""
+    q = torch.tensor([[0, 1, 6, 7]])  # a rank's zigzag chunks of an 8-token row
+    k = torch.arange(8)[None]
+    doc = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1]])
+    mask = allowed_mask(q, k, None, doc[:, q[0]], doc)[0, 0]
+    assert mask[2].tolist() == [False] * 4 + [True] * 3 + [False]  # token 6: doc 1, keys 4..6
+    assert mask[1].tolist() == [True, True] + [False] * 6
 
 
 def test_sliding_window_limits_what_one_layer_sees():

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from trainer.config import ModelConfig
-from trainer.model.attention import SelfAttention, build_attention_mask
+from trainer.model.attention import SelfAttention, TokenLayout
+from trainer.model.init import assign_full, normal_like
 from trainer.model.layers import RMSNorm, RotaryEmbedding, SwiGLUMLP
 
 
@@ -35,83 +36,121 @@ class TransformerLayer(nn.Module):
         self.pre_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon)
         self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.ffn_hidden_size)
 
-    def forward(
-        self,
-        hidden: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        attn_mask: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
-        hidden = hidden + self.self_attention(self.input_layernorm(hidden), rope, attn_mask)
+    def forward(self, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                layout: TokenLayout) -> torch.Tensor:
+        hidden = hidden + self.self_attention(self.input_layernorm(hidden), rope, layout)
         return hidden + self.mlp(self.pre_mlp_layernorm(hidden))
 
 
 class TransformerBlock(nn.Module):
-    """Megatron's `decoder`: the layer stack and the final norm."""
+    """Megatron's `decoder`: the layer stack and the final norm.
+
+    Layers live in a ModuleDict keyed by their global index, so a pipeline stage that keeps layers 4..7
+    still calls them decoder.layers.4 .. decoder.layers.7 and checkpoints never see the split.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.layers = nn.ModuleList(TransformerLayer(cfg) for _ in range(cfg.num_layers))
-        self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon)
+        self.layers = nn.ModuleDict({str(i): TransformerLayer(cfg) for i in range(cfg.num_layers)})
+        self.final_layernorm: Optional[RMSNorm] = RMSNorm(cfg.hidden_size, cfg.norm_epsilon)
 
 
 class LanguageModelEmbedding(nn.Module):
     """Megatron's `embedding` wrapper (word embeddings only: rotary models have no position table)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, num_embeddings: int, hidden_size: int):
         super().__init__()
-        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.word_embeddings = nn.Embedding(num_embeddings, hidden_size)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.word_embeddings(input_ids)
 
 
+# Parameters whose rows are vocabulary entries: padded for tensor parallelism, un-padded on export.
+VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
 class GPTModel(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """The decoder. ``padded_vocab_size`` (>= vocab_size) adds rows as Megatron does so the vocabulary
+    splits evenly over tensor-parallel ranks; their logits are -inf, so they never change the loss.
+
+    A pipeline stage is this module with parts removed (set to None): no ``embedding`` means the input is
+    a hidden state; no ``decoder.final_layernorm`` means the stage returns its hidden state.
+    """
+
+    def __init__(self, cfg: ModelConfig, padded_vocab_size: Optional[int] = None, seed: int = 0):
         super().__init__()
         cfg.validate()
         self.config = cfg
-        self.embedding = LanguageModelEmbedding(cfg)
+        self.padded_vocab_size = padded_vocab_size or cfg.vocab_size
+        if self.padded_vocab_size < cfg.vocab_size:
+            raise ValueError(f"padded_vocab_size={padded_vocab_size} < model.vocab_size={cfg.vocab_size}")
+        self.embedding: Optional[LanguageModelEmbedding] = LanguageModelEmbedding(
+            self.padded_vocab_size, cfg.hidden_size)
         self.rotary_pos_emb = RotaryEmbedding(cfg.head_dim, cfg.rotary_base, cfg.rope_scaling)
         self.decoder = TransformerBlock(cfg)
         # Tied: the logits reuse embedding.word_embeddings.weight and no output_layer exists at all.
-        self.output_layer = (
-            None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.output_layer: Optional[nn.Linear] = (
+            None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, self.padded_vocab_size, bias=False)
         )
-        self.init_weights()
+        self.init_weights(seed)
 
     @torch.no_grad()
-    def init_weights(self) -> None:
+    def init_weights(self, seed: int = 0) -> None:
         """Megatron's init: N(0, init_std) for matrices, std / sqrt(2 * num_layers) for the two
-        projections that write into the residual stream (GPT-2 paper, sec. 2.3), ones for norms,
-        zeros for biases. Deterministic given torch's global seed (modules visited in definition order).
-        Kept apart from __init__ so a model built on the meta device can be materialised and then
-        initialised in place.
+        projections that write into the residual stream (GPT-2 paper, sec. 2.3), ones for norms, zeros
+        for biases, zeros for padded vocabulary rows. Each tensor comes from its own generator seeded by
+        (seed, name), so the result is the same for any parallel layout (see trainer/model/init.py).
+        Kept apart from __init__ so a model built on the meta device can be materialised, then initialised.
         """
         std = self.config.init_std
         residual_std = std / math.sqrt(2.0 * self.config.num_layers)
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                last = name.rsplit(".", 1)[-1]
-                nn.init.normal_(module.weight, 0.0, residual_std if last in ("linear_proj", "linear_fc2") else std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, 0.0, std)
-            elif isinstance(module, (RMSNorm, RotaryEmbedding)):
-                module.reset_parameters()
+        for name, p in self.named_parameters():
+            if p.is_meta:
+                continue
+            if name.endswith("layernorm.weight"):
+                full = torch.ones(p.shape, device=p.device)
+            elif name.endswith(".bias"):
+                full = torch.zeros(p.shape, device=p.device)
+            elif name in VOCAB_PARAMS:
+                # A pipeline's last stage may hold a copy of tied embeddings: it must start equal to them.
+                source = VOCAB_PARAMS[0] if self.config.tie_word_embeddings else name
+                real = normal_like((self.config.vocab_size, *p.shape[1:]), std, seed, source, p.device)
+                full = torch.cat([real, real.new_zeros(p.shape[0] - real.shape[0], *p.shape[1:])])
+            else:
+                proj = name.endswith(("linear_proj.weight", "linear_fc2.weight"))
+                full = normal_like(tuple(p.shape), residual_std if proj else std, seed, name, p.device)
+            assign_full(p, full)
+        if not self.rotary_pos_emb.inv_freq.is_meta:
+            self.rotary_pos_emb.reset_parameters()
 
     def output_weight(self) -> torch.Tensor:
         return self.embedding.word_embeddings.weight if self.output_layer is None else self.output_layer.weight
 
-    def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """input_ids [B, S] -> logits [B, S, vocab]. position_ids default to 0..S-1 in every row."""
-        B, S = input_ids.shape
+    def forward(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                seq_index: Optional[torch.Tensor] = None,
+                document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens [B, S] (or, on a later pipeline stage, the previous stage's hidden state)
+        -> logits [B, S, padded_vocab] (or, before the last stage, the hidden state).
+
+        position_ids [B, S] feed rotary embeddings (default 0..S-1); seq_index and document_ids decide
+        what attends to what (see TokenLayout). Under sequence or pipeline parallelism the hidden state is
+        sharded or received, so position_ids must be given: they carry the full sequence length.
+        """
         if position_ids is None:
-            position_ids = torch.arange(S, device=input_ids.device).expand(B, S)
-        hidden = self.embedding(input_ids)
+            B, S = tokens.shape[:2]
+            position_ids = torch.arange(S, device=tokens.device).expand(B, S)
+        hidden = self.embedding(tokens) if self.embedding is not None else tokens
         rope = self.rotary_pos_emb(position_ids, hidden.dtype)  # once per forward, shared by all layers
-        attn_mask = build_attention_mask(S, self.config.sliding_window, input_ids.device)
-        for layer in self.decoder.layers:
-            hidden = layer(hidden, rope, attn_mask)
-        hidden = self.decoder.final_layernorm(hidden)
-        return nn.functional.linear(hidden, self.output_weight())
+        layout = TokenLayout(seq_index, document_ids, self.config.sliding_window)
+        for layer in self.decoder.layers.values():
+            hidden = layer(hidden, rope, layout)
+        if self.decoder.final_layernorm is None:
+            return hidden
+        return self.lm_head(self.decoder.final_layernorm(hidden))
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = nn.functional.linear(hidden, self.output_weight())
+        if self.padded_vocab_size > self.config.vocab_size:
+            logits[..., self.config.vocab_size:] = float("-inf")
+        return logits
