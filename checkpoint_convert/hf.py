@@ -24,7 +24,7 @@ from transformers import AutoConfig, GenerationConfig, PreTrainedConfig
 from checkpoint_convert.models.registry import family, family_for_hf
 from trainer.config import ConfigError, ModelConfig, RopeScalingConfig
 from trainer.model.gpt import VOCAB_PARAMS
-from trainer.model.init import assign_full
+from trainer.model.init import assign_full, clean_fqn
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -225,13 +225,18 @@ def _ignored(name: str, cfg: ModelConfig) -> bool:
 
 
 @torch.no_grad()
-def load_hf_weights(model: nn.Module, path: Union[str, Path]) -> None:
+def load_hf_weights(model: nn.Module, path: Union[str, Path], partial: bool = False) -> None:
     """Copy an HF checkpoint's weights into an already-built GPTModel, in place, one tensor at a time.
 
-    Every model parameter must be filled and every checkpoint tensor used (rotary buffers aside).
+    Every model parameter must be filled and every checkpoint tensor used (rotary buffers aside), unless
+    `partial`: a pipeline stage holds only some of the model, so the rest of the checkpoint is skipped.
+    Parameters already sharded (DTensors) receive only this rank's part.
     """
     cfg: ModelConfig = model.config
-    params = dict(model.named_parameters())
+    params = {clean_fqn(n): p for n, p in model.named_parameters()}
+    if cfg.tie_word_embeddings and "output_layer.weight" in params:
+        # A pipeline's last stage holds its own copy of tied embeddings: fill it from the embedding.
+        params["embedding.word_embeddings.weight"] = params.pop("output_layer.weight")
     used: set[str] = set()
     with ExitStack() as stack:
         ckpt = _SafetensorsDir(Path(path), stack)
@@ -255,7 +260,7 @@ def load_hf_weights(model: nn.Module, path: Union[str, Path]) -> None:
                 assign_full(params[name], tensor)  # this rank's part when the model is already sharded
             used.update(unit.theirs)
         unexpected = sorted(n for n in ckpt.files if n not in used and not _ignored(n, cfg))
-    if unexpected:
+    if unexpected and not partial:
         raise KeyError(f"{path}: tensors the {cfg.family} model has no place for: {unexpected}")
 
 

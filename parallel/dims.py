@@ -7,11 +7,25 @@ started, with a message naming the values involved.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
-from trainer.config import ConfigError, ParallelConfig
+from trainer.config import Config, ConfigError, ParallelConfig
 
-# Mesh axis order, outermost first. tp is innermost so its collectives stay inside a node.
+# Mesh axis order, outermost first. tp is innermost so its collectives stay inside a node; pp outermost
+# since its point-to-point traffic is the lightest.
 MESH_AXES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+# Flattened views: which ranks see different data, which shard parameters, which sum the loss.
+FLAT_VIEWS = {
+    "batch": ("dp_replicate", "dp_shard"),
+    "dp_shard_cp": ("dp_shard", "cp"),
+    "loss": ("dp_replicate", "dp_shard", "cp"),
+}
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Megatron's rule: round the vocabulary up to a multiple of divisible_by x tp."""
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
 
 
 @dataclass(frozen=True)
@@ -39,6 +53,10 @@ class ParallelDims:
         dims._validate()
         return dims
 
+    @classmethod
+    def single(cls) -> "ParallelDims":
+        return cls(1, 1, 1, 1, 1, 1)
+
     def _validate(self) -> None:
         product = self.dp_replicate * self.dp_shard * self.tp * self.pp * self.cp
         if product != self.world_size:
@@ -54,8 +72,64 @@ class ParallelDims:
         return self.dp_replicate * self.dp_shard
 
     @property
+    def fsdp_enabled(self) -> bool:
+        # cp ranks hold the same parameters and see different tokens: their gradients are summed by FSDP.
+        return self.dp_replicate * self.dp_shard * self.cp > 1
+
+    @property
+    def tp_enabled(self) -> bool:
+        return self.tp > 1
+
+    @property
+    def pp_enabled(self) -> bool:
+        return self.pp > 1
+
+    @property
+    def cp_enabled(self) -> bool:
+        return self.cp > 1
+
+    @property
     def is_single(self) -> bool:
         return self.world_size == 1
 
     def degrees(self) -> dict[str, int]:
         return {axis: getattr(self, axis) for axis in MESH_AXES}
+
+    def build_mesh(self, device_type: str):
+        """The 5-D mesh (every axis present, size 1 where unused) plus its flattened views."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device_type, tuple(getattr(self, a) for a in MESH_AXES), mesh_dim_names=MESH_AXES)
+        for name, axes in FLAT_VIEWS.items():
+            mesh[axes]._flatten(name)
+        return mesh
+
+
+def validate_layout(cfg: Config, dims: ParallelDims, tokenizer_vocab: Optional[int] = None) -> None:
+    """Rules between the mesh and the model, data and batch; each error names the values involved."""
+    from parallel.pipeline import check_pp_divisibility
+    from parallel.tensor_parallel import check_tp_divisibility
+
+    p, m = cfg.parallel, cfg.model
+    check_tp_divisibility(m, dims.tp)
+    if dims.pp > 1:
+        check_pp_divisibility(m.num_layers, dims.pp, p.pp_virtual_stages, p.pp_schedule)
+    seq_multiple = (2 * dims.cp if dims.cp > 1 else 1) * dims.tp
+    if cfg.data.seq_len % seq_multiple:
+        raise ConfigError(
+            f"data.seq_len={cfg.data.seq_len} is not divisible by {seq_multiple} "
+            f"(2 x cp={dims.cp} for the load-balanced context split, x tp={dims.tp} for sequence parallelism)"
+            if dims.cp > 1 else
+            f"data.seq_len={cfg.data.seq_len} is not divisible by tp={dims.tp} (sequence parallelism)"
+        )
+    per_step = dims.dp * p.microbatch_size
+    if cfg.trainer.global_batch_size % per_step:
+        raise ConfigError(
+            f"trainer.global_batch_size={cfg.trainer.global_batch_size} is not divisible by data-parallel "
+            f"degree {dims.dp} (dp_replicate={dims.dp_replicate} x dp_shard={dims.dp_shard}) x "
+            f"parallel.microbatch_size={p.microbatch_size} = {per_step}"
+        )
+    accum = cfg.trainer.global_batch_size // per_step
+    if dims.pp > 1:
+        # Micro-batches per step = global batch / (dp x microbatch_size); the schedules have their own needs.
+        check_pp_divisibility(m.num_layers, dims.pp, p.pp_virtual_stages, p.pp_schedule, n_microbatches=accum)

@@ -14,12 +14,17 @@ from trainer.config import ConfigError, to_config
 def _run(cfg: DictConfig) -> None:
     from trainer.loop import train
 
+    import torch.distributed as dist
+
     try:
         train(to_config(cfg))
     except ConfigError as err:
         # A configuration mistake, found before anything ran: say what to change, without a traceback.
         print(f"meshtron: configuration error: {err}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def main() -> None:

@@ -118,6 +118,11 @@ class ModelConfig:
 # ------------------------------------------------------------------------------------------ parallel
 
 
+# torch.distributed.pipelining schedules: GPipe, 1F1B, interleaved 1F1B, and the two zero-bubble schedules
+# (interleaved_zb: loop placement; zbv: "V" placement with exactly 2 stages per rank).
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv")
+
+
 @dataclass
 class ParallelConfig:
     """Mesh degrees. ``dp_shard=-1`` takes whatever the world size leaves after the other degrees."""
@@ -129,10 +134,19 @@ class ParallelConfig:
     cp: int = 1
     # Sequences per forward/backward on one data-parallel rank; the global batch is reached by accumulation.
     microbatch_size: int = 1
+    # Pipeline schedule (see PP_SCHEDULES); interleaved_* need pp_virtual_stages >= 2, zbv exactly 2.
+    pp_schedule: str = "1f1b"
+    pp_virtual_stages: int = 1
+    # Megatron sequence parallelism in norms and residuals (only meaningful when tp > 1).
+    sequence_parallel: bool = True
+    # Recompute activations in backward: none, full (every block), selective (keep matmul/attention outputs).
+    activation_checkpoint: str = "none"
 
     def validate(self) -> None:
-        for name in ("dp_replicate", "tp", "pp", "cp", "microbatch_size"):
+        for name in ("dp_replicate", "tp", "pp", "cp", "microbatch_size", "pp_virtual_stages"):
             _require(getattr(self, name) >= 1, f"parallel.{name}={getattr(self, name)} must be >= 1")
+        _one_of("parallel.pp_schedule", self.pp_schedule, PP_SCHEDULES)
+        _one_of("parallel.activation_checkpoint", self.activation_checkpoint, ("none", "full", "selective"))
         _require(self.dp_shard == -1 or self.dp_shard >= 1,
                  f"parallel.dp_shard={self.dp_shard} must be >= 1, or -1 to infer it from the world size")
 
@@ -211,6 +225,7 @@ class TrainerConfig:
     global_batch_size: int = 16
     # Run validation every N steps (and after the last step); 0 disables it.
     eval_every: int = 50
+    # Validation batches per evaluation, each of global_batch_size rows.
     eval_batches: int = 4
     log_every: int = 1
     output_dir: str = "outputs/${now:%Y-%m-%d_%H-%M-%S}"
@@ -239,6 +254,14 @@ class LoggingConfig:
 
 
 @dataclass
+class VerifyConfig:
+    """`python -m trainer.verify`: steps to compare and the largest relative loss difference accepted."""
+
+    steps: int = 3
+    tolerance: float = 1e-5
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -246,6 +269,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
 
 
 def register_configs() -> None:

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
 import time
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Optional
 
 import torch
 
-from parallel.dims import ParallelDims
+from parallel.collectives import clip_grad_norm_
+from parallel.dims import ParallelDims, validate_layout
+from parallel.parallelize import build_parallel_model, full_state_dict
 from trainer.config import Config, ConfigError, resolved_yaml, validate_config
-from trainer.loss import count_valid, cross_entropy_sum
+from trainer.distributed import RankInfo, broadcast_str, init_distributed, rank_info
+from trainer.loss import count_valid
 from trainer.metrics import MetricsLogger, perplexity
 from trainer.optim import build_optimizer, build_scheduler
+from trainer.step import evaluate, forward_backward, global_loss, local_batch
 
 
 def resolve_model(cfg: Config) -> Config:
@@ -28,12 +30,9 @@ def resolve_model(cfg: Config) -> Config:
     return dataclasses.replace(cfg, model=hf)
 
 
-def world_size_from_env() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def prepare(cfg: Config) -> tuple[Config, ParallelDims]:
-    """Every check that needs no allocation: config groups, cross-field rules, the parallel layout."""
+def prepare(cfg: Config, world_size: int) -> tuple[Config, ParallelDims]:
+    """Every check that needs no allocation and no process group: config groups, cross-field rules, the
+    parallel layout against model, data and batch."""
     from trainer.data.pretrain import has_val_split
 
     cfg = resolve_model(cfg)
@@ -43,136 +42,134 @@ def prepare(cfg: Config) -> tuple[Config, ParallelDims]:
             f"trainer.eval_every={cfg.trainer.eval_every} needs a validation split, but data.val_path is unset "
             f"and data.val_fraction={cfg.data.val_fraction}; set one of them, or trainer.eval_every=0"
         )
-    dims = ParallelDims.from_config(cfg.parallel, world_size_from_env())
-    if not dims.is_single:
-        raise ConfigError(
-            f"world size {dims.world_size}: multi-process meshes ({dims.degrees()}) are not implemented in "
-            "this version of meshtron; run with one process"
-        )
+    dims = ParallelDims.from_config(cfg.parallel, world_size)
+    validate_layout(cfg, dims)
     return cfg, dims
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu or auto")
-    return torch.device(name)
+    return torch.device("cuda", local_rank) if name == "cuda" else torch.device("cpu")
 
 
-def autocast(cfg: Config, device: torch.device):
-    if cfg.trainer.precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def global_batches(rows: torch.Tensor, size: int, limit: int, what: str) -> list[dict[str, torch.Tensor]]:
+    """The first `limit` whole global batches of a split, in order (validation)."""
+    from trainer.data.pretrain import iter_batches
+
+    n = min(limit, len(rows) // size)
+    if n == 0:
+        raise ConfigError(f"{what} has {len(rows)} rows, fewer than one global batch "
+                          f"(trainer.global_batch_size={size}); use more validation data or trainer.eval_every=0")
+    return list(iter_batches(rows[:n * size], size))
 
 
-def take(it: Iterator[dict], n: int) -> list[dict]:
-    return [next(it) for _ in range(n)]
+def load_rows(cfg: Config, tokenizer, split: str, info: RankInfo):
+    """Rank 0 tokenizes (or finds the cache) first; the others then read its cache."""
+    import torch.distributed as dist
+
+    from trainer.data.pretrain import build_token_rows, default_cache_dir
+
+    def build():
+        return build_token_rows(cfg.data, tokenizer, split, default_cache_dir(cfg.data))
+
+    if info.world_size == 1:
+        return build()
+    rows = build() if info.is_main else None
+    dist.barrier()
+    return rows if info.is_main else build()
 
 
-def train_step(model, optimizer, scheduler, micro_batches: list[dict], cfg: Config, device) -> dict:
-    """One optimizer step over all micro-batches: loss = summed CE / the step's count of valid tokens."""
-    total_valid = sum(count_valid(mb["labels"]) for mb in micro_batches)
-    if total_valid == 0:
-        raise RuntimeError("a training step has no valid label tokens; check the data's labels")
-    loss_sum = torch.zeros((), device=device)
-    for mb in micro_batches:
-        input_ids, labels = mb["input_ids"].to(device), mb["labels"].to(device)
-        with autocast(cfg, device):
-            logits = model(input_ids)
-        micro_loss = cross_entropy_sum(logits, labels)
-        (micro_loss / total_valid).backward()
-        loss_sum += micro_loss.detach()
-    max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    lr = optimizer.param_groups[0]["lr"]
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return {"loss": float(loss_sum) / total_valid, "grad_norm": float(grad_norm), "lr": lr}
+def train(cfg: Config, info: Optional[RankInfo] = None) -> Path:
+    """Train as configured on this process's share of the mesh; returns the output directory.
 
-
-@torch.no_grad()
-def evaluate(model, batches: Iterable[dict], cfg: Config, device) -> float:
-    model.eval()
-    loss_sum, valid = 0.0, 0
-    for mb in batches:
-        labels = mb["labels"].to(device)
-        with autocast(cfg, device):
-            logits = model(mb["input_ids"].to(device))
-        loss_sum += float(cross_entropy_sum(logits, labels))
-        valid += count_valid(labels)
-    model.train()
-    return loss_sum / max(valid, 1)
-
-
-def build_model(cfg: Config, device: torch.device):
-    from trainer.model import GPTModel
-
-    torch.manual_seed(cfg.trainer.seed)
-    with torch.device(device):
-        model = GPTModel(cfg.model)
-    if cfg.model.hf_path:
-        from checkpoint_convert.hf import load_hf_weights
-
-        load_hf_weights(model, cfg.model.hf_path)
-    return model
-
-
-def train(cfg: Config) -> Path:
-    """Train as configured; returns the output directory."""
-    from trainer.data.pretrain import RowLoader, build_token_rows, default_cache_dir, iter_batches
+    `info` defaults to the launcher's environment; RankInfo(0, 1, 0) runs a single process even inside a
+    distributed job (trainer.verify's reference run).
+    """
+    from trainer.data.pretrain import RowLoader
     from trainer.data.tokenizer import check_vocab_fits, load_tokenizer
 
-    cfg, dims = prepare(cfg)
+    info = info or rank_info()
+    cfg, dims = prepare(cfg, info.world_size)
     tokenizer = load_tokenizer(cfg.data, cfg.model.hf_path)
     check_vocab_fits(tokenizer, cfg.model.vocab_size)
-    device = pick_device(cfg.trainer.device)
-    out = Path(cfg.trainer.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(resolved_yaml(cfg))
+    device = pick_device(cfg.trainer.device, info.local_rank)
 
-    cache = default_cache_dir(cfg.data)
-    mbs = cfg.parallel.microbatch_size
-    train_rows = build_token_rows(cfg.data, tokenizer, "train", cache)
-    val_rows = build_token_rows(cfg.data, tokenizer, "val", cache) if cfg.trainer.eval_every else None
-    loader = iter(RowLoader(train_rows, mbs, seed=cfg.trainer.seed))
-    accum = cfg.trainer.global_batch_size // (mbs * dims.dp)
+    init_distributed(info, device)
+    mesh = None if dims.is_single else dims.build_mesh(device.type)
+    out = Path(broadcast_str(cfg.trainer.output_dir) if info.world_size > 1 else cfg.trainer.output_dir)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(resolved_yaml(cfg))
 
-    model = build_model(cfg, device)
-    optimizer = build_optimizer(model, cfg.optim, device)
+    G = cfg.trainer.global_batch_size
+    train_rows = load_rows(cfg, tokenizer, "train", info)
+    val = (global_batches(load_rows(cfg, tokenizer, "val", info), G, cfg.trainer.eval_batches, "the validation split")
+           if cfg.trainer.eval_every else [])
+    loader = iter(RowLoader(train_rows, G, seed=cfg.trainer.seed))
+
+    pm = build_parallel_model(cfg, dims, mesh, device)
+    optimizer = build_optimizer(pm.parameters(), cfg.optim, device)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.trainer.max_steps)
-    n_params = sum(p.numel() for p in model.parameters())
-    logger = MetricsLogger(cfg, out, cfg.trainer.max_steps)
-    logger.write(f"meshtron: {cfg.model.name} ({n_params / 1e6:.2f}M parameters) on {device}, "
-                 f"{len(train_rows)} training rows of {cfg.data.seq_len} tokens, "
-                 f"{cfg.trainer.global_batch_size} sequences per step ({accum} micro-batches of {mbs})")
+    n_params = cfg_param_count(cfg)
+    logger = MetricsLogger(cfg, out, cfg.trainer.max_steps, enabled=info.is_main)
+    accum = G // (dims.dp * cfg.parallel.microbatch_size)
+    logger.write(f"meshtron: {cfg.model.name} ({n_params / 1e6:.2f}M parameters) on {dims.world_size} x {device.type}, "
+                 f"mesh {dims.degrees()}, {len(train_rows)} training rows of {cfg.data.seq_len} tokens, "
+                 f"{G} sequences per step ({accum} micro-batches of {cfg.parallel.microbatch_size} per data rank)")
 
     tokens = 0
+    max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
     for step in range(1, cfg.trainer.max_steps + 1):
         t0 = time.perf_counter()
-        micro_batches = take(loader, accum)
-        record = train_step(model, optimizer, scheduler, micro_batches, cfg, device)
+        batch = next(loader)
+        normalizer = count_valid(batch["labels"])
+        local_sum = forward_backward(pm, local_batch(batch, pm), normalizer, cfg, device)
+        if dims.pp_enabled:  # every pp rank takes part, holder of a tied copy or not
+            from parallel.pipeline import tied_embedding_grad_sync
+
+            tied_embedding_grad_sync(pm.stages, mesh["pp"])
+        grad_norm = clip_grad_norm_(pm.parameters(), max_norm, mesh, pm.duplicates)
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss = global_loss(local_sum, normalizer, pm)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        step_tokens = sum(mb["input_ids"].numel() for mb in micro_batches)
-        tokens += step_tokens
-        record = {"step": step, **record, "tokens": tokens,
-                  "tokens_per_s": step_tokens / (time.perf_counter() - t0)}
+        tokens += batch["input_ids"].numel()
+        record = {"step": step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens,
+                  "tokens_per_s": batch["input_ids"].numel() / (time.perf_counter() - t0)}
         every = cfg.trainer.eval_every
         if every and (step % every == 0 or step == cfg.trainer.max_steps):
-            val = evaluate(model, iter_batches(val_rows, mbs, cfg.trainer.eval_batches), cfg, device)
-            record.update(val_loss=val, val_ppl=perplexity(val))
+            v = evaluate(pm, val, cfg, device)
+            record.update(val_loss=v, val_ppl=perplexity(v))
         if step % cfg.trainer.log_every == 0 or "val_loss" in record or step == cfg.trainer.max_steps:
             logger.log(record)
-    export_dir = out / "hf"
-    if cfg.trainer.export_hf:
-        from checkpoint_convert.hf import save_hf
 
-        ids = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-        save_hf(model, cfg.model, export_dir, config_overrides=ids)
-        tokenizer.save_pretrained(str(export_dir))
+    if cfg.trainer.export_hf:
+        state = full_state_dict(pm)
+        if info.is_main:
+            from checkpoint_convert.hf import save_hf
+
+            ids = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+            save_hf(state, cfg.model, out / "hf", config_overrides=ids)
+            tokenizer.save_pretrained(str(out / "hf"))
     logger.write(f"done: {cfg.trainer.max_steps} steps, {tokens:,} tokens. Outputs in {out.resolve()}: "
                  "config.yaml, metrics.jsonl" + (", hf/ (safetensors model + tokenizer)" if cfg.trainer.export_hf else ""))
     logger.close()
     return out
+
+
+def cfg_param_count(cfg: Config) -> int:
+    """Parameters of the unpadded model, from its shape alone (no rank holds all of them)."""
+    m = cfg.model
+    hd, q, kv = m.head_dim, m.num_attention_heads, m.num_query_groups
+    attn = m.hidden_size * (q + 2 * kv) * hd + q * hd * m.hidden_size
+    attn += (q + 2 * kv) * hd if m.add_qkv_bias else 0
+    attn += 2 * hd if m.qk_layernorm else 0
+    layer = attn + 3 * m.hidden_size * m.ffn_hidden_size + 2 * m.hidden_size
+    heads = m.vocab_size * m.hidden_size * (1 if m.tie_word_embeddings else 2)
+    return m.num_layers * layer + heads + m.hidden_size

@@ -9,15 +9,22 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 IGNORE_INDEX = -100
 
 
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed token cross-entropy in fp32; labels equal to IGNORE_INDEX contribute nothing."""
-    return F.cross_entropy(
+    """Summed token cross-entropy in fp32; labels equal to IGNORE_INDEX contribute nothing.
+
+    Logits may be a DTensor sharded on the vocabulary dim (tensor parallelism with loss parallelism);
+    call this, and the backward, inside ``parallel.tensor_parallel.loss_context``. The result is then a
+    replicated scalar, returned as a plain tensor so callers can sum it across ranks like any other.
+    """
+    loss = F.cross_entropy(
         logits.float().flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
+    return loss.full_tensor() if isinstance(loss, DTensor) else loss
 
 
 def count_valid(labels: torch.Tensor) -> int:

@@ -9,6 +9,7 @@ an exception on any rank fails the caller with that rank's traceback.
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 from typing import Any, Callable
@@ -30,7 +31,8 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, que
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
-        queue.put((rank, "ok", fn(rank, world_size, *args)))
+        # Plain pickle, not torch's shared-memory tensor sharing: those handles die with this process.
+        queue.put((rank, "ok", pickle.dumps(fn(rank, world_size, *args))))
     except BaseException:  # noqa: BLE001 - reported to the parent with the traceback
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -49,7 +51,10 @@ def run_ranks(world_size: int, fn: Callable, *args: Any, timeout: float = 300) -
     errors = []
     for _ in range(world_size):
         rank, status, value = queue.get()
-        (results.__setitem__(rank, value) if status == "ok" else errors.append(f"rank {rank}:\n{value}"))
+        if status == "ok":
+            results[rank] = pickle.loads(value)  # our own child's bytes, not outside data
+        else:
+            errors.append(f"rank {rank}:\n{value}")
         if errors:
             break
     for p in procs:

@@ -19,10 +19,11 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
 from trainer.config import ModelConfig
 from trainer.model.attention import SelfAttention, TokenLayout
-from trainer.model.init import assign_full, normal_like
+from trainer.model.init import assign_full, clean_fqn, normal_like
 from trainer.model.layers import RMSNorm, RotaryEmbedding, SwiGLUMLP
 
 
@@ -106,6 +107,7 @@ class GPTModel(nn.Module):
         std = self.config.init_std
         residual_std = std / math.sqrt(2.0 * self.config.num_layers)
         for name, p in self.named_parameters():
+            name = clean_fqn(name)
             if p.is_meta:
                 continue
             if name.endswith("layernorm.weight"):
@@ -150,7 +152,34 @@ class GPTModel(nn.Module):
         return self.lm_head(self.decoder.final_layernorm(hidden))
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = nn.functional.linear(hidden, self.output_weight())
+        weight = self.output_weight()
+        if isinstance(weight, DTensor):  # tensor parallel: see vocab_parallel_logits
+            return vocab_parallel_logits(hidden, weight, self.config.vocab_size)
+        logits = nn.functional.linear(hidden, weight)
         if self.padded_vocab_size > self.config.vocab_size:
             logits[..., self.config.vocab_size:] = float("-inf")
         return logits
+
+
+def vocab_parallel_logits(hidden: torch.Tensor, weight: DTensor, vocab_size: int) -> DTensor:
+    """Logits sharded on the vocabulary dim (Megatron's ColumnParallelLinear without gather_output).
+
+    Tensor parallelism shards the output weight (or the tied embedding) on its vocabulary rows, so each
+    rank multiplies the full hidden state by its rows. The hidden state arrives sequence-sharded (a
+    DTensor, under sequence parallelism) or full (a local tensor); either way it is made Replicate first.
+    Padded vocabulary columns get -inf through an additive 0/-inf row sharded like the weight, since a
+    slice assignment cannot address global columns of a sharded tensor.
+    """
+    mesh = weight.device_mesh
+    replicate = [Replicate()] * mesh.ndim
+    if isinstance(hidden, DTensor):
+        hidden = hidden.redistribute(mesh, replicate)
+    else:
+        hidden = DTensor.from_local(hidden, mesh, replicate, run_check=False)
+    logits = nn.functional.linear(hidden, weight)
+    if weight.shape[0] > vocab_size:
+        pad = torch.zeros(weight.shape[0], dtype=logits.dtype, device=logits.device)
+        pad[vocab_size:] = float("-inf")
+        vocab_placements = [p if p.is_shard(0) else Replicate() for p in weight.placements]
+        logits = logits + distribute_tensor(pad, mesh, vocab_placements, src_data_rank=None)
+    return logits

@@ -13,6 +13,17 @@ import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 
+# Levels that wrappers (activation checkpointing, torch.compile) insert into parameter names.
+_WRAPPER_LEVELS = ("_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def clean_fqn(name: str) -> str:
+    """A parameter's name as the plain model has it, whatever wrappers were applied since."""
+    for level in _WRAPPER_LEVELS:
+        name = name.replace(level, "")
+    return name
+
+
 def name_seed(seed: int, name: str) -> int:
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)

@@ -1,0 +1,40 @@
+"""FSDP2 (``fully_shard``) over the dp_shard x cp ranks, HSDP when dp_replicate > 1.
+
+Each transformer block is its own FSDP unit (all-gathered just before use, freed after), then the root
+module takes what is left (embedding, final norm, output layer). Gradients are reduced with SUM: the loss
+is already divided by the global number of valid tokens, so they must be divided exactly once.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+
+def mixed_precision(precision: str) -> MixedPrecisionPolicy:
+    if precision == "bf16":
+        # bf16 compute and all-gathers, fp32 gradient reduction and fp32 master weights in the optimizer.
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def apply_fsdp(model: nn.Module, dp_mesh, precision: str, reshard_after_forward: bool = True) -> None:
+    """dp_mesh: 1-D ("dp_shard_cp") for FSDP, or 2-D ("dp_replicate", "dp_shard_cp") for HSDP."""
+    mp = mixed_precision(precision)
+    for block in model.decoder.layers.values():
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            # With factor 1 a plain SUM reduce-scatter does it; the default PREMUL_SUM is NCCL-only.
+            module.set_force_sum_reduction_for_comms(True)
+
+
+def set_gradient_sync(modules: list[nn.Module], enabled: bool) -> None:
+    """Skip the reduce-scatter on all but the last micro-batch of a step (gradients accumulate sharded-free
+    locally, then are reduced once)."""
+    for m in modules:
+        if isinstance(m, FSDPModule):
+            m.set_requires_gradient_sync(enabled)

@@ -1,0 +1,134 @@
+"""Builds the model as this rank holds it: split into pipeline stages, then per stage, in a fixed order,
+TP(+SP) -> CP -> activation checkpointing -> FSDP/HSDP, then materialised and initialised.
+
+The model is first built on the meta device (no memory), so every parallelism only ever allocates this
+rank's part. Initial weights do not depend on the layout (trainer/model/init.py), which is what lets every
+layout be compared with a single process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from parallel.dims import ParallelDims, padded_vocab_size
+from trainer.config import Config
+from trainer.model import GPTModel
+from trainer.model.init import clean_fqn
+
+
+@dataclass
+class ParallelModel:
+    """This rank's share of the model and how to drive it."""
+
+    stages: list[tuple[int, nn.Module]]  # (stage id, module): the whole model, or this rank's pipeline stages
+    dims: ParallelDims
+    mesh: object = None
+    runner: object = None  # parallel.pipeline.PipelineRunner when pp > 1
+    duplicates: set = field(default_factory=set)  # tied-embedding copies, counted once in norms
+
+    @property
+    def modules(self) -> list[nn.Module]:
+        return [m for _, m in self.stages]
+
+    def parameters(self) -> list[nn.Parameter]:
+        seen, out = set(), []
+        for m in self.modules:
+            for p in m.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
+    def train(self, mode: bool = True) -> None:
+        for m in self.modules:
+            m.train(mode)
+
+
+def build_parallel_model(cfg: Config, dims: ParallelDims, mesh, device: torch.device) -> ParallelModel:
+    p = cfg.parallel
+    padded = padded_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by, dims.tp)
+    with torch.device("meta"):
+        model = GPTModel(cfg.model, padded_vocab_size=padded, seed=cfg.trainer.seed)
+    if dims.pp_enabled:
+        from parallel.pipeline import build_stage_modules
+
+        stages = build_stage_modules(model, mesh["pp"].get_local_rank(), dims.pp, p.pp_virtual_stages,
+                                     p.pp_schedule)
+    else:
+        stages = [(0, model)]
+
+    for _, module in stages:
+        _parallelize_one(module, cfg, dims, mesh)
+        module.to_empty(device=device)
+        _initialise(module, cfg)
+
+    pm = ParallelModel(stages, dims, mesh)
+    if dims.pp_enabled:
+        from parallel.pipeline import PipelineRunner, duplicate_params
+
+        pm.duplicates = duplicate_params(stages)
+        accum = cfg.trainer.global_batch_size // (dims.dp * p.microbatch_size)
+        pm.runner = PipelineRunner(stages, mesh["pp"], p.pp_schedule, accum, device)
+    return pm
+
+
+def _parallelize_one(module: nn.Module, cfg: Config, dims: ParallelDims, mesh) -> None:
+    p = cfg.parallel
+    if dims.tp_enabled:
+        from parallel.tensor_parallel import apply_tensor_parallel
+
+        apply_tensor_parallel(module, mesh["tp"], sequence_parallel=p.sequence_parallel, loss_parallel=True)
+    if dims.cp_enabled:
+        from parallel.context_parallel import apply_context_parallel
+
+        apply_context_parallel(module, mesh["cp"])
+    if p.activation_checkpoint != "none":
+        from parallel.activation_checkpoint import apply_activation_checkpointing
+
+        apply_activation_checkpointing(module, p.activation_checkpoint)
+    if dims.fsdp_enabled:
+        from parallel.fsdp import apply_fsdp
+
+        dp_mesh = mesh["dp_replicate", "dp_shard_cp"] if dims.dp_replicate > 1 else mesh["dp_shard_cp"]
+        # Under PP each stage runs several micro-batches back to back: keep parameters gathered between them.
+        apply_fsdp(module, dp_mesh, cfg.trainer.precision, reshard_after_forward=not dims.pp_enabled)
+
+
+@torch.no_grad()
+def _initialise(module: GPTModel, cfg: Config) -> None:
+    if not cfg.model.hf_path:
+        module.init_weights(cfg.trainer.seed)
+        return
+    from checkpoint_convert.hf import load_hf_weights
+
+    module.rotary_pos_emb.reset_parameters()
+    load_hf_weights(module, cfg.model.hf_path, partial=len(module.decoder.layers) < cfg.model.num_layers
+                    or module.embedding is None or module.decoder.final_layernorm is None)
+
+
+def full_state_dict(pm: ParallelModel) -> Optional[dict[str, torch.Tensor]]:
+    """The whole model as full CPU tensors on global rank 0 (None elsewhere), for export.
+
+    Every rank takes part: DTensors are gathered over their mesh, then pipeline stages over pp.
+    """
+    import torch.distributed as dist
+
+    local: dict[str, torch.Tensor] = {}
+    for m in pm.modules:
+        for name, t in m.state_dict().items():
+            t = t.full_tensor() if isinstance(t, DTensor) else t
+            local[clean_fqn(name)] = t.detach().cpu()
+    if pm.dims.pp_enabled and pm.modules[0].config.tie_word_embeddings:
+        local.pop("output_layer.weight", None)  # the last stage's copy of the tied embedding
+    if pm.mesh is None:
+        return local
+    if pm.dims.pp_enabled:
+        parts = [None] * pm.dims.pp
+        dist.all_gather_object(parts, local, group=pm.mesh["pp"].get_group())
+        local = {k: v for part in parts for k, v in part.items()}
+    return local if dist.get_rank() == 0 else None

@@ -1,0 +1,133 @@
+"""``torchrun --nproc_per_node N -m trainer.verify [the same overrides as training]``
+
+Checks that *your* parallel layout computes what a single process computes, before you spend GPU hours on
+it. It shrinks your model to a tiny copy with the same structure (family, GQA ratio, tied embeddings, qkv
+bias, qk-norm, sliding window) and sizes that still satisfy your mesh, trains it for `verify.steps` steps
+with your parallel config and data, then rank 0 trains the same tiny model on one process, and compares:
+the loss at every step (relative difference, at most `verify.tolerance`) and the final parameters (absolute
+difference, at most 10 x `verify.tolerance`: Adam turns float noise in near-zero gradients into slightly
+larger parameter noise). Exits 1 above either.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+import hydra
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+
+from parallel.dims import ParallelDims
+from trainer.config import Config, ConfigError, ModelConfig, to_config
+from trainer.distributed import RankInfo, broadcast_str, rank_info
+
+HEAD_DIM = 16
+
+
+def shrink_model(m: ModelConfig, dims: ParallelDims, virtual_stages: int) -> ModelConfig:
+    """A tiny model with the user's structure whose sizes divide by the user's mesh."""
+    heads_per_group = min(m.num_attention_heads // m.num_query_groups, 4)
+    groups = dims.tp  # one query group per tensor-parallel rank
+    heads = groups * heads_per_group
+    hidden = 64  # independent of heads x head_dim: kv_channels is set explicitly
+    ffn = dims.tp * math.ceil(2 * hidden / dims.tp)
+    return dataclasses.replace(
+        m, name=f"{m.name}-verify", hf_path=None, hidden_size=hidden, ffn_hidden_size=ffn,
+        num_layers=dims.pp * virtual_stages * (1 if dims.pp > 1 else 2), num_attention_heads=heads,
+        num_query_groups=groups, kv_channels=HEAD_DIM, init_std=0.02,
+        sliding_window=(8 if m.sliding_window else None),
+    )
+
+
+def shrink(cfg: Config, dims: ParallelDims, tokenizer_len: int, out: Path) -> Config:
+    seq_multiple = (2 * dims.cp if dims.cp > 1 else 1) * dims.tp
+    seq_len = seq_multiple * max(1, 32 // seq_multiple)
+    model = dataclasses.replace(shrink_model(cfg.model, dims, cfg.parallel.pp_virtual_stages),
+                                vocab_size=tokenizer_len, max_position_embeddings=max(seq_len, 64))
+    micro = max(2, dims.pp)  # enough micro-batches for every schedule
+    return dataclasses.replace(
+        cfg, model=model,
+        data=dataclasses.replace(cfg.data, seq_len=seq_len),
+        parallel=dataclasses.replace(cfg.parallel, microbatch_size=1),
+        optim=dataclasses.replace(cfg.optim, lr=1e-3, min_lr=1e-4, warmup_steps=0),
+        trainer=dataclasses.replace(cfg.trainer, max_steps=cfg.verify.steps, global_batch_size=dims.dp * micro,
+                                    eval_every=0, export_hf=True, precision="fp32", output_dir=str(out)),
+        logging=dataclasses.replace(cfg.logging, wandb=False),
+    )
+
+
+def compare(parallel: Path, single: Path) -> tuple[list[tuple[int, float, float, float]], float]:
+    """Per-step (step, parallel loss, single loss, relative diff) and the largest parameter difference."""
+    from safetensors.torch import load_file
+
+    def losses(run: Path) -> list[dict]:
+        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    rows = [(a["step"], a["loss"], b["loss"], abs(a["loss"] - b["loss"]) / abs(b["loss"]))
+            for a, b in zip(losses(parallel), losses(single))]
+    pa = load_file(str(parallel / "hf" / "model.safetensors"))
+    pb = load_file(str(single / "hf" / "model.safetensors"))
+    if pa.keys() != pb.keys():
+        raise AssertionError(f"parameter names differ: {sorted(pa.keys() ^ pb.keys())}")
+    worst = max(float((pa[k] - pb[k]).abs().max()) for k in pa)
+    return rows, worst
+
+
+def run(cfg: Config) -> int:
+    from trainer.data.tokenizer import load_tokenizer
+    from trainer.loop import prepare, train
+
+    info = rank_info()
+    cfg, dims = prepare(cfg, info.world_size)  # the user's own config must be valid as it stands
+    if dims.is_single:
+        raise ConfigError("trainer.verify compares a parallel layout with one process: launch it with torchrun "
+                          "and the parallel config to check, e.g. torchrun --nproc_per_node 4 -m trainer.verify "
+                          "parallel=tp2_pp2")
+    tokenizer_len = len(load_tokenizer(cfg.data, cfg.model.hf_path))
+    base = Path(tempfile.mkdtemp(prefix="meshtron-verify-")) if info.is_main else Path()
+    small = shrink(cfg, dims, tokenizer_len, base / "parallel")
+    train(small)  # starts the process group
+    base = Path(broadcast_str(str(base)))
+    status = 0
+    if info.is_main:
+        single_cfg = dataclasses.replace(small, trainer=dataclasses.replace(small.trainer,
+                                                                            output_dir=str(base / "single")))
+        train(single_cfg, info=RankInfo(0, 1, 0))
+        rows, worst = compare(base / "parallel", base / "single")
+        print(f"\nmeshtron verify: {dims.degrees()} vs 1 process, model {small.model.name} "
+              f"(hidden {small.model.hidden_size}, {small.model.num_layers} layers)")
+        print(f"{'step':>6} {'parallel loss':>15} {'single loss':>15} {'rel diff':>10}")
+        for step, a, b, rel in rows:
+            print(f"{step:>6} {a:>15.8f} {b:>15.8f} {rel:>10.2e}")
+        max_rel = max(r[3] for r in rows)
+        print(f"max relative loss difference {max_rel:.2e}, max parameter difference {worst:.2e} "
+              f"(tolerance {cfg.verify.tolerance:g}); runs in {base}")
+        if not (max_rel <= cfg.verify.tolerance and worst <= 10 * cfg.verify.tolerance):
+            print("meshtron verify: FAILED: this layout does not reproduce the single-process run", file=sys.stderr)
+            status = 1
+        else:
+            print("meshtron verify: OK")
+    box = [status]
+    dist.broadcast_object_list(box, src=0)
+    dist.destroy_process_group()
+    return box[0]
+
+
+@hydra.main(config_path="pkg://conf", config_name="config", version_base="1.3")
+def _main(cfg: DictConfig) -> None:
+    try:
+        code = run(to_config(cfg))
+    except ConfigError as err:
+        print(f"meshtron verify: configuration error: {err}", file=sys.stderr)
+        code = 2
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    _main()
