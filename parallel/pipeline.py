@@ -204,7 +204,15 @@ def _tied_across_stages(first_stage: GPTModel) -> bool:
 def _local_grad(param: nn.Parameter) -> torch.Tensor:
     if param.grad is None:
         param.grad = torch.zeros_like(param)
-    return param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
+    grad = param.grad
+    if isinstance(grad, DTensor):
+        # Without FSDP, tensor parallelism can leave a gradient in another layout than its parameter (the
+        # vocab-parallel embedding's comes back Replicate, the output copy's Shard(0)): bring both to the
+        # parameter's layout so the two ranks exchange local shards of the same shape.
+        if tuple(grad.placements) != tuple(param.placements):
+            param.grad = grad = grad.redistribute(param.device_mesh, param.placements)
+        return grad.to_local()
+    return grad
 
 
 def _exchange_add(grad: torch.Tensor, peer: int, group: dist.ProcessGroup) -> None:

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from parallel.dims import ParallelDims
-from trainer.config import Config, ConfigError, ModelConfig, to_config
+from trainer.config import Config, ConfigError, ModelConfig, ParallelConfig, to_config
 from trainer.distributed import RankInfo, broadcast_str, rank_info
 
 HEAD_DIM = 16
@@ -96,8 +96,8 @@ def run(cfg: Config) -> int:
     base = Path(broadcast_str(str(base)))
     status = 0
     if info.is_main:
-        single_cfg = dataclasses.replace(small, trainer=dataclasses.replace(small.trainer,
-                                                                            output_dir=str(base / "single")))
+        single_cfg = dataclasses.replace(small, parallel=ParallelConfig(microbatch_size=1),
+                                         trainer=dataclasses.replace(small.trainer, output_dir=str(base / "single")))
         train(single_cfg, info=RankInfo(0, 1, 0))
         rows, worst = compare(base / "parallel", base / "single")
         print(f"\nmeshtron verify: {dims.degrees()} vs 1 process, model {small.model.name} "
