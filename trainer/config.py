@@ -154,30 +154,65 @@ class ParallelConfig:
 # ---------------------------------------------------------------------------------------------- data
 
 
-DATA_FORMATS = ("text", "jsonl_text")
+PRETRAIN_FORMATS = ("text", "jsonl_text", "parquet", "hf_disk", "megatron")
+SFT_FORMATS = ("messages", "sharegpt", "alpaca")
+DATA_FORMATS = PRETRAIN_FORMATS + SFT_FORMATS
+
+
+@dataclass
+class DataSource:
+    """One corpus of a blend: Megatron-style, each source contributes samples in proportion to its weight."""
+
+    path: str = "???"
+    weight: float = 1.0
+    format: str = "jsonl_text"
+    text_field: str = "text"
+
+    def validate(self, where: str) -> None:
+        _one_of(f"{where}.format", self.format, DATA_FORMATS)
+        _require(self.weight > 0, f"{where}.weight={self.weight} must be positive")
 
 
 @dataclass
 class DataConfig:
     name: str = "pretrain_text"
     # Training corpus: a file or a directory of files; None means the corpus bundled with meshtron.
+    # A shortcut for a single-entry `sources` list.
     path: Optional[str] = None
+    # Several corpora blended by weight; when given, `path`/`format`/`text_field` are not used.
+    sources: list[DataSource] = field(default_factory=list)
     # Held-out corpus for validation; None with path=None means the bundled validation split, otherwise
     # val_fraction of the training documents is held out.
     val_path: Optional[str] = None
     val_fraction: float = 0.05
-    # text: plain-text files, one document per blank-line-separated block; jsonl_text: one JSON object per line.
+    # Pretraining: text (blank-line separated blocks), jsonl_text, parquet, hf_disk (datasets.save_to_disk),
+    # megatron (.bin/.idx from Megatron's preprocess_data.py). SFT: messages, sharegpt, alpaca.
     format: str = "text"
     text_field: str = "text"
     # HF tokenizer directory; None means model.hf_path's tokenizer if it has one, else the bundled one.
     tokenizer: Optional[str] = None
+    # SFT: chat template to render with: None = the tokenizer's own; or a .jinja file path.
+    chat_template: Optional[str] = None
+    # SFT labels: every assistant turn, or only the last one of each conversation.
+    train_on: str = "all_assistant"
     seq_len: int = 256
+    # Pack several documents/conversations per row (document-isolated attention); false pads each alone.
+    packing: bool = True
+    # A sample longer than seq_len: truncate it, drop it, or stop with an error naming it.
+    overlong: str = "truncate"
+    # A malformed row: stop with an error naming file and line, or skip it and count it per file.
+    on_bad_row: str = "error"
     # Where tokenized corpora are cached (keyed by file contents and tokenizer); None: ~/.cache/meshtron
     # (or $XDG_CACHE_HOME/meshtron).
     cache_dir: Optional[str] = None
 
     def validate(self) -> None:
         _one_of("data.format", self.format, DATA_FORMATS)
+        _one_of("data.train_on", self.train_on, ("all_assistant", "last_assistant"))
+        _one_of("data.overlong", self.overlong, ("truncate", "drop", "error"))
+        _one_of("data.on_bad_row", self.on_bad_row, ("error", "skip"))
+        for i, source in enumerate(self.sources):
+            source.validate(f"data.sources[{i}]")
         _require(self.seq_len >= 2, f"data.seq_len={self.seq_len} must be >= 2")
         _require(0.0 <= self.val_fraction < 1.0, f"data.val_fraction={self.val_fraction} must be in [0, 1)")
 
