@@ -28,6 +28,7 @@ from transformers import PreTrainedTokenizerBase
 
 from trainer.assets import BUNDLED_TRAIN, BUNDLED_VAL
 from trainer.config import ConfigError, DataConfig
+from trainer.data.corpus import TokenizedCorpus
 from trainer.data.tokenizer import tokenizer_fingerprint
 
 # Bump when the cache layout or the tokenization rule changes, so stale caches are never read.
@@ -117,19 +118,6 @@ def iter_documents(source: Source) -> Iterator[str]:
 
 
 # ------------------------------------------------------------------------------------ token cache
-
-
-@dataclass
-class TokenizedCorpus:
-    """Token ids of all documents back to back; document i is tokens[offsets[i]:offsets[i + 1]]."""
-
-    name: str
-    tokens: np.ndarray  # uint32 [num_tokens], memory-mapped from the cache
-    offsets: np.ndarray  # int64 [num_docs + 1]
-
-    @property
-    def num_docs(self) -> int:
-        return len(self.offsets) - 1
 
 
 def cache_key(source: Source, tokenizer: PreTrainedTokenizerBase) -> str:

@@ -1,0 +1,36 @@
+"""The shared shape of tokenized data: documents (or conversations) back to back, with boundaries.
+
+Every source format ends up here (pretraining text, Megatron indexed files, chat SFT), and packing reads
+only this, so formats and packing never need to know about each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+
+@dataclass
+class TokenizedCorpus:
+    """Token ids of all documents back to back; document i is tokens[offsets[i]:offsets[i + 1]].
+
+    ``targets`` (SFT) marks the tokens the model is trained to predict (assistant turns); None means every
+    token is a target (pretraining). Document i's targets are targets[offsets[i]:offsets[i + 1]].
+    """
+
+    name: str
+    tokens: np.ndarray  # uint32 [num_tokens], often memory-mapped from the cache
+    offsets: np.ndarray  # int64 [num_docs + 1]
+    targets: Optional[np.ndarray] = None  # bool [num_tokens]
+
+    @property
+    def num_docs(self) -> int:
+        return len(self.offsets) - 1
+
+    def doc(self, i: int) -> np.ndarray:
+        return self.tokens[self.offsets[i]:self.offsets[i + 1]]
+
+    def doc_targets(self, i: int) -> Optional[np.ndarray]:
+        return None if self.targets is None else self.targets[self.offsets[i]:self.offsets[i + 1]]
