@@ -37,7 +37,7 @@ from torch.distributed.pipelining.schedules import (
 from torch.distributed.tensor import DTensor
 
 from trainer.config import ConfigError
-from trainer.loss import cross_entropy_sum
+from trainer.loss import DocumentLoss, cross_entropy_sum, cross_entropy_tokens
 from trainer.model.gpt import GPTModel
 
 SCHEDULES = {
@@ -248,6 +248,7 @@ class PipelineRunner:
         self.has_first = any(stage.is_first for stage in self.stages)
         self.has_last = any(stage.is_last for stage in self.stages)
         self.normalizer = 1.0
+        self.doc_loss: Optional[DocumentLoss] = None
         # Multi-stage schedules run a per-rank action plan; see _forward_actions_only for why eval edits it.
         self.has_action_plan = schedule_name not in SINGLE_STAGE_SCHEDULES
         schedule_cls = SCHEDULES[schedule_name]
@@ -255,25 +256,39 @@ class PipelineRunner:
         self.schedule = schedule_cls(stages, n_microbatches=n_microbatches, loss_fn=self._loss_fn,
                                      scale_grads=False)
 
-    def _loss_fn(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return cross_entropy_sum(logits, labels) / self.normalizer
+    def _loss_fn(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.doc_loss is None:
+            return cross_entropy_sum(logits, target) / self.normalizer
+        # The target carries [labels, sample_ids] so per-document losses can be recorded per micro-batch.
+        labels, sample_ids = target.unbind(-1)
+        tokens = cross_entropy_tokens(logits, labels)
+        self.doc_loss.add(tokens, labels, sample_ids)
+        return tokens.sum() / self.normalizer
 
     def _inputs(self, batch: dict) -> tuple[tuple, dict, dict]:
         """Positional args (first stage only), model kwargs (every stage), schedule kwargs (last stage)."""
         args = (batch["input_ids"],) if self.has_first else ()
         kwargs = {k: batch[k] for k in STAGE_KWARGS if batch.get(k) is not None}
         losses: Optional[list] = [] if self.has_last else None
-        extra = {"target": batch["labels"], "losses": losses} if self.has_last else {}
+        target = batch["labels"]
+        if self.doc_loss is not None:
+            target = torch.stack([batch["labels"], batch["sample_ids"]], dim=-1)
+        extra = {"target": target, "losses": losses} if self.has_last else {}
         return args, kwargs, extra
 
-    def step(self, batch: dict, normalizer: float) -> Optional[torch.Tensor]:
+    def step(self, batch: dict, normalizer: float, doc_loss: Optional[DocumentLoss] = None) -> Optional[torch.Tensor]:
         """Forward and backward over all microbatches; gradients accumulate into the stage parameters.
 
         Returns sum over microbatches of (summed CE / normalizer) on the rank with the last stage, else None.
+        With `doc_loss` (and `sample_ids` in the batch), the last stage records per-document losses in it.
         """
         self.normalizer = float(normalizer)
+        self.doc_loss = doc_loss if "sample_ids" in batch else None
         args, kwargs, extra = self._inputs(batch)
-        self.schedule.step(*args, return_outputs=False, **extra, **kwargs)
+        try:
+            self.schedule.step(*args, return_outputs=False, **extra, **kwargs)
+        finally:
+            self.doc_loss = None
         return torch.stack(extra["losses"]).sum().detach() if self.has_last else None
 
     @torch.no_grad()

@@ -16,7 +16,7 @@ import torch
 from parallel.collectives import sum_over
 from parallel.parallelize import ParallelModel
 from trainer.config import Config
-from trainer.loss import count_valid, cross_entropy_sum
+from trainer.loss import DocumentLoss, count_valid, cross_entropy_sum, cross_entropy_tokens
 
 # Axes whose ranks hold different tokens: their loss sums add up. tp ranks hold the same tokens.
 TOKEN_AXES = ("dp_replicate", "dp_shard", "cp", "pp")
@@ -71,12 +71,15 @@ def _as_local(t: torch.Tensor) -> torch.Tensor:
 
 
 def forward_backward(pm: ParallelModel, batch: dict[str, torch.Tensor], normalizer: int, cfg: Config,
-                     device: torch.device) -> torch.Tensor:
-    """Runs every micro-batch of this rank's batch; returns this rank's summed cross-entropy."""
+                     device: torch.device, doc_loss: Optional[DocumentLoss] = None) -> torch.Tensor:
+    """Runs every micro-batch of this rank's batch; returns this rank's summed cross-entropy.
+
+    With `doc_loss` and `sample_ids` in the batch, per-document losses are recorded on the way.
+    """
     if pm.runner is not None:
         inputs = {k: v.to(device) for k, v in batch.items()}
         with autocast(cfg, pm, device), loss_context(pm):
-            loss = pm.runner.step(inputs, normalizer)
+            loss = pm.runner.step(inputs, normalizer, doc_loss)
         # The last stage returns sum(CE) / normalizer over its micro-batches; other stages hold no loss.
         return _as_local(loss).detach().float() * normalizer if loss is not None else torch.zeros((), device=device)
     from parallel.fsdp import set_gradient_sync
@@ -87,11 +90,27 @@ def forward_backward(pm: ParallelModel, batch: dict[str, torch.Tensor], normaliz
     for i, mb in enumerate(mbs):
         set_gradient_sync(pm.modules, i == len(mbs) - 1)
         tokens, kwargs = model_inputs(mb, device)
+        labels = mb["labels"].to(device)
         with autocast(cfg, pm, device), loss_context(pm):
-            ce = cross_entropy_sum(model(tokens, **kwargs), mb["labels"].to(device))
+            token_losses = cross_entropy_tokens(model(tokens, **kwargs), labels)
+            ce = token_losses.sum()
             (ce / normalizer).backward()
+        if doc_loss is not None and "sample_ids" in mb:
+            doc_loss.add(token_losses, labels, mb["sample_ids"].to(device))
         total += _as_local(ce).detach().float()
     return total
+
+
+def packing_efficiency(batch: dict[str, torch.Tensor]) -> float:
+    """Share of the global batch's slots that hold real tokens (padding has document id -1)."""
+    if "document_ids" not in batch:
+        return 1.0
+    return float((batch["document_ids"] >= 0).float().mean())
+
+
+def reduce_tokens(pm: ParallelModel):
+    """A function summing a tensor over the ranks that hold different tokens (for DocumentLoss.value)."""
+    return lambda t: sum_over(t, pm.mesh, TOKEN_AXES)
 
 
 def global_loss(local_sum: torch.Tensor, normalizer: int, pm: ParallelModel) -> float:
