@@ -307,6 +307,12 @@ class Config:
     verify: VerifyConfig = field(default_factory=VerifyConfig)
 
 
+def _asset_path(rel: str):
+    from trainer.assets import asset_path
+
+    return asset_path(*rel.split("/"))
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
@@ -318,6 +324,8 @@ def register_configs() -> None:
 
 
 register_configs()
+# ${meshtron_asset:sft_chat/train.jsonl} in YAML: a file bundled with meshtron, wherever it is installed.
+OmegaConf.register_new_resolver("meshtron_asset", lambda rel: str(_asset_path(rel)), replace=True)
 
 
 # ----------------------------------------------------------------------------------- cross-field checks

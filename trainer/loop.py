@@ -14,10 +14,12 @@ from parallel.dims import ParallelDims, validate_layout
 from parallel.parallelize import build_parallel_model, full_state_dict
 from trainer.config import Config, ConfigError, resolved_yaml, validate_config
 from trainer.distributed import RankInfo, broadcast_str, init_distributed, rank_info
-from trainer.loss import count_valid
+from trainer.data.build import batches_in_order
+from trainer.data.loader import GlobalBatchLoader
+from trainer.loss import DocumentLoss, count_valid
 from trainer.metrics import MetricsLogger, perplexity
 from trainer.optim import build_optimizer, build_scheduler
-from trainer.step import evaluate, forward_backward, global_loss, local_batch
+from trainer.step import evaluate, forward_backward, global_loss, local_batch, packing_efficiency, reduce_tokens
 
 
 def resolve_model(cfg: Config) -> Config:
@@ -55,31 +57,21 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank) if name == "cuda" else torch.device("cpu")
 
 
-def global_batches(rows: torch.Tensor, size: int, limit: int, what: str) -> list[dict[str, torch.Tensor]]:
-    """The first `limit` whole global batches of a split, in order (validation)."""
-    from trainer.data.pretrain import iter_batches
-
-    n = min(limit, len(rows) // size)
-    if n == 0:
-        raise ConfigError(f"{what} has {len(rows)} rows, fewer than one global batch "
-                          f"(trainer.global_batch_size={size}); use more validation data or trainer.eval_every=0")
-    return list(iter_batches(rows[:n * size], size))
-
-
-def load_rows(cfg: Config, tokenizer, split: str, info: RankInfo):
+def load_split(cfg: Config, tokenizer, split: str, info: RankInfo):
     """Rank 0 tokenizes (or finds the cache) first; the others then read its cache."""
     import torch.distributed as dist
 
-    from trainer.data.pretrain import build_token_rows, default_cache_dir
+    from trainer.data.build import build_split
+    from trainer.data.pretrain import default_cache_dir
 
     def build():
-        return build_token_rows(cfg.data, tokenizer, split, default_cache_dir(cfg.data))
+        return build_split(cfg.data, tokenizer, split, default_cache_dir(cfg.data))
 
     if info.world_size == 1:
         return build()
-    rows = build() if info.is_main else None
+    data = build() if info.is_main else None
     dist.barrier()
-    return rows if info.is_main else build()
+    return data if info.is_main else build()
 
 
 def train(cfg: Config, info: Optional[RankInfo] = None) -> Path:
@@ -88,7 +80,6 @@ def train(cfg: Config, info: Optional[RankInfo] = None) -> Path:
     `info` defaults to the launcher's environment; RankInfo(0, 1, 0) runs a single process even inside a
     distributed job (trainer.verify's reference run).
     """
-    from trainer.data.pretrain import RowLoader
     from trainer.data.tokenizer import check_vocab_fits, load_tokenizer
 
     info = info or rank_info()
@@ -105,10 +96,10 @@ def train(cfg: Config, info: Optional[RankInfo] = None) -> Path:
         (out / "config.yaml").write_text(resolved_yaml(cfg))
 
     G = cfg.trainer.global_batch_size
-    train_rows = load_rows(cfg, tokenizer, "train", info)
-    val = (global_batches(load_rows(cfg, tokenizer, "val", info), G, cfg.trainer.eval_batches, "the validation split")
-           if cfg.trainer.eval_every else [])
-    loader = iter(RowLoader(train_rows, G, seed=cfg.trainer.seed))
+    train_data = load_split(cfg, tokenizer, "train", info)
+    val = (batches_in_order(load_split(cfg, tokenizer, "val", info).rows, G, cfg.trainer.eval_batches,
+                            "the validation split") if cfg.trainer.eval_every else [])
+    loader = GlobalBatchLoader(train_data.rows, G, seed=cfg.trainer.seed)
 
     pm = build_parallel_model(cfg, dims, mesh, device)
     optimizer = build_optimizer(pm.parameters(), cfg.optim, device)
@@ -117,8 +108,12 @@ def train(cfg: Config, info: Optional[RankInfo] = None) -> Path:
     logger = MetricsLogger(cfg, out, cfg.trainer.max_steps, enabled=info.is_main)
     accum = G // (dims.dp * cfg.parallel.microbatch_size)
     logger.write(f"meshtron: {cfg.model.name} ({n_params / 1e6:.2f}M parameters) on {dims.world_size} x {device.type}, "
-                 f"mesh {dims.degrees()}, {len(train_rows)} training rows of {cfg.data.seq_len} tokens, "
+                 f"mesh {dims.degrees()}, {loader.rows_per_epoch} training rows of {cfg.data.seq_len} tokens, "
                  f"{G} sequences per step ({accum} micro-batches of {cfg.parallel.microbatch_size} per data rank)")
+    for st in train_data.stats:
+        logger.write(f"data: {st['name']}: {st['rows']} rows, packing efficiency {st['efficiency']:.1%}"
+                     + (f", {st['truncated']} truncated" if st.get("truncated") else "")
+                     + (f", {st['dropped']} dropped (data.overlong)" if st.get("dropped") else ""))
 
     tokens = 0
     max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
@@ -126,7 +121,8 @@ def train(cfg: Config, info: Optional[RankInfo] = None) -> Path:
         t0 = time.perf_counter()
         batch = next(loader)
         normalizer = count_valid(batch["labels"])
-        local_sum = forward_backward(pm, local_batch(batch, pm), normalizer, cfg, device)
+        doc_loss = DocumentLoss(batch["sample_ids"], device)
+        local_sum = forward_backward(pm, local_batch(batch, pm), normalizer, cfg, device, doc_loss)
         if dims.pp_enabled:  # every pp rank takes part, holder of a tied copy or not
             from parallel.pipeline import tied_embedding_grad_sync
 
@@ -140,8 +136,10 @@ def train(cfg: Config, info: Optional[RankInfo] = None) -> Path:
         if device.type == "cuda":
             torch.cuda.synchronize()
         tokens += batch["input_ids"].numel()
-        record = {"step": step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens,
-                  "tokens_per_s": batch["input_ids"].numel() / (time.perf_counter() - t0)}
+        record = {"step": step, "loss": loss, "loss_per_doc": doc_loss.value(reduce_tokens(pm)), "lr": lr,
+                  "grad_norm": float(grad_norm), "tokens": tokens,
+                  "tokens_per_s": batch["input_ids"].numel() / (time.perf_counter() - t0),
+                  "packing_efficiency": packing_efficiency(batch)}
         every = cfg.trainer.eval_every
         if every and (step % every == 0 or step == cfg.trainer.max_steps):
             v = evaluate(pm, val, cfg, device)
@@ -160,6 +158,7 @@ def train(cfg: Config, info: Optional[RankInfo] = None) -> Path:
     logger.write(f"done: {cfg.trainer.max_steps} steps, {tokens:,} tokens. Outputs in {out.resolve()}: "
                  "config.yaml, metrics.jsonl" + (", hf/ (safetensors model + tokenizer)" if cfg.trainer.export_hf else ""))
     logger.close()
+    loader.close()
     return out
 
 

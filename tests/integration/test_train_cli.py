@@ -130,7 +130,9 @@ def test_trains_from_hf_checkpoint_and_torchrun(tmp_path):
 
     from trainer.assets import BUNDLED_TOKENIZER
     from trainer.config import DataConfig
-    from trainer.data.pretrain import RowLoader, build_token_rows, default_cache_dir
+    from trainer.data.build import build_split
+    from trainer.data.loader import GlobalBatchLoader
+    from trainer.data.pretrain import default_cache_dir
     from trainer.data.tokenizer import load_tokenizer
 
     hf_dir = tmp_path / "hf_llama"
@@ -152,15 +154,24 @@ def test_trains_from_hf_checkpoint_and_torchrun(tmp_path):
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["model"]["hidden_size"] == 64 and saved["model"]["tie_word_embeddings"] is True
 
-    # The same first step's batch, as the trainer draws it, scored by transformers.
+    # The same first step's batch, as the trainer draws it, scored by transformers one packed document at a
+    # time (each document attends only to itself).
     data_cfg = DataConfig(seq_len=64)
-    rows = build_token_rows(data_cfg, load_tokenizer(data_cfg, str(hf_dir)), "train",
-                            default_cache_dir(DataConfig(cache_dir=str(tmp_path / "cache" / "meshtron"))))
-    loader = iter(RowLoader(rows, 4, seed=1234))
-    batches = [next(loader), next(loader)]
+    rows = build_split(data_cfg, load_tokenizer(data_cfg, str(hf_dir)), "train",
+                       default_cache_dir(DataConfig(cache_dir=str(tmp_path / "cache" / "meshtron")))).rows
+    batch = next(iter(GlobalBatchLoader(rows, 8, seed=1234, prefetch=0)))
+    total, count = 0.0, 0
     with torch.no_grad():
-        losses = [torch.nn.functional.cross_entropy(hf_model(b["input_ids"]).logits.flatten(0, 1),
-                                                    b["labels"].flatten(), reduction="sum") for b in batches]
-    expected = float(sum(losses)) / sum(b["labels"].numel() for b in batches)
+        for r in range(batch["input_ids"].shape[0]):
+            for d in batch["document_ids"][r].unique():
+                piece = batch["document_ids"][r] == d
+                if d < 0:
+                    continue
+                ids, labels = batch["input_ids"][r][piece][None], batch["labels"][r][piece]
+                logits = hf_model(ids).logits[0]
+                total += float(torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100,
+                                                                 reduction="sum"))
+                count += int((labels != -100).sum())
+    expected = total / count
     first = read_metrics(tmp_path / "run")[0]["loss"]
     assert first == pytest.approx(expected, rel=1e-5)

@@ -92,3 +92,17 @@ def test_accumulation_equals_one_big_batch_with_uneven_valid_tokens(microbatch):
     assert l1 == pytest.approx(l2, rel=1e-6)
     for name in g1:
         torch.testing.assert_close(g1[name], g2[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_document_loss_is_mean_of_document_means():
+    from trainer.loss import DocumentLoss
+
+    sample_ids = torch.tensor([[7, 7, 7, 9, -1], [9, 9, 3, 3, 3]])
+    labels = torch.tensor([[1, 1, IGNORE_INDEX, 1, IGNORE_INDEX], [1, 1, 1, 1, 1]])
+    token_losses = torch.tensor([[1.0, 3.0, 100.0, 4.0, 100.0], [5.0, 6.0, 1.0, 1.0, 1.0]])
+    doc = DocumentLoss(sample_ids, torch.device("cpu"))
+    # Split like two ranks would see it; the reduction here is the identity (one process).
+    doc.add(token_losses[:1], labels[:1], sample_ids[:1])
+    doc.add(token_losses[1:], labels[1:], sample_ids[1:])
+    # doc 7: (1+3)/2 = 2; doc 9: (4+5+6)/3 = 5; doc 3: 1  -> mean 8/3, unlike the token mean 21/8
+    assert doc.value(lambda t: t) == pytest.approx(8 / 3)
