@@ -35,7 +35,7 @@ def resolve_model(cfg: Config) -> Config:
 def prepare(cfg: Config, world_size: int) -> tuple[Config, ParallelDims]:
     """Every check that needs no allocation and no process group: config groups, cross-field rules, the
     parallel layout against model, data and batch."""
-    from trainer.data.pretrain import has_val_split
+    from trainer.data.build import has_val_split
 
     cfg = resolve_model(cfg)
     validate_config(cfg)

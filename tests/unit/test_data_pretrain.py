@@ -1,4 +1,6 @@
-"""Pretraining data path: tokenizer choice, document reading, the token cache, rows, splits and the loader."""
+"""Pretraining data path: tokenizer choice, document reading, the token cache and the split rules, checked
+through build_split (sources -> TokenizedCorpus -> packed rows). Packing itself: test_packing.py; the loader's
+order and resume: test_loader.py."""
 
 from __future__ import annotations
 
@@ -12,11 +14,14 @@ from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 
 from trainer.assets import BUNDLED_TOKENIZER, BUNDLED_VAL
-from trainer.config import ConfigError, DataConfig
-from trainer.data import pretrain
-from trainer.data.pretrain import (RowLoader, build_token_rows, default_cache_dir, has_val_split, iter_batches,
-                                   join_with_eos)
+from trainer.config import Config, ConfigError, DataConfig, DataSource
+from trainer.data import pretrain, sources
+from trainer.data.build import batches_in_order, build_split
+from trainer.data.packing import IGNORE_INDEX, PAD_DOC, PackedRows
+from trainer.data.build import has_val_split
+from trainer.data.pretrain import default_cache_dir, held_out_count
 from trainer.data.tokenizer import check_vocab_fits, load_tokenizer
+from trainer.loop import prepare
 
 DOCS = [f"Document number {i} talks about {'lists and tuples' if i % 2 else 'the import system'}.\n"
         f"  It has an indented second line, {i * 7} words." for i in range(20)]
@@ -42,12 +47,29 @@ def write_jsonl(path: Path, docs: list[str], field: str = "text") -> Path:
     return path
 
 
-def expected_stream(tok, docs: list[str]) -> list[int]:
-    return [t for d in docs for t in tok(d, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+def expected_inputs(tok, docs: list[str]) -> list[int]:
+    """Packed inputs: every document's tokens back to back (its EOS is only ever a label)."""
+    return [t for d in docs for t in tok(d, add_special_tokens=False)["input_ids"]]
 
 
-def rows(tok, cache, split="train", **kw) -> torch.Tensor:
-    return build_token_rows(DataConfig(**kw), tok, split, cache)
+def expected_labels(tok, docs: list[str]) -> list[int]:
+    """Packed labels: each document's next tokens, then EOS where the document ends."""
+    return [t for d in docs for t in tok(d, add_special_tokens=False)["input_ids"][1:] + [tok.eos_token_id]]
+
+
+def rows(tok, cache, split="train", **kw) -> PackedRows:
+    return build_split(DataConfig(**kw), tok, split, cache).rows
+
+
+def assert_holds(r: PackedRows, tok, docs: list[str]) -> None:
+    """The rows are exactly the documents' slots in order, the incomplete last row dropped."""
+    n = r.input_ids.size
+    assert r.input_ids.flatten().tolist() == expected_inputs(tok, docs)[:n]
+    assert r.labels.flatten().tolist() == expected_labels(tok, docs)[:n]
+
+
+def same_rows(a: PackedRows, b: PackedRows) -> bool:
+    return all(np.array_equal(getattr(a, f), getattr(b, f)) for f in PackedRows.FIELDS)
 
 
 @pytest.fixture
@@ -104,43 +126,40 @@ def test_vocab_must_fit_the_model(tok):
 # ------------------------------------------------------------------------------------- rows, formats
 
 
-def test_rows_are_eos_joined_documents_cut_without_overlap(tmp_path, tok, cache):
+def test_rows_are_eos_terminated_documents_cut_without_overlap(tmp_path, tok, cache):
     path = write_text(tmp_path / "c.txt", DOCS)
     r = rows(tok, cache, path=str(path), val_fraction=0.0, seq_len=15)
-    stream = expected_stream(tok, DOCS)
-    assert r.dtype == torch.long and r.shape == (len(stream) // 16, 16)
-    assert r.flatten().tolist() == stream[: r.numel()]  # tail dropped, nothing repeated
-    assert (r == tok.eos_token_id).sum() == sum(1 for t in stream[: r.numel()] if t == tok.eos_token_id)
-    batch = next(iter_batches(r, 4))
-    assert batch["input_ids"].shape == batch["labels"].shape == (4, 15)
-    assert torch.equal(batch["input_ids"][:, 1:], batch["labels"][:, :-1])
-    assert torch.equal(batch["labels"], r[:4, 1:])
+    n_slots = len(expected_inputs(tok, DOCS))
+    assert r.input_ids.shape == (n_slots // 15, 15)  # tail dropped, nothing repeated
+    assert_holds(r, tok, DOCS)
+    n_eos = sum(1 for t in expected_labels(tok, DOCS)[: r.labels.size] if t == tok.eos_token_id)
+    assert (r.labels == tok.eos_token_id).sum() == n_eos > 0
 
 
 def test_text_and_jsonl_formats_agree(tmp_path, tok, cache):
     txt = rows(tok, cache, path=str(write_text(tmp_path / "c.txt", DOCS)), val_fraction=0.0, seq_len=15)
     jsonl = rows(tok, cache, path=str(write_jsonl(tmp_path / "c.jsonl", DOCS, "body")), format="jsonl_text",
                  text_field="body", val_fraction=0.0, seq_len=15)
-    assert torch.equal(txt, jsonl)
+    assert same_rows(txt, jsonl)
 
 
 def test_text_blocks_split_on_blank_lines(tmp_path):
     (tmp_path / "a.txt").write_text("one\n  indented\n\n \t \n\n\ntwo\nlines\n\n", encoding="utf-8")
     (tmp_path / "b.txt").write_text("three", encoding="utf-8")
     (tmp_path / "skip.jsonl").write_text("{}", encoding="utf-8")
-    files = pretrain.resolve_files(str(tmp_path), "text", "data.path")
+    files = sources.resolve_files(str(tmp_path), "text", "data.path")
     assert [f.name for f in files] == ["a.txt", "b.txt"]
-    docs = list(pretrain.iter_documents(pretrain.Source("t", files, "text", "text")))
+    docs = list(sources.iter_documents(sources.Source("t", files, "text", "text")))
     assert docs == ["one\n  indented", "two\nlines", "three"]
-    assert pretrain.resolve_files(str(tmp_path / "*.txt"), "text", "data.path") == files
+    assert sources.resolve_files(str(tmp_path / "*.txt"), "text", "data.path") == files
 
 
 def test_directory_of_jsonl_files_in_sorted_order(tmp_path, tok, cache):
     (tmp_path / "d").mkdir()
     write_jsonl(tmp_path / "d" / "b.jsonl", DOCS[10:])
     write_jsonl(tmp_path / "d" / "a.jsonl", DOCS[:10])
-    r = rows(tok, cache, path=str(tmp_path / "d"), format="jsonl_text", val_fraction=0.0, seq_len=15)
-    assert r.flatten().tolist() == expected_stream(tok, DOCS)[: r.numel()]
+    assert_holds(rows(tok, cache, path=str(tmp_path / "d"), format="jsonl_text", val_fraction=0.0, seq_len=15),
+                 tok, DOCS)
 
 
 def test_bad_json_and_missing_field_name_file_and_line(tmp_path, tok, cache):
@@ -171,14 +190,14 @@ def test_cache_hit_skips_tokenization_and_file_change_invalidates(tmp_path, tok,
     first = rows(tok, cache, path=str(path), seq_len=15)
     assert count_encodes and sum(count_encodes) == len(DOCS)
     count_encodes.clear()
-    assert torch.equal(rows(tok, cache, path=str(path), seq_len=15), first)
+    assert same_rows(rows(tok, cache, path=str(path), seq_len=15), first)
     rows(tok, cache, "val", path=str(path), seq_len=7)
     assert count_encodes == []  # train, val and another seq_len all reuse the one cached tokenization
     assert not list(cache.glob("*.tmp"))
 
     write_text(path, ["A changed first document."] + DOCS[1:])
     changed = rows(tok, cache, path=str(path), seq_len=15)
-    assert sum(count_encodes) == len(DOCS) and not torch.equal(changed, first)
+    assert sum(count_encodes) == len(DOCS) and not same_rows(changed, first)
 
 
 def test_corrupt_cache_entry_is_rebuilt(tmp_path, tok, cache, count_encodes):
@@ -187,7 +206,7 @@ def test_corrupt_cache_entry_is_rebuilt(tmp_path, tok, cache, count_encodes):
     (offsets,) = cache.glob("*.offsets.npy")
     np.save(offsets, np.array([0, 1], dtype=np.int64))  # no longer matches the tokens file
     count_encodes.clear()
-    assert torch.equal(rows(tok, cache, path=str(path), seq_len=15), first)
+    assert same_rows(rows(tok, cache, path=str(path), seq_len=15), first)
     assert count_encodes
 
 
@@ -202,101 +221,55 @@ def test_default_cache_dir(tmp_path, monkeypatch):
 
 def test_bundled_corpus_train_and_val(tok, cache):
     train, val = rows(tok, cache), rows(tok, cache, "val")
-    assert train.shape[1] == val.shape[1] == 257 and len(train) > 10 * len(val) > 0
+    assert train.seq_len == val.seq_len == 256 and train.num_rows > 10 * val.num_rows > 0
     # path=None means the bundled val.jsonl, whatever val_fraction says.
     same = rows(tok, cache, path=str(BUNDLED_VAL), format="jsonl_text", val_fraction=0.0)
-    assert torch.equal(val, same)
+    assert np.array_equal(val.input_ids, same.input_ids) and np.array_equal(val.labels, same.labels)
 
 
 def test_val_path_is_used_whole(tmp_path, tok, cache):
     train_path = write_text(tmp_path / "train.txt", DOCS[:15])
     val_path = write_text(tmp_path / "val.txt", DOCS[15:])
     kw = dict(path=str(train_path), val_path=str(val_path), seq_len=7)  # val_fraction is not used
-    train, val = rows(tok, cache, **kw), rows(tok, cache, "val", **kw)
-    assert train.flatten().tolist() == expected_stream(tok, DOCS[:15])[: train.numel()]
-    assert val.flatten().tolist() == expected_stream(tok, DOCS[15:])[: val.numel()]
+    assert_holds(rows(tok, cache, **kw), tok, DOCS[:15])
+    assert_holds(rows(tok, cache, "val", **kw), tok, DOCS[15:])
 
 
 def test_last_val_fraction_of_documents_is_held_out(tmp_path, tok, cache):
     path = write_text(tmp_path / "c.txt", DOCS)
     kw = dict(path=str(path), val_fraction=0.1, seq_len=7)
-    train, val = rows(tok, cache, **kw), rows(tok, cache, "val", **kw)
-    assert train.flatten().tolist() == expected_stream(tok, DOCS[:18])[: train.numel()]
-    assert val.flatten().tolist() == expected_stream(tok, DOCS[18:])[: val.numel()]
+    assert held_out_count(len(DOCS), DataConfig(**kw), "c") == 2
+    assert_holds(rows(tok, cache, **kw), tok, DOCS[:18])
+    assert_holds(rows(tok, cache, "val", **kw), tok, DOCS[18:])
 
 
 def test_no_val_split_when_fraction_is_zero(tmp_path, tok, cache):
     cfg = DataConfig(path=str(write_text(tmp_path / "c.txt", DOCS)), val_fraction=0.0)
     assert not has_val_split(cfg) and has_val_split(DataConfig())
-    with pytest.raises(ConfigError, match="no validation split"):
-        build_token_rows(cfg, tok, "val", cache)
+    with pytest.raises(ConfigError, match="needs a validation split.*data.val_fraction=0.0"):
+        prepare(Config(data=cfg), world_size=1)  # evaluation is on by default: refused before any data is read
+    with pytest.raises(ConfigError, match="no validation split: data.val_fraction=0"):
+        build_split(cfg, tok, "val", cache)
+    blended = DataConfig(sources=[DataSource(path=str(tmp_path / "c.txt"), format="text")], val_fraction=0.0)
+    assert not has_val_split(blended)  # data.path unset, but these sources have no validation files
     one_doc = DataConfig(path=str(write_text(tmp_path / "one.txt", DOCS[:1])), val_fraction=0.1)
     with pytest.raises(ConfigError, match="1 document.*leaves none for training"):
-        build_token_rows(one_doc, tok, "train", cache)
+        build_split(one_doc, tok, "train", cache)
 
 
-def test_too_little_data_names_corpus_tokens_and_sizes(tmp_path, tok, cache):
+def test_too_little_data_names_corpus_and_seq_len(tmp_path, tok, cache):
     path = write_text(tmp_path / "tiny.txt", DOCS[:2])
-    with pytest.raises(ConfigError, match=r"tiny.txt.*has \d+ tokens.*seq_len\+1=1025"):
+    with pytest.raises(ConfigError, match=r"tiny.txt.*gives no train rows of data.seq_len=1024"):
         rows(tok, cache, path=str(path), val_fraction=0.0, seq_len=1024)
-    r = rows(tok, cache, path=str(path), val_fraction=0.0, seq_len=15)
-    with pytest.raises(ConfigError, match=rf"{len(r)} rows of data.seq_len\+1=16 tokens .* batch of 64"):
-        RowLoader(r, 64, seed=0)
 
 
-# ------------------------------------------------------------------------------------------- loader
-
-
-def _take(loader, n):
-    return [next(loader)["input_ids"] for _ in range(n)]
-
-
-def numbered_rows(n=10, width=5):
-    return torch.arange(n * width).reshape(n, width)
-
-
-def test_loader_is_deterministic_per_seed_and_leaves_global_rng_alone():
-    rng = torch.get_rng_state()
-    a, b = _take(RowLoader(numbered_rows(), 3, seed=7), 8), _take(RowLoader(numbered_rows(), 3, seed=7), 8)
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
-    c = _take(RowLoader(numbered_rows(), 3, seed=8), 8)
-    assert not all(torch.equal(x, y) for x, y in zip(a, c))
-    assert torch.equal(torch.get_rng_state(), rng)
-
-
-def test_loader_epochs_visit_rows_once_and_reshuffle():
-    loader = RowLoader(numbered_rows(), 3, seed=0)
-    assert (loader.rows_per_epoch, loader.batches_per_epoch) == (9, 3)
-    first_rows = [int(r[0]) // 5 for b in _take(loader, 3) for r in b]
-    assert len(set(first_rows)) == 9 and loader.epoch == 0
-    second_rows = [int(r[0]) // 5 for b in _take(loader, 3) for r in b]
-    assert loader.epoch == 1 and len(set(second_rows)) == 9 and first_rows != second_rows
-    ordered = RowLoader(numbered_rows(), 3, seed=0, shuffle=False)
-    assert [int(r[0]) // 5 for b in _take(ordered, 4) for r in b] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 1, 2]
-
-
-def test_state_dict_resume_continues_exactly():
-    full = RowLoader(numbered_rows(), 3, seed=3)
-    reference = _take(full, 10)
-    partial = RowLoader(numbered_rows(), 3, seed=3)
-    _take(partial, 4)  # into the second epoch
-    state = json.loads(json.dumps(partial.state_dict()))  # must survive a plain-data round trip
-    resumed = RowLoader(numbered_rows(), 3, seed=3)
-    resumed.load_state_dict(state)
-    assert all(torch.equal(x, y) for x, y in zip(_take(resumed, 6), reference[4:]))
-    with pytest.raises(ConfigError, match="10 rows but this run's corpus gives 9"):
-        RowLoader(numbered_rows(9), 3, seed=3).load_state_dict(state)
-
-
-def test_iter_batches_in_order_with_partial_last_batch():
-    r = numbered_rows(7)
-    sizes = [len(b["input_ids"]) for b in iter_batches(r, 3)]
-    assert sizes == [3, 3, 1]
-    assert [len(b["input_ids"]) for b in iter_batches(r, 3, max_batches=2)] == [3, 3]
-    assert torch.equal(torch.cat([b["labels"] for b in iter_batches(r, 3)]), r[:, 1:])
-
-
-def test_join_with_eos_on_a_document_range():
-    corpus = pretrain.TokenizedCorpus("c", np.array([5, 6, 7, 8, 9], dtype=np.uint32), np.array([0, 2, 2, 5]))
-    assert join_with_eos(corpus, 0, 3, 1).tolist() == [5, 6, 1, 1, 7, 8, 9, 1]
-    assert join_with_eos(corpus, 1, 3, 0).tolist() == [0, 7, 8, 9, 0]
+def test_validation_batches_in_order_with_a_padded_last_batch(tmp_path, tok, cache):
+    r = rows(tok, cache, path=str(write_text(tmp_path / "c.txt", DOCS)), val_fraction=0.0, seq_len=15)
+    assert r.num_rows % 4  # so the last batch is short
+    batches = batches_in_order(r, 4, limit=100, what="val")
+    assert len(batches) == -(-r.num_rows // 4) and all(b["input_ids"].shape == (4, 15) for b in batches)
+    labels = torch.cat([b["labels"] for b in batches])
+    assert torch.equal(labels[: r.num_rows], torch.from_numpy(r.labels).long())
+    assert (labels[r.num_rows:] == IGNORE_INDEX).all()  # the fill adds nothing to the loss
+    assert (torch.cat([b["document_ids"] for b in batches])[r.num_rows:] == PAD_DOC).all()
+    assert len(batches_in_order(r, 4, limit=2, what="val")) == 2

@@ -11,12 +11,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from trainer.assets import BUNDLED_TRAIN
 from trainer.config import ConfigError, DataConfig, DataSource
 from trainer.data import pretrain
-from trainer.data.pretrain import build_token_rows, data_sources, load_source_corpus, read_source
+from trainer.data.build import build_split
+from trainer.data.pretrain import data_sources, load_source_corpus, read_source
+from trainer.data.sources import Source, resolve_files
 from trainer.data.tokenizer import load_tokenizer
 
 DOCS = [f"Source document {i}: {'parquet columns' if i % 3 else 'memory maps'} and {i * 11} tokens.\n"
@@ -131,10 +132,10 @@ def test_hf_disk_dataset_dict_and_plain_directory_errors(tmp_path, tok, cache):
 def test_megatron_rows_and_errors_through_the_config(tmp_path, tok, cache):
     expected = [ids(tok, d) for d in DOCS]
     prefix = write_megatron(tmp_path / "mg", expected, np.int32)
-    r = build_token_rows(DataConfig(path=str(prefix), format="megatron", val_fraction=0.0, seq_len=7), tok,
-                         "train", cache)
-    stream = [t for d in expected for t in d + [tok.eos_token_id]]
-    assert r.flatten().tolist() == stream[: r.numel()]
+    r = build_split(DataConfig(path=str(prefix), format="megatron", val_fraction=0.0, seq_len=7), tok,
+                    "train", cache).rows
+    assert r.input_ids.flatten().tolist() == [t for d in expected for t in d][: r.input_ids.size]
+    assert r.labels.flatten().tolist() == [t for d in expected for t in d[1:] + [tok.eos_token_id]][: r.labels.size]
     assert not cache.exists() or not list(cache.iterdir())  # already tokenized: nothing cached
     with pytest.raises(ConfigError, match=r"data.path=.*nope.*nope\.idx does not exist"):
         load(tok, cache, tmp_path / "nope", "megatron")
@@ -182,8 +183,7 @@ def test_skip_counts_bad_rows_per_file_and_remembers_them(tmp_path, tok, cache, 
     a, b = tmp_path / "d" / "a.jsonl", tmp_path / "d" / "b.jsonl"
     a.write_text('{"text": "one"}\n{"text": broken\n[1, 2]\n{"text": 5}\n{"text": "two"}\n', encoding="utf-8")
     b.write_text('{"text": "three"}\n', encoding="utf-8")
-    source = pretrain.Source("t", pretrain.resolve_files(str(tmp_path / "d"), "jsonl_text", "data.path"),
-                             "jsonl_text", "text")
+    source = Source("t", resolve_files(str(tmp_path / "d"), "jsonl_text", "data.path"), "jsonl_text", "text")
     corpus, bad = read_source(source, tok, cache, "skip")
     assert as_lists(corpus) == [ids(tok, "one"), ids(tok, "two"), ids(tok, "three")]
     assert bad == {str(a): 3}
@@ -200,11 +200,11 @@ def test_skip_counts_bad_rows_per_file_and_remembers_them(tmp_path, tok, cache, 
 
 def test_skip_in_parquet_and_hf_disk(tmp_path, tok, cache):
     rows = ["one", None, "two", None]
-    _, bad = read_source(pretrain.Source("p", (write_parquet(tmp_path / "p.parquet", rows),), "parquet", "text"),
+    _, bad = read_source(Source("p", (write_parquet(tmp_path / "p.parquet", rows),), "parquet", "text"),
                          tok, cache, "skip")
     assert bad == {str(tmp_path / "p.parquet"): 2}
     hf = write_hf_disk(tmp_path / "hf", rows)
-    corpus, bad = read_source(pretrain.Source("h", (hf,), "hf_disk", "text"), tok, cache, "skip")
+    corpus, bad = read_source(Source("h", (hf,), "hf_disk", "text"), tok, cache, "skip")
     assert bad == {str(hf): 2} and as_lists(corpus) == [ids(tok, "one"), ids(tok, "two")]
     with pytest.raises(ConfigError, match=rf"{hf}: row 1: field 'text' is null"):
         load(tok, cache, hf, "hf_disk")
@@ -230,4 +230,4 @@ def test_sft_format_is_not_a_pretraining_source(tmp_path, tok, cache):
 def test_bundled_source_is_named_as_such(tok, cache):
     corpus = load_source_corpus(data_sources(DataConfig())[0], tok, DataConfig(), cache)
     assert corpus.name == "the bundled train.jsonl" and corpus.num_docs > 100
-    assert torch.is_tensor(build_token_rows(DataConfig(), tok, "train", cache))
+    assert build_split(DataConfig(), tok, "train", cache).rows.name == "the bundled train.jsonl"

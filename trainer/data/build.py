@@ -18,7 +18,7 @@ from trainer.config import SFT_FORMATS, ConfigError, DataConfig, DataSource
 from trainer.data.corpus import TokenizedCorpus
 from trainer.data.loader import Blend
 from trainer.data.packing import IGNORE_INDEX, PAD_DOC, PackedRows, concat_rows, pack_corpus
-from trainer.data.pretrain import _held_out, data_sources, load_source_corpus, log_bad_rows
+from trainer.data.pretrain import data_sources, held_out_count, load_source_corpus, log_bad_rows
 from trainer.data.sft import BUNDLED_SFT_TRAIN, BUNDLED_SFT_VAL, load_sft_corpus
 from trainer.assets import BUNDLED_TRAIN, BUNDLED_VAL
 
@@ -45,11 +45,23 @@ def _bundled_val(source: DataSource):
     return _BUNDLED_VAL.get(str(Path(source.path).expanduser().resolve()))
 
 
+def has_val_split(data_cfg: DataConfig) -> bool:
+    """A validation split exists: data.val_path, a held-out fraction, or bundled sources (own val files)."""
+    if data_cfg.val_path is not None or data_cfg.val_fraction > 0:
+        return True
+    return all(_bundled_val(s) is not None for s in data_sources(data_cfg))
+
+
 def _doc_range(corpus: TokenizedCorpus, data_cfg: DataConfig, split: str, own_val_file: bool) -> tuple[int, int]:
     """Documents of `corpus` in the split: all of them when validation lives elsewhere, else a tail is held out."""
-    if own_val_file or data_cfg.val_path is not None or data_cfg.val_fraction == 0:
+    if own_val_file or data_cfg.val_path is not None:
         return 0, corpus.num_docs
-    cut = corpus.num_docs - _held_out(corpus.num_docs, data_cfg, corpus.name)
+    if data_cfg.val_fraction == 0:
+        if split == "val":
+            raise ConfigError(f"{corpus.name} has no validation split: data.val_fraction=0 and data.val_path is "
+                              "unset; set one of them, or trainer.eval_every=0")
+        return 0, corpus.num_docs
+    cut = corpus.num_docs - held_out_count(corpus.num_docs, data_cfg, corpus.name)
     return (0, cut) if split == "train" else (cut, corpus.num_docs)
 
 
