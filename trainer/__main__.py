@@ -12,12 +12,17 @@ from trainer.config import ConfigError, to_config
 
 @hydra.main(config_path="pkg://conf", config_name="config", version_base="1.3")
 def _run(cfg: DictConfig) -> None:
+    from trainer.checkpoint import RunExit
     from trainer.loop import train
 
     import torch.distributed as dist
 
     try:
         train(to_config(cfg))
+    except RunExit as stop:
+        # A deliberate stop (preemption, non-finite numbers, failed save): exit codes in README.
+        print(f"meshtron: {stop}", file=sys.stderr, flush=True)
+        sys.exit(stop.code)
     except ConfigError as err:
         # A configuration mistake, found before anything ran: say what to change, without a traceback.
         print(f"meshtron: configuration error: {err}", file=sys.stderr)

@@ -253,6 +253,45 @@ class OptimConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Sharded DCP checkpoints under ``<output_dir>/checkpoints/step_<N>/`` (see trainer/checkpoint.py)."""
+
+    # Save every N steps (and after the last step); 0 turns periodic checkpoints off.
+    every_steps: int = 0
+    # Complete checkpoints kept; older ones are deleted only after a newer one is complete. 0 keeps all.
+    keep_last: int = 2
+    # torch's async save: training continues while shards are written (``async`` is a Python keyword).
+    async_save: bool = False
+    # Resume from this checkpoint directory (a step_<N> directory, or a checkpoints/ directory: its latest).
+    load_from: Optional[str] = None
+    # auto: resume from the latest complete checkpoint in output_dir, if any; never: always start afresh.
+    resume: str = "auto"
+
+    def validate(self) -> None:
+        _one_of("trainer.checkpoint.resume", self.resume, ("auto", "never"))
+        _require(self.every_steps >= 0, f"trainer.checkpoint.every_steps={self.every_steps} must be >= 0")
+        _require(self.keep_last >= 0, f"trainer.checkpoint.keep_last={self.keep_last} must be >= 0")
+
+
+@dataclass
+class FaultInjectionConfig:
+    """Test-only hooks that make faults happen on purpose. Leave at their defaults in real runs."""
+
+    # Save a checkpoint and exit 0 after this step (0: off): a restart without a signal.
+    stop_after_step: int = 0
+    # Sleep this long between the shard write and the commit of the checkpoint of step pause_at_save_step.
+    pause_at_save_step: int = 0
+    pause_seconds: float = 0.0
+    # Make the loss and gradients of these steps NaN on rank nan_rank.
+    nan_loss_steps: list[int] = field(default_factory=list)
+    nan_rank: int = 0
+    # Make the checkpoint save of this step fail while writing shards (0: off).
+    fail_save_step: int = 0
+    # Sleep this long after every step, so a test can signal a run in the middle of it.
+    step_sleep_s: float = 0.0
+
+
+@dataclass
 class TrainerConfig:
     seed: int = 1234
     max_steps: int = 200
@@ -269,8 +308,18 @@ class TrainerConfig:
     device: str = "auto"
     # Save the final model as HF safetensors (+ tokenizer) under <output_dir>/hf.
     export_hf: bool = True
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # A non-finite loss or gradient norm: skip drops that step's update (at most max_consecutive_skips in a
+    # row, then stops); stop exits at once without saving anything newer.
+    nonfinite: str = "stop"
+    max_consecutive_skips: int = 5
+    testing: FaultInjectionConfig = field(default_factory=FaultInjectionConfig)
 
     def validate(self) -> None:
+        self.checkpoint.validate()
+        _one_of("trainer.nonfinite", self.nonfinite, ("skip", "stop"))
+        _require(self.max_consecutive_skips >= 0,
+                 f"trainer.max_consecutive_skips={self.max_consecutive_skips} must be >= 0")
         _one_of("trainer.precision", self.precision, ("fp32", "bf16"))
         _one_of("trainer.device", self.device, ("auto", "cpu", "cuda"))
         for name in ("max_steps", "global_batch_size", "log_every", "eval_batches"):

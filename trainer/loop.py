@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -18,7 +22,8 @@ from trainer.data.build import batches_in_order
 from trainer.data.loader import GlobalBatchLoader
 from trainer.loss import DocumentLoss, count_valid
 from trainer.metrics import MetricsLogger, perplexity
-from trainer.optim import build_optimizer, build_scheduler
+from trainer.checkpoint import EXIT_CHECKPOINT_FAILED, EXIT_NONFINITE, EXIT_PREEMPTED, Checkpointer, RunExit, find_resume
+from trainer.optim import StageOptimizers
 from trainer.step import evaluate, forward_backward, global_loss, local_batch, packing_efficiency, reduce_tokens
 
 
@@ -102,10 +107,20 @@ def train(cfg: Config, info: Optional[RankInfo] = None) -> Path:
     loader = GlobalBatchLoader(train_data.rows, G, seed=cfg.trainer.seed)
 
     pm = build_parallel_model(cfg, dims, mesh, device)
-    optimizer = build_optimizer(pm.parameters(), cfg.optim, device)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.trainer.max_steps)
+    opt = StageOptimizers(pm.modules, cfg.optim, device, cfg.trainer.max_steps)
+    ckpt = Checkpointer(cfg, out, info.rank, info.world_size, tokenizer)
+    resume, notes = find_resume(cfg, out)
+    if info.world_size > 1:  # every rank resumes from the checkpoint rank 0 found
+        resume = broadcast_str(str(resume) if resume else "")
+        resume = Path(resume) if resume else None
+    start, tokens = 0, 0
+    if resume is not None:
+        start, tokens, more = ckpt.load(resume, pm, opt, loader)
+        notes += more + [f"checkpoint: resumed from {resume} at step {start}"]
+        if info.is_main:
+            truncate_metrics(out / "metrics.jsonl", start)
     n_params = cfg_param_count(cfg)
-    logger = MetricsLogger(cfg, out, cfg.trainer.max_steps, enabled=info.is_main)
+    logger = MetricsLogger(cfg, out, cfg.trainer.max_steps, start_step=start, enabled=info.is_main)
     accum = G // (dims.dp * cfg.parallel.microbatch_size)
     logger.write(f"meshtron: {cfg.model.name} ({n_params / 1e6:.2f}M parameters) on {dims.world_size} x {device.type}, "
                  f"mesh {dims.degrees()}, {loader.rows_per_epoch} training rows of {cfg.data.seq_len} tokens, "
@@ -114,38 +129,24 @@ def train(cfg: Config, info: Optional[RankInfo] = None) -> Path:
         logger.write(f"data: {st['name']}: {st['rows']} rows, packing efficiency {st['efficiency']:.1%}"
                      + (f", {st['truncated']} truncated" if st.get("truncated") else "")
                      + (f", {st['dropped']} dropped (data.overlong)" if st.get("dropped") else ""))
+    for note in notes:
+        logger.write(note)
 
-    tokens = 0
-    max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-    for step in range(1, cfg.trainer.max_steps + 1):
-        t0 = time.perf_counter()
-        batch = next(loader)
-        normalizer = count_valid(batch["labels"])
-        doc_loss = DocumentLoss(batch["sample_ids"], device)
-        local_sum = forward_backward(pm, local_batch(batch, pm), normalizer, cfg, device, doc_loss)
-        if dims.pp_enabled:  # every pp rank takes part, holder of a tied copy or not
-            from parallel.pipeline import tied_embedding_grad_sync
-
-            tied_embedding_grad_sync(pm.stages, mesh["pp"])
-        grad_norm = clip_grad_norm_(pm.parameters(), max_norm, mesh, pm.duplicates)
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss = global_loss(local_sum, normalizer, pm)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        tokens += batch["input_ids"].numel()
-        record = {"step": step, "loss": loss, "loss_per_doc": doc_loss.value(reduce_tokens(pm)), "lr": lr,
-                  "grad_norm": float(grad_norm), "tokens": tokens,
-                  "tokens_per_s": batch["input_ids"].numel() / (time.perf_counter() - t0),
-                  "packing_efficiency": packing_efficiency(batch)}
-        every = cfg.trainer.eval_every
-        if every and (step % every == 0 or step == cfg.trainer.max_steps):
-            v = evaluate(pm, val, cfg, device)
-            record.update(val_loss=v, val_ppl=perplexity(v))
-        if step % cfg.trainer.log_every == 0 or "val_loss" in record or step == cfg.trainer.max_steps:
-            logger.log(record)
+    signals = PreemptionSignals()
+    try:
+        finished = _run_steps(cfg, info, pm, opt, ckpt, loader, logger, val, device, start, tokens, signals)
+    except RunExit as stop:
+        if stop.code != EXIT_CHECKPOINT_FAILED:
+            ckpt.wait()  # an earlier async save holds good state: commit it before exiting
+        raise
+    else:
+        ckpt.close()
+    finally:
+        signals.restore()
+        logger.close()
+        loader.close()
+    if not finished:
+        return out
 
     if cfg.trainer.export_hf:
         state = full_state_dict(pm)
@@ -153,13 +154,157 @@ def train(cfg: Config, info: Optional[RankInfo] = None) -> Path:
             from checkpoint_convert.hf import save_hf
 
             ids = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-            save_hf(state, cfg.model, out / "hf", config_overrides=ids)
+            save_hf(state, cfg.model, out / "hf", config_overrides=ids, overwrite=True)
             tokenizer.save_pretrained(str(out / "hf"))
-    logger.write(f"done: {cfg.trainer.max_steps} steps, {tokens:,} tokens. Outputs in {out.resolve()}: "
-                 "config.yaml, metrics.jsonl" + (", hf/ (safetensors model + tokenizer)" if cfg.trainer.export_hf else ""))
-    logger.close()
-    loader.close()
+    if info.is_main:
+        print(f"done: {cfg.trainer.max_steps} steps. Outputs in {out.resolve()}: config.yaml, metrics.jsonl"
+              + (", checkpoints/" if cfg.trainer.checkpoint.every_steps else "")
+              + (", hf/ (safetensors model + tokenizer)" if cfg.trainer.export_hf else ""), flush=True)
     return out
+
+
+def _run_steps(cfg: Config, info: RankInfo, pm, opt: StageOptimizers, ckpt: Checkpointer, loader, logger, val,
+               device: torch.device, start: int, tokens: int, signals: "PreemptionSignals") -> bool:
+    """Steps start+1 .. max_steps; False when a test hook stopped the run early (after a checkpoint)."""
+    dims, mesh, t = pm.dims, pm.mesh, cfg.trainer
+    max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+    every, skips = t.checkpoint.every_steps, 0
+    for step in range(start + 1, t.max_steps + 1):
+        t0 = time.perf_counter()
+        batch = next(loader)
+        normalizer = count_valid(batch["labels"])
+        doc_loss = DocumentLoss(batch["sample_ids"], device)
+        local_sum = forward_backward(pm, local_batch(batch, pm), normalizer, cfg, device, doc_loss)
+        if step in t.testing.nan_loss_steps and info.rank == t.testing.nan_rank:
+            local_sum = inject_nan(local_sum, pm)
+        if dims.pp_enabled:  # every pp rank takes part, holder of a tied copy or not
+            from parallel.pipeline import tied_embedding_grad_sync
+
+            tied_embedding_grad_sync(pm.stages, mesh["pp"])
+        locally_bad = not is_finite(local_sum, pm)  # before clipping spreads a NaN norm into every gradient
+        grad_norm = float(clip_grad_norm_(pm.parameters(), max_norm, mesh, pm.duplicates))
+        loss = global_loss(local_sum, normalizer, pm)
+        lr = opt.lr
+        skipped = False
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            opt.zero_grad()
+            ranks = ranks_where(locally_bad, info, device)
+            what = (f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step {step} "
+                    f"(loss {loss}, grad_norm {grad_norm}), from rank(s) {ranks}")
+            if t.nonfinite == "stop" or skips >= t.max_consecutive_skips:
+                why = ("trainer.nonfinite=stop" if t.nonfinite == "stop"
+                       else f"{skips} consecutive skipped steps already (trainer.max_consecutive_skips)")
+                raise RunExit(EXIT_NONFINITE, f"{what}; stopping ({why}), no checkpoint saved for this step")
+            skips, skipped = skips + 1, True
+            logger.write(f"warning: {what}; skipping this step's update ({skips} in a row, "
+                         f"trainer.nonfinite=skip)")
+        else:
+            skips = 0
+            opt.step()
+            opt.zero_grad()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        tokens += batch["input_ids"].numel()
+        record = {"step": step, "loss": loss, "loss_per_doc": doc_loss.value(reduce_tokens(pm)), "lr": lr,
+                  "grad_norm": grad_norm, "tokens": tokens,
+                  "tokens_per_s": batch["input_ids"].numel() / (time.perf_counter() - t0),
+                  "packing_efficiency": packing_efficiency(batch)}
+        if skipped:
+            record["skipped"] = True
+        if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
+            v = evaluate(pm, val, cfg, device)
+            record.update(val_loss=v, val_ppl=perplexity(v))
+        if step % t.log_every == 0 or "val_loss" in record or step == t.max_steps:
+            logger.log(record)
+
+        if t.testing.step_sleep_s:
+            time.sleep(t.testing.step_sleep_s)
+        # Step boundary: every rank agrees on preemption before anyone saves.
+        preempted = signals.agreed(info.world_size, device)
+        stop_here = t.testing.stop_after_step == step
+        if preempted or stop_here or (every and (step % every == 0 or step == t.max_steps)):
+            ckpt.save(step, pm, opt, loader, tokens)
+        if preempted or stop_here:
+            ckpt.wait()
+            if preempted:
+                raise RunExit(EXIT_PREEMPTED, f"preempted by {signals.name} at step {step}: checkpoint "
+                                              f"saved under {ckpt.root}; rerun the same command to resume")
+            logger.write(f"stopping after step {step} (trainer.testing.stop_after_step); checkpoint saved")
+            return False
+    return True
+
+
+class PreemptionSignals:
+    """SIGTERM / SIGUSR1 (Slurm's and torchrun's warnings) only set a flag; the loop acts on it at the
+    next step boundary, after all ranks agree (any rank signalled is enough)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.name: Optional[str] = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.name = signal.Signals(signum).name
+
+    def agreed(self, world_size: int, device: torch.device) -> bool:
+        import torch.distributed as dist
+
+        flag = self.name is not None
+        if world_size == 1:  # also trainer.verify's single-process reference inside a distributed job
+            return flag
+        t = torch.tensor([int(flag)], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        if t.item() and self.name is None:
+            self.name = "a signal to another rank"
+        return bool(t.item())
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def is_finite(local_sum: torch.Tensor, pm) -> bool:
+    grads = [_local(p.grad) for p in pm.parameters() if p.grad is not None]
+    return bool(torch.isfinite(local_sum).all()) and all(bool(torch.isfinite(g).all()) for g in grads)
+
+
+def ranks_where(flag: bool, info: RankInfo, device: torch.device) -> list[int]:
+    """Global ranks whose flag is set (a collective: every rank calls it)."""
+    import torch.distributed as dist
+
+    if info.world_size == 1 or not dist.is_initialized():
+        return [0] if flag else []
+    v = torch.zeros(info.world_size, device=device)
+    v[info.rank] = float(flag)
+    dist.all_reduce(v)
+    return [r for r in range(info.world_size) if v[r] > 0]
+
+
+@torch.no_grad()
+def inject_nan(local_sum: torch.Tensor, pm) -> torch.Tensor:
+    """trainer.testing.nan_loss_steps: this rank's loss and first gradient become NaN."""
+    grad = next(p.grad for p in pm.parameters() if p.grad is not None)
+    _local(grad).fill_(float("nan"))
+    return local_sum * float("nan")
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop rows logged after the resumed checkpoint's step: they are about to be logged again."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
 
 
 def cfg_param_count(cfg: Config) -> int:

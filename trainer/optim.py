@@ -54,3 +54,43 @@ def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg, max_steps) / cfg.lr)
+
+
+class StageOptimizers:
+    """One AdamW and one LR schedule per model part (pipeline stage) on this rank, driven as one.
+
+    torch.distributed.checkpoint's get/set_optimizer_state_dict map an optimizer's parameters to FQNs of
+    one module, so each stage module gets its own optimizer (torchtitan's OptimizersContainer does the
+    same). AdamW's update is per parameter, so the split changes no number.
+    """
+
+    def __init__(self, modules: list[nn.Module], cfg: OptimConfig, device: torch.device, max_steps: int):
+        seen: set[int] = set()
+        self.optimizers = []
+        for m in modules:
+            params = [p for p in m.parameters() if id(p) not in seen]
+            seen.update(id(p) for p in params)
+            self.optimizers.append(build_optimizer(params, cfg, device))
+        self.schedulers = [build_scheduler(o, cfg, max_steps) for o in self.optimizers]
+
+    @property
+    def lr(self) -> float:
+        return self.optimizers[0].param_groups[0]["lr"]
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+        for s in self.schedulers:
+            s.step()
+
+    def zero_grad(self) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=True)
+
+    def scheduler_state(self) -> list[dict]:
+        return [s.state_dict() for s in self.schedulers]
+
+    def load_scheduler_state(self, states: list[dict]) -> None:
+        # Every part's schedule is the same function of the step: any saved one fits any layout's parts.
+        for s in self.schedulers:
+            s.load_state_dict(states[0])

@@ -76,6 +76,9 @@ def test_wrong_type_names_the_key(compose, override, key):
     (["data.format=csv"], ["data.format='csv'", "jsonl_text"]),
     (["model=llama3_2_1b", "model.rope_scaling.rope_type=yarn"], ["rope_type='yarn'", "llama3"]),
     (["parallel.tp=0"], ["parallel.tp=0"]),
+    (["trainer.checkpoint.resume=sometimes"], ["trainer.checkpoint.resume='sometimes'", "never"]),
+    (["trainer.checkpoint.every_steps=-1"], ["trainer.checkpoint.every_steps=-1"]),
+    (["trainer.nonfinite=ignore"], ["trainer.nonfinite='ignore'", "skip"]),
 ])
 def test_cross_field_errors_name_both_values(compose, overrides, fragments):
     cfg = compose(*overrides)
@@ -109,3 +112,10 @@ def test_validation_runs_per_group():
     bad = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, beta2=1.0))
     with pytest.raises(ConfigError, match="optim.beta2=1.0"):
         validate_config(bad)
+
+
+def test_checkpoint_defaults(compose):
+    ck = compose().trainer.checkpoint
+    assert (ck.every_steps, ck.keep_last, ck.async_save, ck.load_from, ck.resume) == (0, 2, False, None, "auto")
+    t = compose("trainer.checkpoint.every_steps=100", "trainer.nonfinite=skip").trainer
+    assert t.checkpoint.every_steps == 100 and t.nonfinite == "skip" and t.max_consecutive_skips == 5

@@ -1,0 +1,136 @@
+"""Checkpoint and resume on one process through the CLI: bitwise-equal resume, non-finite losses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SMALL = ["model.hidden_size=64", "model.ffn_hidden_size=128", "model.num_layers=2", "model.num_attention_heads=4",
+         "model.num_query_groups=2", "data.seq_len=32", "trainer.global_batch_size=4", "parallel.microbatch_size=2",
+         "trainer.eval_every=0", "logging.wandb=false", "trainer.export_hf=false", "optim.warmup_steps=2"]
+
+
+def cli(tmp: Path, out: str, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp / "cache"), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "trainer", f"trainer.output_dir={tmp / out}", *SMALL, *overrides],
+                          cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"trainer failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ckpt")
+    cli(tmp, "straight", "trainer.max_steps=12")
+    return tmp, rows(tmp / "straight")
+
+
+def _restarted(tmp: Path, name: str, stops: list[int]) -> list[dict]:
+    for stop in stops:
+        proc = cli(tmp, name, "trainer.max_steps=12", f"trainer.testing.stop_after_step={stop}")
+        assert "stopping after step" in proc.stdout
+    proc = cli(tmp, name, "trainer.max_steps=12")
+    assert f"resumed from {tmp / name / 'checkpoints' / f'step_{stops[-1]}'} at step {stops[-1]}" in proc.stdout
+    return rows(tmp / name)
+
+
+def test_resume_6_plus_6_is_bitwise_equal(straight):
+    tmp, ref = straight
+    got = _restarted(tmp, "six", [6])
+    assert [r["step"] for r in got] == list(range(1, 13))
+    assert [r["loss"] for r in got] == [r["loss"] for r in ref]
+    assert [r["grad_norm"] for r in got] == [r["grad_norm"] for r in ref]
+    assert [r["lr"] for r in got] == [r["lr"] for r in ref]
+    assert [r["tokens"] for r in got] == [r["tokens"] for r in ref]
+    ck = tmp / "six" / "checkpoints" / "step_6"
+    for name in ("COMPLETE", ".metadata", "trainer_state.pt", "config.yaml", "rng/rank_00000.pt",
+                 "hf/config.json", "hf/tokenizer.json"):
+        assert (ck / name).is_file(), name
+    assert (tmp / "six" / "checkpoints" / "latest").read_text().strip() == "step_6"
+
+
+@pytest.mark.slow
+def test_two_restarts_and_periodic_checkpoints_are_bitwise_equal(straight):
+    """4 + 4 + 4 steps with periodic saves every 2 steps, keep_last=2, async saves."""
+    tmp, ref = straight
+    extra = ["trainer.checkpoint.every_steps=2", "trainer.checkpoint.keep_last=2", "trainer.checkpoint.async_save=true"]
+    for stop in (4, 8):
+        cli(tmp, "three", "trainer.max_steps=12", f"trainer.testing.stop_after_step={stop}", *extra)
+    cli(tmp, "three", "trainer.max_steps=12", *extra)
+    got = rows(tmp / "three")
+    assert [r["loss"] for r in got] == [r["loss"] for r in ref]
+    kept = sorted(p.name for p in (tmp / "three" / "checkpoints").glob("step_*"))
+    assert kept == ["step_10", "step_12"]
+
+
+def test_load_from_and_resume_never(straight, tmp_path):
+    tmp, ref = straight
+    cli(tmp_path, "a", "trainer.max_steps=12", "trainer.testing.stop_after_step=3")
+    # resume=never in the same directory starts afresh: step 1's loss again.
+    cli(tmp_path, "a", "trainer.max_steps=4", "trainer.checkpoint.resume=never")
+    assert rows(tmp_path / "a")[-4]["loss"] == ref[0]["loss"]
+    # load_from into a new directory continues from step 3.
+    cli(tmp_path, "b", "trainer.max_steps=12", f"trainer.checkpoint.load_from={tmp_path / 'a' / 'checkpoints'}")
+    got = rows(tmp_path / "b")
+    assert [r["step"] for r in got] == list(range(4, 13))
+    assert [r["loss"] for r in got] == [r["loss"] for r in ref[3:]]
+
+
+class _Evil:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_shape_mismatch_and_malicious_pickle_are_refused(tmp_path):
+    cli(tmp_path, "a", "trainer.max_steps=2", "trainer.testing.stop_after_step=1")
+    proc = cli(tmp_path, "a", "trainer.max_steps=2", "model.ffn_hidden_size=96", check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "decoder.layers.0.mlp" in proc.stderr and "[128, 64]" in proc.stderr and "[96, 64]" in proc.stderr
+    # A pickle whose __reduce__ would create a file, planted in the checkpoint's non-DCP trainer state.
+    import torch
+
+    marker = tmp_path / "pwned"
+    torch.save({"step": 1, "x": _Evil(str(marker))}, tmp_path / "a" / "checkpoints" / "step_1" / "trainer_state.pt")
+    proc = cli(tmp_path, "a", "trainer.max_steps=2", check=False)
+    assert proc.returncode == 2 and "refusing to load" in proc.stderr and "trainer_state.pt" in proc.stderr
+    assert not marker.exists()
+
+
+def test_nonfinite_skip_drops_the_update_then_stops(tmp_path):
+    proc = cli(tmp_path, "skip", "trainer.max_steps=6", "trainer.nonfinite=skip", "trainer.max_consecutive_skips=2",
+               "trainer.testing.nan_loss_steps=[2,4,5,6]", check=False)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    got = rows(tmp_path / "skip")
+    assert [r.get("skipped", False) for r in got] == [False, True, False, True, True]
+    assert "non-finite loss at step 2" in proc.stdout and "rank(s) [0]" in proc.stdout
+    assert "non-finite loss at step 6" in proc.stderr and "consecutive" in proc.stderr
+
+
+def test_nonfinite_stop_exits_without_a_newer_checkpoint(tmp_path):
+    proc = cli(tmp_path, "stop", "trainer.max_steps=6", "trainer.checkpoint.every_steps=2",
+               "trainer.testing.nan_loss_steps=[3]", check=False)
+    assert proc.returncode == 3
+    assert "non-finite loss at step 3" in proc.stderr and "rank(s) [0]" in proc.stderr
+    assert sorted(p.name for p in (tmp_path / "stop" / "checkpoints").iterdir()) == ["latest", "step_2"]
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_failed_save_exits_nonzero(tmp_path, mode):
+    proc = cli(tmp_path, mode, "trainer.max_steps=4", "trainer.checkpoint.every_steps=2",
+               f"trainer.checkpoint.async_save={mode == 'async'}", "trainer.testing.fail_save_step=2", check=False)
+    assert proc.returncode == 4, proc.stderr[-3000:]
+    assert "checkpoint of step 2 failed" in proc.stderr and "simulated storage failure" in proc.stderr
+    assert not (tmp_path / mode / "checkpoints" / "step_2").exists()

@@ -1,0 +1,353 @@
+"""Sharded, atomic, reshardable checkpoints with torch.distributed.checkpoint (DCP).
+
+One directory per step, ``<output_dir>/checkpoints/step_<N>/``:
+
+    .metadata, __*_*.distcp   DCP: {"model": FQN -> tensor, "optim": flattened FQN-keyed optimizer state}
+    trainer_state.pt          step, token count, data-loader position, LR schedule (rank 0; weights_only)
+    rng/rank_<r>.pt           python / numpy / torch RNG states of rank r, as tensors and primitives
+    config.yaml               the resolved run config (secrets redacted)
+    hf/                       HF config.json, tokenizer files and chat template: an HF export needs nothing else
+    COMPLETE                  written last, by rank 0, after every rank has finished
+
+Model and optimizer tensors are saved as DTensors keyed by the original model's FQNs, so a checkpoint
+loads on any mesh. The last pipeline stage's copy of tied embeddings (``output_layer.weight``) is saved
+and loaded as ``embedding.word_embeddings.weight``: both copies are kept bitwise equal, optimizer state
+included, so one key serves both.
+
+Atomicity: everything is written to ``.tmp_step_<N>``; after a barrier rank 0 writes ``COMPLETE``, renames
+the directory to ``step_<N>`` and only then moves the ``latest`` pointer and deletes checkpoints beyond
+``keep_last``. A directory without ``COMPLETE`` is never resumed from.
+
+Trust: the non-DCP files are read with ``torch.load(weights_only=True)``. DCP's own ``.metadata`` file is a
+pickle that torch reads without that protection: only load checkpoints you (or your cluster) wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from trainer.config import Config, ConfigError, resolved_yaml
+
+COMPLETE = "COMPLETE"
+LATEST = "latest"
+TMP_PREFIX = ".tmp_step_"
+
+# Exit codes of a run that stopped on purpose (documented in README, "Checkpoints and resume").
+EXIT_NONFINITE = 3  # non-finite loss or gradient norm (trainer.nonfinite=stop, or too many skips)
+EXIT_CHECKPOINT_FAILED = 4  # a checkpoint (e.g. a background async save) failed
+EXIT_PREEMPTED = 75  # SIGTERM/SIGUSR1: a checkpoint was saved; requeue the job to resume (sysexits EX_TEMPFAIL)
+
+TIED_COPY_FQN = "output_layer.weight"
+EMBEDDING_FQN = "embedding.word_embeddings.weight"
+_OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be used with this run; the message says which file or tensor and why."""
+
+
+class RunExit(Exception):
+    """The run stops on purpose with this exit code (preemption, non-finite numbers, failed save)."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+# ------------------------------------------------------------------------------------------ finding
+
+
+def step_of(path: Path) -> int:
+    return int(path.name.rsplit("_", 1)[1])
+
+
+def scan(root: Path) -> tuple[list[Path], list[Path]]:
+    """(complete checkpoints by increasing step, incomplete directories) under a checkpoints/ directory."""
+    complete, incomplete = [], []
+    if not root.is_dir():
+        return complete, incomplete
+    for d in root.iterdir():
+        if not d.is_dir():
+            continue
+        if d.name.startswith("step_") and (d / COMPLETE).is_file():
+            complete.append(d)
+        elif d.name.startswith(("step_", TMP_PREFIX)):
+            incomplete.append(d)
+    return sorted(complete, key=step_of), sorted(incomplete)
+
+
+def find_resume(cfg: Config, out: Path) -> tuple[Optional[Path], list[str]]:
+    """The checkpoint to resume from (or None) and notes for the log (incomplete directories ignored)."""
+    ck = cfg.trainer.checkpoint
+    notes: list[str] = []
+    if ck.load_from:
+        path = Path(ck.load_from).expanduser()
+        if (path / COMPLETE).is_file():
+            return path, notes
+        complete, _ = scan(path)
+        if not complete:
+            raise CheckpointError(f"trainer.checkpoint.load_from={ck.load_from!r} is neither a complete checkpoint "
+                                  f"(a step_<N> directory with a {COMPLETE} file) nor a directory holding one")
+        return complete[-1], notes
+    if ck.resume == "never":
+        return None, notes
+    complete, incomplete = scan(out / "checkpoints")
+    for d in incomplete:
+        notes.append(f"checkpoint: ignoring incomplete {d} (no {COMPLETE} file: its save was interrupted)")
+    return (complete[-1] if complete else None), notes
+
+
+def load_untrusted(path: Path) -> Any:
+    """A non-DCP checkpoint file: tensors and primitives only, never arbitrary pickled objects."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for a forbidden global; anything else means unreadable
+        raise CheckpointError(f"refusing to load {path}: not a weights-only file ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from e
+
+
+# ------------------------------------------------------------------------------------- state dicts
+
+
+def _has_tied_copy(module) -> bool:
+    return bool(module.config.tie_word_embeddings and getattr(module, "output_layer", None) is not None)
+
+
+def _rename(key: str, tied: bool) -> str:
+    if not tied:
+        return key
+    if key == TIED_COPY_FQN:
+        return EMBEDDING_FQN
+    return key.replace(f".{TIED_COPY_FQN}.", f".{EMBEDDING_FQN}.")
+
+
+def _stage_states(pm, opt) -> list[tuple[bool, dict, dict]]:
+    return [(_has_tied_copy(m), get_model_state_dict(m), get_optimizer_state_dict(m, o, options=_OPTIM_OPTIONS))
+            for m, o in zip(pm.modules, opt.optimizers)]
+
+
+def _merge(stages: list[tuple[bool, dict, dict]]) -> dict[str, dict]:
+    """One {"model", "optim"} dict for DCP; a key held twice on this rank (both copies of a tied embedding
+    with V placement) is stored once: the copies are equal."""
+    merged: dict[str, dict] = {"model": {}, "optim": {}}
+    for tied, msd, osd in stages:
+        for part, sd in (("model", msd), ("optim", osd)):
+            for k, v in sd.items():
+                merged[part].setdefault(_rename(k, tied), v)
+    return merged
+
+
+def _shape(t: Any) -> Optional[tuple]:
+    return tuple(t.shape) if isinstance(t, torch.Tensor) else None
+
+
+def check_shapes(merged: dict[str, dict], path: Path) -> None:
+    """Refuse a checkpoint of another model shape, naming the first tensor that differs."""
+    meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    for k, t in merged["model"].items():
+        want = _shape(t)
+        saved = meta.get(f"model.{k}")
+        if saved is None:
+            raise CheckpointError(f"checkpoint {path} has no tensor {k!r} that this model needs (model shape "
+                                  f"{list(want) if want else None}); it was saved from a different model config")
+        got = tuple(getattr(saved, "size", ()))
+        if want is not None and got != want:
+            raise CheckpointError(f"checkpoint {path} does not match the configured model: {k!r} has shape "
+                                  f"{list(got)} in the checkpoint but {list(want)} in this model")
+
+
+# --------------------------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict[str, Any]:
+    np_key, np_state, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"key": np_key, "state": torch.from_numpy(np_state.astype(np.int64)), "pos": int(np_pos),
+                       "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["key"], n["state"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# -------------------------------------------------------------------------------------- checkpointer
+
+
+def _describe(e: BaseException) -> str:
+    """One line per failing rank instead of DCP's full tracebacks."""
+    if isinstance(e, CheckpointException):
+        return "; ".join(f"rank {r}: {type(exc).__name__}: {exc}" for r, (exc, _) in sorted(e.failures.items()))
+    return f"rank {dist.get_rank() if dist.is_initialized() else 0}: {type(e).__name__}: {e}"
+
+
+class _FailingWriter(dcp.FileSystemWriter):
+    """trainer.testing.fail_save_step: a storage failure in the middle of writing shards."""
+
+    def write_data(self, plan, planner):
+        raise OSError("simulated storage failure (trainer.testing.fail_save_step)")
+
+
+class Checkpointer:
+    """Saves and loads this run's checkpoints; every rank constructs one and calls save/load together."""
+
+    def __init__(self, cfg: Config, out: Path, rank: int, world_size: int, tokenizer=None):
+        self.cfg, self.ck, self.testing = cfg, cfg.trainer.checkpoint, cfg.trainer.testing
+        self.root = out / "checkpoints"
+        self.rank, self.world_size = rank, world_size
+        self.tokenizer = tokenizer
+        self.pending: Optional[tuple[Any, int, Path]] = None  # (future, step, tmp dir) of an async save
+        self.last_saved = -1
+        # Async saves run collectives from a background thread: give them their own gloo group (torch's advice).
+        self.group = dist.new_group(backend="gloo") if self.ck.async_save and world_size > 1 else None
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1 and dist.is_initialized()
+
+    def _barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    # ---------------------------------------------------------------------------------------- save
+
+    def save(self, step: int, pm, opt, loader, tokens: int) -> None:
+        if step == self.last_saved:
+            return
+        self.wait()
+        tmp = self.root / f"{TMP_PREFIX}{step}"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "rng").mkdir(parents=True)
+        self._barrier()
+        torch.save(rng_state(), tmp / "rng" / f"rank_{self.rank:05d}.pt")
+        if self.rank == 0:
+            self._write_run_files(tmp, step, opt, loader, tokens)
+        state = _merge(_stage_states(pm, opt))
+        self.last_saved = step
+        writer = (_FailingWriter if self.testing.fail_save_step == step else dcp.FileSystemWriter)(str(tmp))
+        if self.ck.async_save:
+            result = dcp.async_save(state, storage_writer=writer, process_group=self.group)
+            self.pending = (getattr(result, "upload_completion", result), step, tmp)
+            return
+        try:
+            dcp.save(state, storage_writer=writer, no_dist=not self.distributed)
+        except (Exception, CheckpointException) as e:
+            raise RunExit(EXIT_CHECKPOINT_FAILED, f"checkpoint of step {step} failed: {_describe(e)}") from e
+        self._commit(step, tmp)
+
+    def _write_run_files(self, tmp: Path, step: int, opt, loader, tokens: int) -> None:
+        torch.save({"step": step, "tokens": tokens, "world_size": self.world_size, "loader": loader.state_dict(),
+                    "schedulers": opt.scheduler_state()}, tmp / "trainer_state.pt")
+        (tmp / "config.yaml").write_text(resolved_yaml(self.cfg))
+        hf = tmp / "hf"
+        hf.mkdir()
+        if self.tokenizer is not None:
+            from checkpoint_convert.hf import hf_config_dict
+
+            ids = {k: getattr(self.tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+            self.tokenizer.save_pretrained(str(hf))
+            (hf / "config.json").write_text(json.dumps(hf_config_dict(self.cfg.model, **ids), indent=2,
+                                                       sort_keys=True) + "\n")
+        template = self.cfg.data.chat_template
+        if template and Path(template).is_file():
+            shutil.copyfile(template, hf / "chat_template.jinja")
+
+    def wait(self) -> None:
+        """Finish (and commit) a pending async save; a failed one stops the run with EXIT_CHECKPOINT_FAILED."""
+        if self.pending is None:
+            return
+        future, step, tmp = self.pending
+        self.pending = None
+        try:
+            future.result()
+        except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+            raise RunExit(EXIT_CHECKPOINT_FAILED, f"checkpoint of step {step} failed in the background: "
+                                                  f"{_describe(e)}") from e
+        self._commit(step, tmp)
+
+    def _commit(self, step: int, tmp: Path) -> None:
+        t = self.testing
+        if t.pause_at_save_step == step and t.pause_seconds > 0:
+            print(f"checkpoint: test hook pausing {t.pause_seconds}s before commit of step {step}", flush=True)
+            time.sleep(t.pause_seconds)
+        self._barrier()  # every rank's shards and files are written
+        if self.rank == 0:
+            with open(tmp / COMPLETE, "w") as f:
+                json.dump({"step": step, "world_size": self.world_size, "time": time.time()}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            final = self.root / f"step_{step}"
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            pointer = self.root / f".{LATEST}.tmp"
+            pointer.write_text(final.name + "\n")
+            os.replace(pointer, self.root / LATEST)
+            self._prune()
+        self._barrier()
+
+    def _prune(self) -> None:
+        if self.ck.keep_last <= 0:
+            return
+        complete, _ = scan(self.root)
+        for old in complete[:-self.ck.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    # ---------------------------------------------------------------------------------------- load
+
+    def load(self, path: Path, pm, opt, loader) -> tuple[int, int, list[str]]:
+        """Restores model, optimizer, schedule, loader and RNG; returns (step, tokens, notes for the log)."""
+        ts = load_untrusted(path / "trainer_state.pt")
+        rng_file = path / "rng" / f"rank_{self.rank:05d}.pt"
+        rng = load_untrusted(rng_file) if ts["world_size"] == self.world_size and rng_file.is_file() else None
+        stages = _stage_states(pm, opt)
+        merged = _merge(stages)
+        check_shapes(merged, path)
+        dcp.load(merged, checkpoint_id=str(path), no_dist=not self.distributed)
+        for (tied, msd, osd), module, optimizer in zip(stages, pm.modules, opt.optimizers):
+            set_model_state_dict(module, {k: merged["model"][_rename(k, tied)] for k in msd})
+            set_optimizer_state_dict(module, optimizer, {k: merged["optim"][_rename(k, tied)] for k in osd},
+                                     options=_OPTIM_OPTIONS)
+        opt.load_scheduler_state(ts["schedulers"])
+        loader.load_state_dict(ts["loader"])
+        notes = []
+        if rng is not None:
+            set_rng_state(rng)
+        else:
+            notes.append(f"checkpoint: saved at world size {ts['world_size']}, now {self.world_size}: "
+                         "per-rank RNG states not restored")
+        self.last_saved = int(ts["step"])
+        return int(ts["step"]), int(ts["tokens"]), notes
+
+    def close(self) -> None:
+        self.wait()
+        if self.group is not None:
+            dist.destroy_process_group(self.group)
+            self.group = None
