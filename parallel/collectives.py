@@ -1,8 +1,8 @@
-"""Sums and maxima over named mesh axes, for numbers every rank must agree on (loss, norms, flags)."""
+"""Sums over named mesh axes and the mesh-wide gradient norm: numbers every rank must agree on."""
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -17,17 +17,6 @@ def sum_over(value: torch.Tensor, mesh, axes: Sequence[str]) -> torch.Tensor:
     for group in _groups(mesh, axes):
         dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
     return value
-
-
-def max_over(value: torch.Tensor, mesh, axes: Sequence[str]) -> torch.Tensor:
-    for group in _groups(mesh, axes):
-        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
-    return value
-
-
-def scalar_sum(x: float, mesh, axes: Sequence[str], device: Optional[torch.device] = None) -> float:
-    t = torch.tensor([x], dtype=torch.float64, device=device)
-    return float(sum_over(t, mesh, axes))
 
 
 @torch.no_grad()

@@ -19,7 +19,6 @@ import tempfile
 from pathlib import Path
 
 import hydra
-import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 

@@ -93,7 +93,7 @@ def _tokenize(source: Source, tokenizer: PreTrainedTokenizerBase,
     return tokens, np.cumsum(np.asarray(lengths, dtype=np.int64))
 
 
-def _write_atomic(path: Path, write: Callable) -> None:
+def write_atomic(path: Path, write: Callable) -> None:
     """Readers see the old file or the complete new one, never a partial write (concurrent ranks, crashes)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
@@ -108,8 +108,8 @@ def _write_atomic(path: Path, write: Callable) -> None:
         raise
 
 
-def _save_atomic(path: Path, array: np.ndarray) -> None:
-    _write_atomic(path, lambda f: np.save(f, array, allow_pickle=False))
+def save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    write_atomic(path, lambda f: np.save(f, array, allow_pickle=False))
 
 
 def _load_cached(tokens_path: Path, offsets_path: Path,
@@ -146,9 +146,9 @@ def read_source(source: Source, tokenizer: PreTrainedTokenizerBase, cache_dir: P
         tokens, offsets = _tokenize(source, tokenizer, policy)
         meta = json.dumps({"source": source.name, "bad_rows": policy.counts}, indent=1).encode()
         # Offsets last: their presence marks a complete entry (all files derive from the same key).
-        _save_atomic(tokens_path, tokens)
-        _write_atomic(meta_path, lambda f: f.write(meta))
-        _save_atomic(offsets_path, offsets)
+        save_npy_atomic(tokens_path, tokens)
+        write_atomic(meta_path, lambda f: f.write(meta))
+        save_npy_atomic(offsets_path, offsets)
         cached = _load_cached(tokens_path, offsets_path, meta_path)
         assert cached is not None, f"token cache {tokens_path} unreadable right after writing it"
     tokens, offsets, bad_rows = cached

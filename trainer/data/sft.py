@@ -32,10 +32,7 @@ Overlong conversations are kept whole here; the packer applies ``data.overlong``
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -46,7 +43,7 @@ from transformers import PreTrainedTokenizerBase
 from trainer.assets import asset_path
 from trainer.config import ConfigError, DataConfig, DataSource, SFT_FORMATS
 from trainer.data.corpus import TokenizedCorpus
-from trainer.data.pretrain import resolve_files
+from trainer.data.pretrain import resolve_files, save_npy_atomic, write_atomic
 from trainer.data.tokenizer import tokenizer_fingerprint
 
 BUNDLED_SFT_TRAIN = asset_path("sft_chat", "train.jsonl")
@@ -285,28 +282,6 @@ def sft_cache_key(files: tuple[Path, ...], fmt: str, tokenizer: PreTrainedTokeni
     return h.hexdigest()[:32]
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Readers see the old file or the complete new one, never a partial write (concurrent ranks, crashes).
-    The same rule as pretrain.py's cache, kept local so the two caches do not share private helpers."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
-
-
 def _load_cached(stem: Path) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int]]]:
     paths = [Path(f"{stem}.{part}") for part in ("tokens.npy", "targets.npy", "offsets.npy", "meta.json")]
     if not all(p.is_file() for p in paths):
@@ -343,10 +318,11 @@ def load_sft_corpus(source: DataSource, tokenizer: PreTrainedTokenizerBase, data
         tokens, targets, offsets, bad_rows = _tokenize(files, source.format, tokenizer, template, data_cfg)
         meta = {"source": str(source.path), "format": source.format, "bad_rows": bad_rows}
         # Meta last: its presence marks a complete entry (all files derive from the same key).
-        _write_atomic(Path(f"{stem}.tokens.npy"), _npy_bytes(tokens))
-        _write_atomic(Path(f"{stem}.targets.npy"), _npy_bytes(targets))
-        _write_atomic(Path(f"{stem}.offsets.npy"), _npy_bytes(offsets))
-        _write_atomic(Path(f"{stem}.meta.json"), json.dumps(meta, indent=1, sort_keys=True).encode())
+        save_npy_atomic(Path(f"{stem}.tokens.npy"), tokens)
+        save_npy_atomic(Path(f"{stem}.targets.npy"), targets)
+        save_npy_atomic(Path(f"{stem}.offsets.npy"), offsets)
+        meta_text = json.dumps(meta, indent=1, sort_keys=True).encode()
+        write_atomic(Path(f"{stem}.meta.json"), lambda f: f.write(meta_text))  # last: marks the entry complete
         cached = _load_cached(stem)
         assert cached is not None, f"SFT token cache {stem}.* unreadable right after writing it"
     tokens, offsets, targets, bad_rows = cached
