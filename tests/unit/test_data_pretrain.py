@@ -27,16 +27,6 @@ DOCS = [f"Document number {i} talks about {'lists and tuples' if i % 2 else 'the
         f"  It has an indented second line, {i * 7} words." for i in range(20)]
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer(DataConfig(), None)
-
-
-@pytest.fixture
-def cache(tmp_path):
-    return tmp_path / "cache"
-
-
 def write_text(path: Path, docs: list[str]) -> Path:
     path.write_text("\n\n\n".join(docs) + "\n", encoding="utf-8")
     return path

@@ -18,20 +18,9 @@ from trainer.data import pretrain
 from trainer.data.build import build_split
 from trainer.data.pretrain import data_sources, load_source_corpus, read_source
 from trainer.data.sources import Source, resolve_files
-from trainer.data.tokenizer import load_tokenizer
 
 DOCS = [f"Source document {i}: {'parquet columns' if i % 3 else 'memory maps'} and {i * 11} tokens.\n"
         f"  Second line {i}." for i in range(12)]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer(DataConfig(), None)
-
-
-@pytest.fixture
-def cache(tmp_path):
-    return tmp_path / "cache"
 
 
 @pytest.fixture
