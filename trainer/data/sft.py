@@ -44,6 +44,7 @@ from trainer.assets import asset_path
 from trainer.config import ConfigError, DataConfig, DataSource, SFT_FORMATS
 from trainer.data.corpus import TokenizedCorpus
 from trainer.data.pretrain import resolve_files, save_npy_atomic, write_atomic
+from trainer.data.sources import jsonl_rows
 from trainer.data.tokenizer import tokenizer_fingerprint
 
 BUNDLED_SFT_TRAIN = asset_path("sft_chat", "train.jsonl")
@@ -131,28 +132,19 @@ def iter_conversations(path: Path, fmt: str, on_bad_row: str,
                        bad_rows: Optional[dict[str, int]] = None) -> Iterator[list[Message]]:
     """Conversations of one file in order. A malformed row raises ConfigError naming file and line, or with
     ``on_bad_row="skip"`` is counted in ``bad_rows[str(path)]`` and skipped."""
-    lineno = 0
-    try:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise BadRow(f"invalid JSON ({e.msg}, column {e.colno})") from e
-                    messages = to_messages(obj, fmt)
-                except BadRow as e:
-                    if on_bad_row != "skip":
-                        raise ConfigError(f"{path}:{lineno}: {e} (data.format={fmt!r}; set data.on_bad_row=skip "
-                                          f"to skip malformed rows)") from e
-                    if bad_rows is not None:
-                        bad_rows[str(path)] = bad_rows.get(str(path), 0) + 1
-                    continue
-                yield messages
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}:{lineno + 1}: not valid UTF-8 ({e.reason})") from e
+    for where, obj, problem in jsonl_rows(path):
+        try:
+            if problem is not None:
+                raise BadRow(problem)
+            messages = to_messages(obj, fmt)
+        except BadRow as e:
+            if on_bad_row != "skip":
+                raise ConfigError(f"{where}: {e} (data.format={fmt!r}; set data.on_bad_row=skip "
+                                  f"to skip malformed rows)") from e
+            if bad_rows is not None:
+                bad_rows[str(path)] = bad_rows.get(str(path), 0) + 1
+            continue
+        yield messages
 
 
 # ---------------------------------------------------------------------------------------- rendering

@@ -129,28 +129,35 @@ def _read_text(path: Path) -> Iterator[str]:
         yield "".join(block).rstrip("\n")
 
 
-def _read_jsonl(path: Path, field: str, bad: OnBad) -> Iterator[str]:
+def jsonl_rows(path: Path) -> Iterator[tuple[str, object, Optional[str]]]:
+    """(where, parsed object, problem) for every non-blank line of a JSONL file; `where` is "file:line", and
+    `problem` says why the line is not JSON (the object is then None). Bad UTF-8 is the file's fault, not a
+    row's: always an error."""
     lineno = 0
     try:
         with open(path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
-                where = f"{path}:{lineno}"
                 try:
-                    obj = json.loads(line)
+                    yield f"{path}:{lineno}", json.loads(line), None
                 except json.JSONDecodeError as e:
-                    bad(path, where, f"invalid JSON ({e.msg}, column {e.colno})")
-                    continue
-                if not isinstance(obj, dict) or field not in obj:
-                    keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-                    bad(path, where, f"no {field!r} field (data.text_field); found {keys}")
-                elif not isinstance(obj[field], str):
-                    bad(path, where, _not_text(field, obj[field]))
-                else:
-                    yield obj[field]
-    except UnicodeDecodeError as e:  # the file's encoding is wrong, not one row: always an error
+                    yield f"{path}:{lineno}", None, f"invalid JSON ({e.msg}, column {e.colno})"
+    except UnicodeDecodeError as e:
         raise ConfigError(f"{path}:{lineno + 1}: not valid UTF-8 ({e.reason})") from e
+
+
+def _read_jsonl(path: Path, field: str, bad: OnBad) -> Iterator[str]:
+    for where, obj, problem in jsonl_rows(path):
+        if problem is not None:
+            bad(path, where, problem)
+        elif not isinstance(obj, dict) or field not in obj:
+            keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+            bad(path, where, f"no {field!r} field (data.text_field); found {keys}")
+        elif not isinstance(obj[field], str):
+            bad(path, where, _not_text(field, obj[field]))
+        else:
+            yield obj[field]
 
 
 def _column_values(path: Path, values: Iterator[object], field: str, bad: OnBad) -> Iterator[str]:
