@@ -1,0 +1,668 @@
+"""Megatron-LM legacy (`torch` format) checkpoints <-> HF safetensors and meshtron, at any TP x PP.
+
+Layout on disk (Megatron-LM's megatron/training/checkpointing.py):
+
+    latest_checkpointed_iteration.txt          "release" or an iteration number
+    release/ or iter_0000100/
+        mp_rank_00/model_optim_rng.pt          PP = 1: mp_rank_<tp:02d>
+        mp_rank_00_000/model_optim_rng.pt      PP > 1: mp_rank_<tp:02d>_<pp:03d>
+
+Each file is a pickle of {"model": megatron-core GPTModel state dict of that rank (layers numbered from 0
+on every pipeline stage), "checkpoint_version": 3.0, "iteration", "args": argparse.Namespace}. It is only
+ever read with weights_only=True (argparse.Namespace allowed), memory-mapped.
+
+Conversion chains two declarative tables through meshtron's names: the family table (HF <-> meshtron,
+`checkpoint_convert.models.<family>`) and the Megatron table (meshtron <-> megatron-core,
+`checkpoint_convert.models.megatron_names`). Both work on full tensors; TP splits and PP placement are
+applied here. Every conversion first runs on meta tensors: that checks names and shapes before a byte is
+written, and sizes the progress bar and the output files.
+
+Memory: HF -> Megatron holds one rank file at a time plus the few full tensors in flight; Megatron -> HF
+streams each safetensors file tensor by tensor, so it holds only the tensors in flight. Input files are
+mapped again for every tensor read, so pages read never accumulate in the process (a long-lived mapping
+would grow it to the size of the checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+import pickle
+import re
+import shutil
+import struct
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Union
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+from transformers import GenerationConfig
+
+from checkpoint_convert.hf import (DEFAULT_MAX_SHARD_BYTES, SAFE_INDEX, SAFE_WEIGHTS, _ignored, _replace_dir,
+                                   _SafetensorsDir, hf_config, pad_vocab_rows, read_hf_config)
+from checkpoint_convert.mapping import Unit
+from checkpoint_convert.models.megatron_names import (COLUMN, EXTRA_STATE_MODULES, GATED_COLUMN, REPLICATED, ROW,
+                                                      SPECS, VOCAB, layer_of, tp_split)
+from checkpoint_convert.models.registry import family
+from parallel.dims import padded_vocab_size
+from trainer.config import ConfigError, ModelConfig, RopeScalingConfig
+from trainer.model import GPTModel
+
+PathLike = Union[str, Path]
+
+TRACKER = "latest_checkpointed_iteration.txt"
+CKPT_FILE = "model_optim_rng.pt"
+CHECKPOINT_VERSION = 3.0
+TRANSFORMER_IMPL = {"local": "local", "te": "transformer_engine"}
+# Tokenizer files copied from --hf-config next to the converted weights.
+TOKENIZER_GLOBS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
+                   "chat_template.jinja", "chat_template.json")
+
+
+def rank_dir(tp_rank: int, pp_rank: int, pp: int) -> str:
+    return f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+
+
+# ======================================================================================= HF -> Megatron
+
+
+def hf_to_megatron(hf_dir: PathLike, out_dir: PathLike, tp: int, pp: int, spec: str = "local",
+                   vocab_divisible_by: int = 128, progress: bool = True, *, overwrite: bool = False) -> Path:
+    """Write an HF checkpoint as a Megatron-LM `release` checkpoint at TP x PP. Returns out_dir.
+
+    Raises (before writing anything) ConfigError for an unsupported architecture or a TP/PP/spec that does
+    not fit the model, KeyError for missing or unexpected HF tensors (e.g. no lm_head.weight with untied
+    embeddings), ValueError for tensors of the wrong shape, FileExistsError for a non-empty out_dir.
+    """
+    hf_dir, out = Path(hf_dir), Path(out_dir)
+    cfg = read_hf_config(hf_dir)
+    _check_layout(cfg, tp, pp, spec, vocab_divisible_by)
+    _check_out(out, overwrite)
+    padded = padded_vocab_size(cfg.vocab_size, vocab_divisible_by, tp)
+    expected = _meshtron_shapes(cfg)
+    plan = _plan(cfg, spec, [cfg.num_layers // pp] * pp)
+    with ExitStack() as stack:
+        src = _SafetensorsDir(hf_dir, stack)
+        hf_units = family(cfg.family).table.units(expected)
+        _check_hf_tensors(src, hf_units, cfg, hf_dir)
+
+        def rank_file(fetch: Callable[[str], torch.Tensor], s: int, r: int) -> dict:
+            ours = _Ours(hf_units, fetch, cfg, expected, what=str(hf_dir))
+            return _megatron_rank_state(plan[s], ours, cfg, tp, r, padded, last=s == pp - 1)
+
+        def meta(name: str) -> torch.Tensor:
+            sl = src.handles[src.files[name]].get_slice(name)
+            return torch.empty(sl.get_shape(), dtype=_ST_DTYPES[sl.get_dtype()], device="meta")
+
+        def read(name: str) -> torch.Tensor:
+            # A mapping of its own per tensor: pages read through a long-lived one would stay resident and
+            # grow the process to the size of the whole checkpoint.
+            with safe_open(str(src.files[name]), framework="pt") as f:
+                return f.get_tensor(name)
+
+        dry = {(s, r): rank_file(meta, s, r) for s in range(pp) for r in range(tp)}  # raises on any mismatch
+        args = megatron_args(cfg, tp, pp, spec, padded, vocab_divisible_by, _common_dtype(dry[0, 0].values()))
+        with _staging(out, overwrite) as tmp, _bar(sum(map(_nbytes, dry.values())), progress, out) as bar:
+            (tmp / TRACKER).write_text("release")
+            for (s, r) in dry:
+                path = tmp / "release" / rank_dir(r, s, pp) / CKPT_FILE
+                path.parent.mkdir(parents=True)
+                model = rank_file(read, s, r)
+                torch.save({"model": model, "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0,
+                            "args": args}, path)
+                bar.update(_nbytes(model))
+                del model
+    return out
+
+
+def _check_layout(cfg: ModelConfig, tp: int, pp: int, spec: str, vocab_divisible_by: int) -> None:
+    if spec not in SPECS:
+        raise ConfigError(f"spec={spec!r} is not supported; expected one of {sorted(SPECS)}")
+    for name, value in (("tp", tp), ("pp", pp), ("vocab_divisible_by", vocab_divisible_by)):
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name}={value!r} must be a positive integer")
+    for field in ("num_attention_heads", "num_query_groups", "ffn_hidden_size"):
+        if getattr(cfg, field) % tp:
+            raise ConfigError(f"tp={tp} does not divide {field}={getattr(cfg, field)}; tensor parallelism "
+                              f"splits it evenly, so tp must be one of its divisors")
+    if cfg.num_layers % pp:
+        raise ConfigError(f"pp={pp} does not divide num_layers={cfg.num_layers}; every pipeline stage "
+                          f"gets the same number of layers")
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
+        raise FileExistsError(f"{out} exists and is not an empty directory; choose a new output directory"
+                              + ("" if not out.is_dir() else " or pass overwrite=True to replace it"))
+
+
+def _check_hf_tensors(src: _SafetensorsDir, units: list[Unit], cfg: ModelConfig, where: Path) -> None:
+    used = set()
+    for unit in units:
+        missing = [n for n in unit.theirs if n not in src]
+        if "lm_head.weight" in missing:
+            raise KeyError(f"{where}: lm_head.weight is missing but the config has tie_word_embeddings=false")
+        if missing:
+            raise KeyError(f"{where}: tensors {missing} are missing (needed for {list(unit.ours)})")
+        used.update(unit.theirs)
+    unexpected = sorted(n for n in src.files if n not in used and not _ignored(n, cfg))
+    if unexpected:
+        raise KeyError(f"{where}: tensors the {cfg.family} model has no place for: {unexpected}")
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+_ST_CODES = {dtype: code for code, dtype in _ST_DTYPES.items()}
+
+
+# ============================================================================ placement over TP x PP
+
+
+@dataclasses.dataclass(frozen=True)
+class _Placed:
+    """A Megatron-table unit on one pipeline stage: its global Megatron names -> names in the stage's file."""
+
+    unit: Unit
+    names: dict[str, str]
+
+
+def _meshtron_shapes(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Every meshtron parameter of the full model, as meta tensors (unpadded vocabulary)."""
+    with torch.device("meta"):
+        model = GPTModel(cfg)
+    return dict(model.named_parameters())
+
+
+def _plan(cfg: ModelConfig, spec: str, stage_layers: list[int]) -> list[list[_Placed]]:
+    """Which Megatron tensors each pipeline stage holds, under which local names.
+
+    Layers are numbered from 0 on every stage; the embedding lives on the first stage, the final norm and
+    output layer on the last. With tied embeddings and PP > 1 megatron-core's last stage still registers
+    output_layer.weight (a copy kept equal to the embedding through the embedding group), so it is written
+    there from the embedding; with PP = 1 there is no output_layer.weight at all.
+    """
+    starts = [sum(stage_layers[:s]) for s in range(len(stage_layers))]
+    last = len(stage_layers) - 1
+    stages: list[list[_Placed]] = [[] for _ in stage_layers]
+    units = SPECS[spec].units(_meshtron_shapes(cfg))
+    for unit in units:
+        layer = layer_of(unit.theirs[0])
+        if layer is None:
+            s = 0 if unit.theirs[0].startswith("embedding.") else last
+            stages[s].append(_Placed(unit, {n: n for n in unit.theirs}))
+            continue
+        s = max(i for i, start in enumerate(starts) if layer[0] >= start and stage_layers[i])
+        stages[s].append(_Placed(unit, {n: f"decoder.layers.{layer[0] - starts[s]}.{layer_of(n)[1]}"
+                                        for n in unit.theirs}))
+    if cfg.tie_word_embeddings and last > 0:
+        emb = next(u for u in units if u.theirs == ("embedding.word_embeddings.weight",))
+        stages[last].append(_Placed(emb, {"embedding.word_embeddings.weight": "output_layer.weight"}))
+    return stages
+
+
+def _shard(name: str, full: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
+    """TP rank `rank`'s part of a full Megatron tensor (megatron-core's Column/RowParallelLinear layout)."""
+    kind = tp_split(name)
+    if tp == 1 or kind == REPLICATED:
+        part = full
+    elif kind in (COLUMN, VOCAB, ROW):
+        dim = 1 if kind == ROW else 0
+        if full.shape[dim] % tp:
+            raise ValueError(f"{name} {list(full.shape)}: dim {dim} does not split into {tp} equal parts")
+        part = full.chunk(tp, dim)[rank]
+    else:  # GATED_COLUMN: [gate; up] -> [gate_r; up_r], so each rank's SwiGLU pairs its own halves
+        gate, up = full.chunk(2, 0)
+        part = torch.cat([gate.chunk(tp, 0)[rank], up.chunk(tp, 0)[rank]])
+    # Own storage: torch.save would otherwise write the whole tensor a slice views.
+    return part.clone(memory_format=torch.contiguous_format)
+
+
+def _merge(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
+    """Inverse of :func:`_shard` over all TP ranks."""
+    kind = tp_split(name)
+    if len(shards) == 1 or kind == REPLICATED:
+        return shards[0]
+    if kind == GATED_COLUMN:
+        halves = [s.chunk(2, 0) for s in shards]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves])
+    return torch.cat(shards, dim=1 if kind == ROW else 0)
+
+
+def _megatron_rank_state(placed: list[_Placed], ours: "_Ours", cfg: ModelConfig, tp: int, rank: int,
+                         padded: int, last: bool) -> dict:
+    state: dict = {}
+    for p in placed:
+        full = p.unit.convert_to_theirs([ours.take(n) for n in p.unit.ours], cfg)
+        for name, local in p.names.items():
+            t = pad_vocab_rows(name, full[name], torch.Size([padded, *full[name].shape[1:]]))
+            state[local] = _shard(name, t, tp, rank)
+            module = local.rsplit(".", 1)[0]
+            if module.endswith(EXTRA_STATE_MODULES):
+                state[f"{module}._extra_state"] = None
+    if last:  # megatron-core's output layer has its extra state even when tied (and then weightless)
+        state["output_layer._extra_state"] = None
+    return state
+
+
+class _Ours:
+    """meshtron tensors by name, converted on demand from another format's tensors.
+
+    Each unit is converted once and its outputs kept until taken, so a fused tensor feeding two
+    consumers (linear_fc1 -> gate and up) is read once. Every output's shape is checked.
+    """
+
+    def __init__(self, units: list[Unit], fetch: Callable[[str], torch.Tensor], cfg: ModelConfig,
+                 expected: dict[str, torch.Tensor], what: str):
+        self.by_name = {n: u for u in units for n in u.ours}
+        self.fetch, self.cfg, self.expected, self.what = fetch, cfg, expected, what
+        self.pending: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str) -> torch.Tensor:
+        if name not in self.pending:
+            unit = self.by_name[name]
+            theirs = [self.fetch(n) for n in unit.theirs]
+            try:
+                ours = unit.convert_to_ours(theirs, self.cfg)
+            except (ValueError, RuntimeError) as e:
+                raise ValueError(f"{self.what}: cannot convert {_shapes(unit.theirs, theirs)}: {e}") from e
+            for n, t in ours.items():
+                if t.shape != self.expected[n].shape:
+                    raise ValueError(f"{self.what}: {_shapes(unit.theirs, theirs)} gives {n} of shape "
+                                     f"{list(t.shape)}, but the model's is {list(self.expected[n].shape)}")
+            self.pending.update(ours)
+        return self.pending.pop(name)
+
+
+def _shapes(names, tensors) -> str:
+    return ", ".join(f"{n} {list(t.shape)}" for n, t in zip(names, tensors))
+
+
+# ================================================================================ args <-> ModelConfig
+
+
+def megatron_args(cfg: ModelConfig, tp: int, pp: int, spec: str, padded_vocab: int, vocab_divisible_by: int,
+                  dtype: torch.dtype) -> argparse.Namespace:
+    """The model arguments Megatron-LM reads back (load_args_from_checkpoint, check_checkpoint_args).
+
+    megatron-core's llama3 rope scaling hard-codes low/high frequency factors 1/4 and an original context
+    of 8192; the exact values go in meshtron_rope_scaling so a round trip keeps them.
+    """
+    rs = cfg.rope_scaling
+    return argparse.Namespace(
+        num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size,
+        num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.num_query_groups,
+        group_query_attention=cfg.num_query_groups != cfg.num_attention_heads, kv_channels=cfg.head_dim,
+        max_position_embeddings=cfg.max_position_embeddings, seq_length=cfg.max_position_embeddings,
+        vocab_size=cfg.vocab_size, padded_vocab_size=padded_vocab, make_vocab_size_divisible_by=vocab_divisible_by,
+        tokenizer_type="HuggingFaceTokenizer",
+        normalization="RMSNorm", norm_epsilon=cfg.norm_epsilon, apply_layernorm_1p=False,
+        swiglu=True, squared_relu=False, add_bias_linear=False, add_qkv_bias=cfg.add_qkv_bias,
+        qk_layernorm=cfg.qk_layernorm, untie_embeddings_and_output_weights=not cfg.tie_word_embeddings,
+        position_embedding_type="rope", use_rotary_position_embeddings=True, add_position_embedding=False,
+        rotary_base=int(cfg.rotary_base) if float(cfg.rotary_base).is_integer() else cfg.rotary_base,
+        rotary_percent=1.0, rotary_interleaved=False,
+        use_rope_scaling=rs is not None, rope_scaling_factor=rs.factor if rs else 8.0,
+        # flash-attn / TE convention (left, right): a query sees itself and `left` earlier tokens.
+        window_size=(cfg.sliding_window - 1, 0) if cfg.sliding_window else None,
+        num_experts=None, init_method_std=cfg.init_std, hidden_dropout=0.0, attention_dropout=0.0,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=None,
+        params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        transformer_impl=TRANSFORMER_IMPL[spec], use_legacy_models=False, ckpt_format="torch",
+        iteration=0, consumed_train_samples=0, consumed_valid_samples=0,
+        meshtron_family=cfg.family, meshtron_name=cfg.name,
+        meshtron_rope_scaling=dataclasses.asdict(rs) if rs else None,
+    )
+
+
+def config_from_args(args: argparse.Namespace, name: str = "megatron") -> ModelConfig:
+    """ModelConfig from a Megatron checkpoint's args; ConfigError for architectures meshtron lacks."""
+    def arg(key, default=None):
+        return getattr(args, key, default)
+
+    for key, want in (("normalization", "RMSNorm"), ("swiglu", True), ("add_bias_linear", False),
+                      ("position_embedding_type", "rope"), ("rotary_percent", 1.0), ("rotary_interleaved", False),
+                      ("apply_layernorm_1p", False), ("squared_relu", False)):
+        if arg(key, want) != want:
+            raise ConfigError(f"Megatron checkpoint has {key}={arg(key)!r}; only {key}={want!r} is supported "
+                              f"(Llama/Mistral/Qwen2/Qwen3 decoders)")
+    if arg("num_experts"):
+        raise ConfigError(f"Megatron checkpoint has num_experts={arg('num_experts')}; MoE is not supported")
+    heads, hidden = args.num_attention_heads, args.hidden_size
+    groups = arg("num_query_groups") if arg("group_query_attention") and arg("num_query_groups") else heads
+    kv = arg("kv_channels")
+    window = arg("window_size")
+    if window is not None and (len(window) != 2 or window[1] != 0):
+        raise ConfigError(f"Megatron checkpoint has window_size={window!r}; only causal (left, 0) is supported")
+    sliding = window[0] + 1 if window is not None and window[0] >= 0 else None
+    fam = arg("meshtron_family") or ("qwen3" if arg("qk_layernorm") else "qwen2" if arg("add_qkv_bias")
+                                     else "mistral" if sliding else "llama")
+    scaling = None
+    if arg("use_rope_scaling"):
+        # megatron-core's defaults for what its arguments do not carry (rotary_pos_embedding._apply_scaling).
+        scaling = RopeScalingConfig(**{"factor": float(arg("rope_scaling_factor", 8.0)), "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+                                       **(arg("meshtron_rope_scaling") or {})})
+    cfg = ModelConfig(
+        name=arg("meshtron_name") or name, family=fam,
+        vocab_size=arg("vocab_size") or args.padded_vocab_size,
+        hidden_size=hidden, ffn_hidden_size=args.ffn_hidden_size, num_layers=args.num_layers,
+        num_attention_heads=heads, num_query_groups=groups,
+        kv_channels=kv if kv and kv * heads != hidden else None,
+        max_position_embeddings=arg("max_position_embeddings") or arg("seq_length"),
+        rotary_base=float(arg("rotary_base", 10000)), rope_scaling=scaling,
+        norm_epsilon=float(arg("norm_epsilon", 1e-5)),
+        tie_word_embeddings=not arg("untie_embeddings_and_output_weights", False),
+        add_qkv_bias=bool(arg("add_qkv_bias")), qk_layernorm=bool(arg("qk_layernorm")), sliding_window=sliding,
+        init_std=float(arg("init_method_std", 0.02)),
+        make_vocab_size_divisible_by=arg("make_vocab_size_divisible_by", 128),
+    )
+    cfg.validate()
+    return cfg
+
+
+# ======================================================================================= reading
+
+
+def _resolve_iteration_dir(root: Path, iteration: Optional[int]) -> tuple[Path, int]:
+    """(directory holding mp_rank_*, iteration number; 0 for release)."""
+    if iteration is not None:
+        path = root / f"iter_{iteration:07d}"
+        if not path.is_dir():
+            have = sorted(p.name for p in root.glob("iter_*")) + (["release"] if (root / "release").is_dir() else [])
+            raise FileNotFoundError(f"{path} does not exist (iteration={iteration}); {root} has {have or 'none'}")
+        return path, iteration
+    tracker = root / TRACKER
+    if not tracker.is_file():
+        if any(root.glob("mp_rank_*")):  # the iteration directory itself
+            return root, 0
+        raise FileNotFoundError(f"{root} has no {TRACKER}; expected a Megatron-LM checkpoint directory "
+                                f"(or pass iteration=N for its iter_NNNNNNN directory)")
+    text = tracker.read_text().strip()
+    if text == "release":
+        return root / "release", 0
+    if not text.isdigit():
+        raise ValueError(f"{tracker} holds {text!r}; expected 'release' or an iteration number")
+    return root / f"iter_{int(text):07d}", int(text)
+
+
+def _load(path: Path) -> dict:
+    """A rank file, memory-mapped, through the weights-only unpickler (Namespace allowed for args)."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: refusing to unpickle anything but tensors and plain values "
+                         f"(weights_only=True): {e}") from e
+
+
+class _MegatronCheckpoint:
+    """One iteration of a Megatron checkpoint, all rank files memory-mapped, indexed by global name."""
+
+    def __init__(self, megatron_dir: PathLike, iteration: Optional[int]):
+        root = Path(megatron_dir)
+        self.dir, self.iteration = _resolve_iteration_dir(root, iteration)
+        self.args = _first_rank_args(self.dir)
+        self.tp = getattr(self.args, "tensor_model_parallel_size", 1)
+        self.pp = getattr(self.args, "pipeline_model_parallel_size", 1)
+        paths = [[self.dir / rank_dir(r, s, self.pp) / CKPT_FILE for r in range(self.tp)] for s in range(self.pp)]
+        missing = [str(p.relative_to(self.dir)) for row in paths for p in row if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{self.dir}: args say TP={self.tp} x PP={self.pp} but rank files {missing} "
+                                    f"are missing")
+        extra = sorted({p.name for p in _rank_dirs(self.dir)} - {p.parent.name for row in paths for p in row})
+        if extra:
+            raise ValueError(f"{self.dir}: args say TP={self.tp} x PP={self.pp}, but there are also {extra}")
+        self.paths = paths
+        # Only names, shapes and dtypes are kept (as meta tensors); `full` maps the files again for each
+        # tensor, so pages read never stay resident and memory does not grow with the checkpoint.
+        self.files = [[{k: _meta_like(v) for k, v in _load(p)["model"].items()} for p in row] for row in paths]
+        for s, row in enumerate(self.files):
+            keys = [{k for k in f if not k.endswith("._extra_state")} for f in row]
+            if any(k != keys[0] for k in keys):
+                raise KeyError(f"{self.dir}: the TP ranks of pipeline stage {s} hold different tensor names")
+        self.cfg = config_from_args(self.args, name=root.name)
+        # TE fuses the pre-attention/pre-MLP norms into the next linear: its names say which spec saved this.
+        self.spec = "te" if any(k.endswith(".layer_norm_weight") for row in self.files for k in row[0]) else "local"
+        self._index()
+
+    def _index(self) -> None:
+        """global Megatron name -> (stage, local name); checks the names against the model the args describe."""
+        counts = [1 + max((layer_of(k)[0] for k in row[0] if layer_of(k)), default=-1) for row in self.files]
+        if sum(counts) != self.cfg.num_layers:
+            raise ValueError(f"{self.dir}: stages hold {counts} layers, but args say num_layers={self.cfg.num_layers}")
+        self.plan = _plan(self.cfg, self.spec, counts)
+        self.where: dict[str, tuple[int, str]] = {}
+        for s, placed in enumerate(self.plan):
+            want = {local for p in placed for local in p.names.values()}
+            have = {k for k in self.files[s][0] if not k.endswith("._extra_state")}
+            missing, unexpected = sorted(want - have), sorted(have - want)
+            if "output_layer.weight" in missing and not self.cfg.tie_word_embeddings:
+                raise KeyError(f"{self.dir}: output_layer.weight is missing on the last pipeline stage but args "
+                               f"say untie_embeddings_and_output_weights=True")
+            if missing or unexpected:
+                raise KeyError(f"{self.dir}: pipeline stage {s} ({self.spec} spec) is missing {missing} and has "
+                               f"unexpected {unexpected}")
+            for p in placed:
+                for name, local in p.names.items():
+                    self.where.setdefault(name, (s, local))  # a tied last-stage copy is never read
+
+    def full(self, name: str) -> torch.Tensor:
+        """The full Megatron tensor (TP shards merged, vocabulary un-padded)."""
+        s, local = self.where[name]
+        shards = [_load(p)["model"][local] for p in self.paths[s]]
+        t = _merge(name, shards)
+        t = t[:self.cfg.vocab_size] if tp_split(name) == VOCAB else t
+        if len(shards) == 1 or tp_split(name) == REPLICATED:  # still a view into the mapped file
+            t = t.clone(memory_format=torch.contiguous_format)
+        return t
+
+    def meta(self, name: str) -> torch.Tensor:
+        s, local = self.where[name]
+        t = _merge(name, [f[local] for f in self.files[s]])
+        if tp_split(name) == VOCAB and t.shape[0] < self.cfg.vocab_size:
+            raise ValueError(f"{self.dir}: {name} has {t.shape[0]} vocabulary rows, fewer than vocab_size="
+                             f"{self.cfg.vocab_size}")
+        return t[:self.cfg.vocab_size] if tp_split(name) == VOCAB else t
+
+    def meshtron(self, fetch: Callable[[str], torch.Tensor]) -> "_Ours":
+        units = [p.unit for stage in self.plan for p in stage]
+        return _Ours(units, fetch, self.cfg, _meshtron_shapes(self.cfg), what=str(self.dir))
+
+
+def _meta_like(value):
+    return torch.empty_like(value, device="meta") if isinstance(value, torch.Tensor) else value
+
+
+def _rank_dirs(path: Path) -> list[Path]:
+    return sorted(p for p in path.glob("mp_rank_*") if re.fullmatch(r"mp_rank_\d{2}(_\d{3})?", p.name))
+
+
+def _first_rank_args(path: Path) -> argparse.Namespace:
+    dirs = _rank_dirs(path)
+    if not dirs or not (dirs[0] / CKPT_FILE).is_file():
+        raise FileNotFoundError(f"{path} has no mp_rank_*/{CKPT_FILE}; expected a Megatron-LM iteration directory")
+    args = _load(dirs[0] / CKPT_FILE).get("args")
+    if not isinstance(args, argparse.Namespace):
+        raise ValueError(f"{dirs[0] / CKPT_FILE} has no args namespace; cannot tell the model's shape")
+    return args
+
+
+def _checkpoint(megatron_dir: PathLike, iteration: Optional[int],
+                hf_config_dir: Optional[PathLike] = None) -> _MegatronCheckpoint:
+    """The checkpoint, with every name and shape checked by a dry run on meta tensors."""
+    ckpt = _MegatronCheckpoint(megatron_dir, iteration)
+    if hf_config_dir is not None:
+        cfg = read_hf_config(hf_config_dir)
+        _check_same_model(cfg, ckpt, hf_config_dir)
+        ckpt.cfg = cfg
+    ours = ckpt.meshtron(ckpt.meta)
+    for name in _meshtron_shapes(ckpt.cfg):
+        ours.take(name)
+    return ckpt
+
+
+def _check_same_model(hf: ModelConfig, ckpt: _MegatronCheckpoint, where: PathLike) -> None:
+    fields = ("hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads", "num_query_groups",
+              "head_dim", "tie_word_embeddings", "add_qkv_bias", "qk_layernorm")
+    if getattr(ckpt.args, "vocab_size", None):  # Megatron-LM itself often records only the padded size
+        fields += ("vocab_size",)
+    diff = [f"{f}: config.json {getattr(hf, f)} vs checkpoint {getattr(ckpt.cfg, f)}" for f in fields
+            if getattr(hf, f) != getattr(ckpt.cfg, f)]
+    if diff:
+        raise ConfigError(f"hf_config_dir {where} describes another model than the Megatron checkpoint in "
+                          f"{ckpt.dir}: " + "; ".join(diff))
+
+
+def megatron_config(megatron_dir: PathLike, iteration: Optional[int] = None) -> ModelConfig:
+    """The ModelConfig a Megatron checkpoint's args describe (only the first rank file is opened)."""
+    path, _ = _resolve_iteration_dir(Path(megatron_dir), iteration)
+    return config_from_args(_first_rank_args(path), name=Path(megatron_dir).name)
+
+
+def load_megatron_as_meshtron(megatron_dir: PathLike, iteration: Optional[int] = None
+                              ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(config, full state dict in meshtron's names, vocabulary un-padded): GPTModel(cfg).load_state_dict works."""
+    ckpt = _checkpoint(megatron_dir, iteration)
+    ours = ckpt.meshtron(ckpt.full)
+    return ckpt.cfg, {name: ours.take(name).contiguous() for name in _meshtron_shapes(ckpt.cfg)}
+
+
+# ======================================================================================= Megatron -> HF
+
+
+def megatron_to_hf(megatron_dir: PathLike, out_dir: PathLike, hf_config_dir: Optional[PathLike] = None,
+                   iteration: Optional[int] = None, progress: bool = True, *, overwrite: bool = False,
+                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """Write a Megatron-LM checkpoint (any TP x PP, local or TE names) as an HF directory. Returns out_dir.
+
+    Weights keep their saved dtype; the vocabulary is un-padded and tied embeddings get no lm_head.
+    config.json and generation_config.json come from hf_config_dir when given (its tokenizer files are
+    copied too), else they are rebuilt from the checkpoint's args. Raises before writing: FileNotFoundError
+    (no tracker, missing rank files), KeyError (missing/unexpected tensors), ValueError (shapes),
+    ConfigError (unsupported args, or hf_config_dir describing another model), FileExistsError (out_dir).
+    """
+    out = Path(out_dir)
+    _check_out(out, overwrite)
+    ckpt = _checkpoint(megatron_dir, iteration, hf_config_dir)
+    cfg = ckpt.cfg
+    units = family(cfg.family).table.units(_meshtron_shapes(cfg))
+
+    def hf_tensors(fetch) -> Iterator[tuple[str, torch.Tensor]]:
+        ours = ckpt.meshtron(fetch)
+        for unit in units:
+            yield from unit.convert_to_theirs([ours.take(n) for n in unit.ours], cfg).items()
+
+    planned = list(hf_tensors(ckpt.meta))  # (name, meta tensor): every shape known before writing
+    shards = _plan_shards([(name, _nbytes([t])) for name, t in planned], max_shard_bytes)
+    total = _nbytes([t for _, t in planned])
+    with _staging(out, overwrite) as tmp, _bar(total, progress, out) as bar:
+        # Shards are runs of consecutive tensors, each file streamed tensor by tensor.
+        for file, group in itertools.groupby(hf_tensors(ckpt.full), key=lambda item: shards[item[0]]):
+            entries = [(name, t) for name, t in planned if shards[name] == file]
+            with open(tmp / file, "wb") as f:
+                _write_safetensors_header(f, entries)
+                for (name, t), (want, meta) in zip(group, entries, strict=True):
+                    if (name, t.shape, t.dtype) != (want, meta.shape, meta.dtype):
+                        raise RuntimeError(f"{name} {list(t.shape)} {t.dtype} arrived where the dry run "
+                                           f"had {want} {list(meta.shape)} {meta.dtype}")
+                    t.contiguous().reshape(-1).view(torch.uint8).numpy().tofile(f)
+                    bar.update(_nbytes([t]))
+        if len(set(shards.values())) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": shards}
+            (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        _write_hf_config(tmp, cfg, hf_config_dir, _dtype_name({t.dtype for _, t in planned}))
+    return out
+
+
+def _plan_shards(sizes: list[tuple[str, int]], max_shard_bytes: int) -> dict[str, str]:
+    """tensor name -> file, in transformers' naming (one model.safetensors when everything fits)."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, nbytes in sizes:
+        if groups[-1] and size + nbytes > max_shard_bytes:  # a tensor larger than a shard gets its own
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    if len(groups) == 1:
+        return dict.fromkeys(groups[0], SAFE_WEIGHTS)
+    return {name: f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+            for i, group in enumerate(groups, start=1) for name in group}
+
+
+def _write_safetensors_header(f, entries: list[tuple[str, torch.Tensor]]) -> None:
+    """The safetensors header for tensors written next, in this order: a little-endian u64 length, then
+    JSON with each tensor's dtype, shape and byte range in the data that follows (padded to 8 bytes, as
+    safetensors' own writer does). Writing the data tensor by tensor keeps one tensor in memory, not a shard.
+    """
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, t in entries:
+        n = _nbytes([t])
+        header[name] = {"dtype": _ST_CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    f.write(struct.pack("<Q", len(raw)))
+    f.write(raw)
+
+
+def _write_hf_config(tmp: Path, cfg: ModelConfig, hf_config_dir: Optional[PathLike], dtype: str) -> None:
+    if hf_config_dir is not None:
+        src = Path(hf_config_dir)
+        shutil.copyfile(src / "config.json", tmp / "config.json")
+        for pattern in TOKENIZER_GLOBS + ("generation_config.json",):
+            for f in src.glob(pattern):
+                if f.is_file():
+                    shutil.copyfile(f, tmp / f.name)
+        if (tmp / "generation_config.json").exists():
+            return
+    config = hf_config(cfg)
+    config.dtype = dtype
+    if hf_config_dir is None:
+        (tmp / "config.json").write_text(json.dumps(config.to_diff_dict(), indent=2, sort_keys=True) + "\n")
+    GenerationConfig.from_model_config(config).save_pretrained(tmp)
+
+
+# ========================================================================================= helpers
+
+
+def _nbytes(tensors) -> int:
+    tensors = tensors.values() if isinstance(tensors, dict) else tensors
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def _common_dtype(tensors) -> torch.dtype:
+    floats = {t.dtype for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()}
+    return floats.pop() if len(floats) == 1 else torch.float32
+
+
+def _dtype_name(dtypes: set) -> str:
+    floats = {d for d in dtypes if d.is_floating_point}
+    return str(floats.pop()).removeprefix("torch.") if len(floats) == 1 else "float32"
+
+
+@contextmanager
+def _staging(out: Path, overwrite: bool) -> Iterator[Path]:
+    """A hidden sibling directory to write into, moved to `out` only when the block finishes."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        _check_out(out, overwrite)  # someone may have created it meanwhile
+        _replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _bar(total: int, progress: bool, out: Path) -> tqdm:
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
+                desc=f"writing {out.name}", dynamic_ncols=True)
