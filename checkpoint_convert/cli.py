@@ -1,0 +1,218 @@
+"""``python -m checkpoint_convert <command>`` (also ``meshtron-convert``): HF <-> Megatron-LM, meshtron -> HF,
+and a numerical check of any of them. HF -> meshtron needs no command: train with ``model.hf_path=DIR``.
+
+Exit codes: 0 done (verify: within tolerance); 1 verify found the logits differ beyond tolerance;
+2 a usage error (bad flag, missing or non-empty directory, unsupported model, TP/PP that do not divide it),
+reported in one line before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from trainer.config import ConfigError
+
+PROG = "meshtron-convert"
+EXIT_USAGE = 2
+
+_EPILOG = """exit codes: 0 done (verify: logits within tolerance); 1 verify: logits differ beyond tolerance;
+2 usage error (message on stderr; nothing written).
+
+HF -> meshtron needs no conversion: train with model.hf_path=DIR at any mesh.
+examples:
+  %(prog)s hf-to-megatron --hf Llama-3.2-1B --out megatron-tp2pp2 --tp 2 --pp 2
+  %(prog)s megatron-to-hf --megatron megatron-tp2pp2 --out Llama-3.2-1B-back
+  %(prog)s meshtron-to-hf --checkpoint outputs/run/checkpoints --out my-model-hf
+  %(prog)s verify --hf my-model-hf --checkpoint outputs/run/checkpoints
+"""
+
+
+class UsageError(Exception):
+    """A bad command line or input: one line on stderr, exit 2, no traceback."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's default prints the whole usage block first
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be a positive integer")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
+    return value
+
+
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Convert checkpoints between HF safetensors, Megatron-LM (legacy torch "
+                                       "format) and meshtron (DCP), and verify conversions numerically.",
+                epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="command", parser_class=_Parser)
+
+    c = sub.add_parser("hf-to-megatron", help="HF safetensors -> Megatron-LM legacy checkpoint at TP x PP",
+                       description="Write Megatron-LM's legacy torch checkpoint (release/mp_rank_TT[_PPP]/"
+                                   "model_optim_rng.pt) from an HF directory, split for TP x PP.")
+    c.add_argument("--hf", required=True, type=Path, metavar="DIR", help="HF directory (config.json + safetensors)")
+    c.add_argument("--out", required=True, type=Path, metavar="DIR", help="new (or empty) output directory")
+    c.add_argument("--tp", required=True, type=_positive, metavar="T", help="tensor-parallel size")
+    c.add_argument("--pp", required=True, type=_positive, metavar="P", help="pipeline-parallel size")
+    c.add_argument("--spec", choices=("local", "te"), default="local",
+                   help="megatron-core layer spec the names follow (te: Transformer Engine, fused norms)")
+    c.add_argument("--vocab-divisible-by", type=_positive, default=128, metavar="N",
+                   help="pad the vocabulary to a multiple of N x TP, as Megatron's "
+                        "--make-vocab-size-divisible-by (default 128)")
+
+    c = sub.add_parser("megatron-to-hf", help="Megatron-LM legacy checkpoint (any TP/PP) -> HF safetensors",
+                       description="Read a Megatron-LM legacy checkpoint at any TP/PP and write an HF directory.")
+    c.add_argument("--megatron", required=True, type=Path, metavar="DIR",
+                   help="Megatron checkpoint directory (with latest_checkpointed_iteration.txt)")
+    c.add_argument("--out", required=True, type=Path, metavar="DIR", help="new (or empty) output directory")
+    c.add_argument("--hf-config", type=Path, metavar="DIR",
+                   help="HF directory whose config.json and tokenizer to use (default: rebuilt from the "
+                        "checkpoint's args)")
+    c.add_argument("--iteration", type=_non_negative, metavar="N",
+                   help="iteration to convert (default: the one latest_checkpointed_iteration.txt names)")
+
+    c = sub.add_parser("meshtron-to-hf", help="meshtron (DCP) checkpoint -> HF safetensors",
+                       description="Export a meshtron checkpoint as an HF directory, with the tokenizer and "
+                                   "chat template stored in the checkpoint. Needs nothing else.")
+    c.add_argument("--checkpoint", required=True, type=Path, metavar="DIR",
+                   help="a run's checkpoints/ directory (uses 'latest') or one checkpoints/step_<N> directory")
+    c.add_argument("--out", required=True, type=Path, metavar="DIR", help="new (or empty) output directory")
+    c.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
+                   help="cast floating-point weights (default: as saved, fp32 master weights)")
+
+    c = sub.add_parser("verify", help="compare an HF directory's logits with a Megatron or meshtron checkpoint",
+                       description="Load both on CPU in fp32, run a few fixed prompts through each, print the "
+                                   "max abs logit difference per prompt and overall.",
+                       epilog="exit codes: 0 within tolerance; 1 above tolerance (or the models' shapes "
+                              "differ); 2 usage error.")
+    c.add_argument("--hf", required=True, type=Path, metavar="DIR", help="HF directory")
+    other = c.add_mutually_exclusive_group(required=True)
+    other.add_argument("--megatron", type=Path, metavar="DIR", help="Megatron-LM legacy checkpoint directory")
+    other.add_argument("--checkpoint", type=Path, metavar="DIR", help="meshtron checkpoints/ or step_<N> directory")
+    c.add_argument("--iteration", type=_non_negative, metavar="N", help="Megatron iteration (default: latest)")
+    c.add_argument("--tolerance", type=_tolerance, default=1e-4, metavar="X",
+                   help="largest acceptable max |logit difference| (default 1e-4, fp32)")
+
+    for name in ("hf-to-megatron", "megatron-to-hf", "meshtron-to-hf"):
+        sub.choices[name].add_argument("--no-progress", dest="progress", action="store_false",
+                                       help="no progress bar on stderr")
+    return p
+
+
+# ------------------------------------------------------------------------------------------- checks
+
+
+def _input_dir(flag: str, path: Path, what: str) -> None:
+    if not path.exists():
+        raise UsageError(f"{flag} {path}: no such directory; expected {what}")
+    if not path.is_dir():
+        raise UsageError(f"{flag} {path}: not a directory; expected {what}")
+
+
+def _output_dir(path: Path, *inputs: Optional[Path]) -> None:
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise UsageError(f"--out {path} exists and is not empty; choose a new directory or remove it first")
+    for src in inputs:
+        if src is not None and path.resolve() == src.resolve():
+            raise UsageError(f"--out {path} is the input directory; choose a new directory")
+
+
+_HF = "an HF directory with config.json and *.safetensors"
+_MEGATRON = "a Megatron-LM checkpoint directory with latest_checkpointed_iteration.txt"
+_MESHTRON = "a meshtron checkpoints/ directory or a checkpoints/step_<N> directory"
+
+
+def _run(args: argparse.Namespace) -> int:
+    cmd = args.command
+    if cmd == "hf-to-megatron":
+        _input_dir("--hf", args.hf, _HF)
+        if not (args.hf / "config.json").is_file():
+            raise UsageError(f"--hf {args.hf}: no config.json; expected {_HF}")
+        _output_dir(args.out, args.hf)
+        from checkpoint_convert.megatron import hf_to_megatron
+
+        out = hf_to_megatron(args.hf, args.out, tp=args.tp, pp=args.pp, spec=args.spec,
+                             vocab_divisible_by=args.vocab_divisible_by, progress=args.progress)
+        print(f"wrote Megatron-LM checkpoint (TP={args.tp}, PP={args.pp}, spec {args.spec}) to {out}")
+    elif cmd == "megatron-to-hf":
+        _input_dir("--megatron", args.megatron, _MEGATRON)
+        if args.hf_config is not None:
+            _input_dir("--hf-config", args.hf_config, "an HF directory with config.json")
+        _output_dir(args.out, args.megatron, args.hf_config)
+        from checkpoint_convert.megatron import megatron_to_hf
+
+        out = megatron_to_hf(args.megatron, args.out, hf_config_dir=args.hf_config, iteration=args.iteration,
+                             progress=args.progress)
+        print(f"wrote HF checkpoint to {out}")
+    elif cmd == "meshtron-to-hf":
+        _input_dir("--checkpoint", args.checkpoint, _MESHTRON)
+        _output_dir(args.out, args.checkpoint)
+        import torch
+
+        from checkpoint_convert.meshtron import meshtron_to_hf, resolve_checkpoint
+
+        step = resolve_checkpoint(args.checkpoint)
+        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.dtype]
+        out = meshtron_to_hf(step, args.out, dtype=dtype, progress=args.progress)
+        print(f"wrote HF checkpoint of {step} to {out}")
+    elif cmd == "verify":
+        _input_dir("--hf", args.hf, _HF)
+        if args.megatron is not None:
+            _input_dir("--megatron", args.megatron, _MEGATRON)
+        else:
+            _input_dir("--checkpoint", args.checkpoint, _MESHTRON)
+        from checkpoint_convert.verify import verify
+
+        return verify(args.hf, megatron=args.megatron, checkpoint=args.checkpoint, iteration=args.iteration,
+                      tolerance=args.tolerance)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Runs one command; returns the exit code (the console script passes it to sys.exit)."""
+    parser = build_parser()
+    command = "?"
+    try:
+        args = parser.parse_args(argv)
+        command = args.command
+        return _run(args)
+    except UsageError as e:
+        return _fail(command if command != "?" else None, str(e))
+    except (ConfigError, ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
+        # Raised by the converters for inputs they cannot use (unsupported architecture, shapes, TP/PP that
+        # do not divide the model, a missing tensor): all found before the output directory is created.
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        return _fail(command, str(msg).splitlines()[0] if msg else type(e).__name__)
+
+
+def _fail(command: Optional[str], message: str) -> int:
+    print(f"{PROG}{' ' + command if command else ''}: error: {message}", file=sys.stderr, flush=True)
+    return EXIT_USAGE

@@ -1,0 +1,202 @@
+"""`python -m checkpoint_convert`: argument parsing and user errors (one line on stderr, exit 2, nothing
+written), and the pieces of meshtron-to-hf that need no training run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from checkpoint_convert.cli import build_parser, main as convert
+from checkpoint_convert.meshtron import ShardWriter, groups, resolve_checkpoint
+from trainer.config import ConfigError
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    import transformers
+
+    d = tmp_path_factory.mktemp("hf") / "tiny"
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(d)
+    return d
+
+
+def run(argv: list[str], capsys) -> tuple[int, str, str]:
+    code = convert(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_usage_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("meshtron-convert"), err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in err, (n, err)
+
+
+def test_subcommands_and_flags_parse():
+    p = build_parser()
+    a = p.parse_args(["hf-to-megatron", "--hf", "h", "--out", "o", "--tp", "2", "--pp", "4"])
+    assert (a.tp, a.pp, a.spec, a.vocab_divisible_by, a.progress) == (2, 4, "local", 128, True)
+    a = p.parse_args(["hf-to-megatron", "--hf", "h", "--out", "o", "--tp", "1", "--pp", "1", "--spec", "te",
+                      "--vocab-divisible-by", "64", "--no-progress"])
+    assert (a.spec, a.vocab_divisible_by, a.progress) == ("te", 64, False)
+    a = p.parse_args(["megatron-to-hf", "--megatron", "m", "--out", "o", "--hf-config", "c", "--iteration", "500"])
+    assert (a.megatron, a.hf_config, a.iteration) == (Path("m"), Path("c"), 500)
+    a = p.parse_args(["meshtron-to-hf", "--checkpoint", "c", "--out", "o"])
+    assert a.checkpoint == Path("c") and a.dtype is None
+    a = p.parse_args(["verify", "--hf", "h", "--megatron", "m"])
+    assert (a.megatron, a.checkpoint, a.tolerance) == (Path("m"), None, 1e-4)
+    a = p.parse_args(["verify", "--hf", "h", "--checkpoint", "c", "--tolerance", "1e-3"])
+    assert a.checkpoint == Path("c") and a.tolerance == 1e-3
+
+
+@pytest.mark.parametrize("argv,needles", [
+    ([], ["required: command"]),
+    (["hf-to-megatron", "--hf", "h", "--out", "o", "--tp", "0", "--pp", "1"], ["--tp", "positive"]),
+    (["hf-to-megatron", "--hf", "h", "--out", "o", "--tp", "two", "--pp", "1"], ["--tp", "'two'"]),
+    (["hf-to-megatron", "--hf", "h", "--out", "o", "--tp", "2"], ["--pp"]),
+    (["hf-to-megatron", "--hf", "h", "--out", "o", "--tp", "1", "--pp", "1", "--spec", "fast"], ["--spec"]),
+    (["verify", "--hf", "h"], ["--megatron", "--checkpoint"]),
+    (["verify", "--hf", "h", "--megatron", "m", "--checkpoint", "c"], ["not allowed"]),
+    (["verify", "--hf", "h", "--megatron", "m", "--tolerance", "-1"], ["--tolerance"]),
+    (["hf-to-hf"], ["invalid choice"]),
+])
+def test_bad_arguments_exit_2_in_one_line(argv, needles, capsys):
+    code, _, err = run(argv, capsys)
+    assert_usage_error(code, err, *needles)
+
+
+def test_missing_input_directories_exit_2(tmp_path, capsys):
+    out = tmp_path / "out"
+    for argv, flag in [
+        (["hf-to-megatron", "--hf", str(tmp_path / "nope"), "--out", str(out), "--tp", "1", "--pp", "1"], "--hf"),
+        (["megatron-to-hf", "--megatron", str(tmp_path / "nope"), "--out", str(out)], "--megatron"),
+        (["meshtron-to-hf", "--checkpoint", str(tmp_path / "nope"), "--out", str(out)], "--checkpoint"),
+        (["verify", "--hf", str(tmp_path / "nope"), "--checkpoint", str(tmp_path)], "--hf"),
+    ]:
+        code, _, err = run(argv, capsys)
+        assert_usage_error(code, err, flag, "no such directory")
+    assert not out.exists()
+
+
+def test_hf_dir_without_config_exits_2(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code, _, err = run(["hf-to-megatron", "--hf", str(tmp_path / "empty"), "--out", str(tmp_path / "o"),
+                        "--tp", "1", "--pp", "1"], capsys)
+    assert_usage_error(code, err, "config.json")
+    assert not (tmp_path / "o").exists()
+
+
+def test_non_empty_out_exits_2_and_is_left_alone(hf_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    for argv in (["hf-to-megatron", "--hf", str(hf_dir), "--out", str(out), "--tp", "1", "--pp", "1"],
+                 ["megatron-to-hf", "--megatron", str(hf_dir), "--out", str(out)],
+                 ["meshtron-to-hf", "--checkpoint", str(hf_dir), "--out", str(out)]):
+        code, _, err = run(argv, capsys)
+        assert_usage_error(code, err, "--out", "not empty")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_out_equal_to_input_exits_2(hf_dir, capsys):
+    code, _, err = run(["megatron-to-hf", "--megatron", str(hf_dir.parent), "--out", str(hf_dir.parent)], capsys)
+    assert_usage_error(code, err, "--out")
+
+
+def _fake_step(root: Path, n: int, complete: bool = True) -> Path:
+    step = root / f"step_{n}"
+    step.mkdir(parents=True)
+    (step / ".metadata").write_bytes(b"")
+    if complete:
+        (step / "COMPLETE").write_text("{}")
+    return step
+
+
+def test_checkpoint_dir_forms(tmp_path):
+    ckpts = tmp_path / "run" / "checkpoints"
+    _fake_step(ckpts, 2)
+    s4 = _fake_step(ckpts, 4)
+    (ckpts / "latest").write_text("step_4\n")
+    assert resolve_checkpoint(s4) == s4
+    assert resolve_checkpoint(ckpts) == s4
+    assert resolve_checkpoint(tmp_path / "run") == s4  # the run directory above checkpoints/ too
+
+
+def test_bad_checkpoint_dirs_name_what_was_expected(tmp_path, capsys):
+    ckpts = tmp_path / "checkpoints"
+    _fake_step(ckpts, 6, complete=False)
+    with pytest.raises(ConfigError, match="incomplete"):
+        resolve_checkpoint(ckpts / "step_6")
+    (ckpts / "latest").write_text("step_6\n")
+    with pytest.raises(ConfigError, match="step_6"):
+        resolve_checkpoint(ckpts)
+    (tmp_path / "hf").mkdir()
+    code, _, err = run(["meshtron-to-hf", "--checkpoint", str(tmp_path / "hf"), "--out", str(tmp_path / "o")],
+                       capsys)
+    assert_usage_error(code, err, "step_<N>", "latest")
+    assert not (tmp_path / "o").exists()
+
+
+def test_unsupported_architecture_exits_2_before_writing(tmp_path, capsys):
+    pytest.importorskip("checkpoint_convert.megatron")
+    d = tmp_path / "gpt2"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    code, _, err = run(["hf-to-megatron", "--hf", str(d), "--out", str(tmp_path / "o"), "--tp", "1", "--pp", "1"],
+                       capsys)
+    assert_usage_error(code, err, "gpt2")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("tp,pp,needle", [(3, 1, "3"), (1, 3, "3"), (8, 1, "8")])
+def test_tp_pp_that_do_not_divide_the_model_exit_2_before_writing(hf_dir, tmp_path, capsys, tp, pp, needle):
+    """4 heads, 2 query groups, 2 layers: tp must divide 2 groups, pp the 2 layers."""
+    pytest.importorskip("checkpoint_convert.megatron")
+    out = tmp_path / "o"
+    code, _, err = run(["hf-to-megatron", "--hf", str(hf_dir), "--out", str(out), "--tp", str(tp), "--pp", str(pp),
+                        "--no-progress"], capsys)
+    assert_usage_error(code, err, needle)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name != "o"]  # no temporary directory left either
+
+
+def test_shard_writer_and_groups(tmp_path):
+    from safetensors.torch import load_file
+
+    w = ShardWriter(tmp_path, max_shard_bytes=100)
+    for i in range(3):
+        w.add(f"t{i}", torch.full((10,), float(i)))  # 40 bytes each: two per shard
+    w.finish()
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == {"t0": "model-00001-of-00002.safetensors", "t1": "model-00001-of-00002.safetensors",
+                                   "t2": "model-00002-of-00002.safetensors"}
+    assert index["metadata"]["total_size"] == 120
+    assert torch.equal(load_file(str(tmp_path / "model-00002-of-00002.safetensors"))["t2"], torch.full((10,), 2.0))
+    assert not list(tmp_path.glob(".shard-*"))
+    names = ["output_layer.weight", "decoder.layers.10.mlp.linear_fc2.weight", "decoder.final_layernorm.weight",
+             "decoder.layers.2.mlp.linear_fc1_up.weight", "decoder.layers.2.mlp.linear_fc1_gate.weight",
+             "embedding.word_embeddings.weight"]
+    assert list(groups(names)) == [
+        ["embedding.word_embeddings.weight"],
+        ["decoder.layers.2.mlp.linear_fc1_gate.weight", "decoder.layers.2.mlp.linear_fc1_up.weight"],
+        ["decoder.layers.10.mlp.linear_fc2.weight"],
+        ["decoder.final_layernorm.weight"], ["output_layer.weight"]]
+
+
+def test_module_entry_point_help_documents_exit_codes():
+    proc = subprocess.run([sys.executable, "-m", "checkpoint_convert", "--help"], capture_output=True, text=True,
+                          timeout=60, cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0
+    for cmd in ("hf-to-megatron", "megatron-to-hf", "meshtron-to-hf", "verify", "exit codes", "model.hf_path"):
+        assert cmd in proc.stdout, cmd
