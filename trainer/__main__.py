@@ -12,7 +12,8 @@ from trainer.config import ConfigError, to_config
 
 @hydra.main(config_path="pkg://conf", config_name="config", version_base="1.3")
 def _run(cfg: DictConfig) -> None:
-    from trainer.checkpoint import RunExit
+    from trainer.checkpoint import EXIT_PREEMPTED, RunExit
+    from trainer.distributed import rank_info, requeue_slurm_job
     from trainer.loop import train
 
     import torch.distributed as dist
@@ -22,6 +23,13 @@ def _run(cfg: DictConfig) -> None:
     except RunExit as stop:
         # A deliberate stop (preemption, non-finite numbers, failed save): exit codes in README.
         print(f"meshtron: {stop}", file=sys.stderr, flush=True)
+        if stop.code == EXIT_PREEMPTED and rank_info().is_main:
+            # The very last act: `scontrol requeue` ends this job at once (TERM, then KILL after KillWait),
+            # so everything else (logs, wandb, the checkpoint, committed on every rank) must be done by now.
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            for line in requeue_slurm_job():
+                print(f"meshtron: {line}", file=sys.stderr, flush=True)
         sys.exit(stop.code)
     except ConfigError as err:
         # A configuration mistake, found before anything ran: say what to change, without a traceback.

@@ -345,6 +345,62 @@ class VerifyConfig:
     tolerance: float = 1e-5
 
 
+# ------------------------------------------------------------------------------------------ launcher
+
+
+@dataclass
+class LauncherConfig:
+    """``python -m trainer.launch``: the sbatch script rendered from ``slurm/train.sbatch`` and submitted.
+
+    Training (``python -m trainer``) never reads this group; only the launcher does, and it checks that
+    nodes x gpus_per_node equals the mesh's world size before anything is submitted.
+    """
+
+    nodes: int = 1
+    gpus_per_node: int = 8
+    # Slurm's --time (e.g. 24:00:00 or 2-00:00:00).
+    time: str = "24:00:00"
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    # Shell lines (container or venv activation) replacing the template's setup block; None keeps the
+    # template's own block.
+    setup: Optional[str] = None
+    # The interpreter the job runs (the template's PYTHON); None: the one running trainer.launch when setup
+    # is None too, else the template's default (python, after the setup block).
+    python: Optional[str] = None
+    # Print the rendered script and submit nothing.
+    dry_run: bool = False
+    job_name: str = "meshtron"
+    # The sbatch template; None: slurm/train.sbatch of this checkout.
+    template: Optional[str] = None
+    # Where Slurm writes the job's stdout/stderr; None: <trainer.output_dir>/logs.
+    log_dir: Optional[str] = None
+    # --signal=B:USR1@<signal_seconds>: the warning before the time limit (checkpoint, exit 75, requeue).
+    signal_seconds: int = 300
+    requeue: bool = True
+    # torchrun: one task per node, torchrun starts a worker per GPU; srun: one task per GPU started by srun
+    # (MESHTRON_LAUNCH=srun, --ntasks-per-node=gpus_per_node), ranks taken from SLURM_PROCID etc.
+    mode: str = "torchrun"
+    # --cpus-per-task; None keeps the template's value.
+    cpus_per_task: Optional[int] = None
+    # Further "#SBATCH" options, e.g. ["--qos=high", "--exclusive"] (the leading "#SBATCH" is optional).
+    extra_sbatch: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        _one_of("launcher.mode", self.mode, ("torchrun", "srun"))
+        for name in ("nodes", "gpus_per_node", "signal_seconds"):
+            _require(getattr(self, name) >= 1, f"launcher.{name}={getattr(self, name)} must be >= 1")
+        if self.cpus_per_task is not None:
+            _require(self.cpus_per_task >= 1, f"launcher.cpus_per_task={self.cpus_per_task} must be >= 1")
+        _require(bool(re.fullmatch(r"[0-9:-]+|UNLIMITED|INFINITE", self.time)),
+                 f"launcher.time={self.time!r} is not a Slurm time (e.g. 24:00:00, 2-00:00:00, 90)")
+        _require(bool(re.fullmatch(r"[\w.+-]+", self.job_name)),
+                 f"launcher.job_name={self.job_name!r}: use letters, digits and ._+- only")
+        for opt in self.extra_sbatch:
+            _require(opt.strip().removeprefix("#SBATCH").strip().startswith("-") and "\n" not in opt,
+                     f"launcher.extra_sbatch entry {opt!r} is not an sbatch option like --qos=high")
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -354,6 +410,8 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
+    # Read by `python -m trainer.launch` only.
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
 
 def _asset_path(rel: str):
@@ -370,6 +428,7 @@ def register_configs() -> None:
     cs.store(group="data", name="base_data", node=DataConfig)
     cs.store(group="optim", name="base_optim", node=OptimConfig)
     cs.store(group="trainer", name="base_trainer", node=TrainerConfig)
+    cs.store(group="launcher", name="base_launcher", node=LauncherConfig)
 
 
 register_configs()

@@ -48,7 +48,7 @@ class MetricsLogger:
         self._start_step = start_step
         self._total = total_steps
         if cfg.logging.wandb:
-            self._wandb = _start_wandb(cfg, output_dir)
+            self._wandb = _start_wandb(cfg, output_dir, resuming=start_step > 0)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -93,7 +93,12 @@ def perplexity(loss: float) -> float:
     return math.exp(min(loss, 80.0))
 
 
-def _start_wandb(cfg: Config, output_dir: Path):
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def _start_wandb(cfg: Config, output_dir: Path, resuming: bool = False):
+    """A new wandb run, or, when this run resumes from a checkpoint (a restart, a Slurm requeue), the run
+    whose id the first start stored in ``<output_dir>/wandb_run_id``, so its curves continue in one run."""
     import wandb  # imported only when used: it starts a service process
 
     from omegaconf import OmegaConf
@@ -101,12 +106,30 @@ def _start_wandb(cfg: Config, output_dir: Path):
     lg = cfg.logging
     plain = redact_secrets(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
     settings = wandb.Settings(silent=True, console="off", api_key=lg.wandb_api_key or None)
-    return wandb.init(
+    id_file = output_dir / WANDB_ID_FILE
+    run_id = read_wandb_id(id_file) if resuming else None
+    mode = wandb_mode(lg)
+    run = wandb.init(
         project=lg.wandb_project,
         entity=lg.wandb_entity,
         name=lg.wandb_run_name,
         dir=str(output_dir),
         config=plain,
-        mode=wandb_mode(lg),
+        mode=mode,
         settings=settings,
+        id=run_id,
+        resume="allow" if run_id else None,
     )
+    if mode != "disabled" and getattr(run, "id", None) and run.id != run_id:
+        tmp = id_file.with_name(f".{WANDB_ID_FILE}.tmp")
+        tmp.write_text(run.id + "\n")
+        os.replace(tmp, id_file)
+    return run
+
+
+def read_wandb_id(path: Path) -> Optional[str]:
+    """The stored run id, or None if there is none (or it is not a plausible wandb id)."""
+    if not path.is_file():
+        return None
+    value = path.read_text().strip()
+    return value if value and len(value) <= 128 and all(c.isalnum() or c in "-_" for c in value) else None
