@@ -28,7 +28,11 @@ VARIANTS = {
 
 
 def tiny_hf_model(name: str, dtype: torch.dtype = torch.float32):
-    cls, config = VARIANTS[name]()
+    return randomized(*VARIANTS[name]()).to(dtype)
+
+
+def randomized(cls, config):
+    """`cls(config)` in eval mode, eager attention, every parameter random (seed 0)."""
     config._attn_implementation = "eager"
     torch.manual_seed(0)
     model = cls(config).eval()
@@ -36,7 +40,7 @@ def tiny_hf_model(name: str, dtype: torch.dtype = torch.float32):
     with torch.no_grad():
         for pname, p in model.named_parameters():
             p.normal_(1.0, 0.1) if "norm" in pname else p.normal_(0.0, 0.08)
-    return model.to(dtype)
+    return model
 
 
 def save_tiny_hf(name: str, path: Path, dtype: torch.dtype = torch.float32):

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from checkpoint_convert.hf import load_hf_weights, read_hf_config, save_hf
 from trainer.config import ModelConfig
 from trainer.model import GPTModel
+from tests.tiny_hf import randomized
 
 transformers = pytest.importorskip("transformers")
 
@@ -41,15 +42,7 @@ VARIANTS = list(_variants())
 
 
 def _random_hf_model(name: str):
-    cls, config = _variants()[name]
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    model = cls(config).eval()
-    # HF's init leaves norms at one and biases at zero; randomise everything so each tensor's mapping matters.
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            p.normal_(1.0, 0.1) if "norm" in pname else p.normal_(0.0, 0.08)
-    return model
+    return randomized(*_variants()[name])
 
 
 def _read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
