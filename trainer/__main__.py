@@ -7,10 +7,10 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from trainer.config import ConfigError, to_config
+from trainer.config import HYDRA_MAIN, ConfigError, to_config
 
 
-@hydra.main(config_path="pkg://conf", config_name="config", version_base="1.3")
+@hydra.main(**HYDRA_MAIN)
 def _run(cfg: DictConfig) -> None:
     from trainer.checkpoint import EXIT_PREEMPTED, RunExit
     from trainer.distributed import rank_info, requeue_slurm_job

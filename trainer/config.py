@@ -420,6 +420,10 @@ def _asset_path(rel: str):
     return asset_path(*rel.split("/"))
 
 
+# The arguments of @hydra.main for every entry point that composes conf/ (python -m trainer, trainer.launch).
+HYDRA_MAIN = dict(config_path="pkg://conf", config_name="config", version_base="1.3")
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)

@@ -22,7 +22,8 @@ from typing import Optional
 import hydra
 from omegaconf import DictConfig
 
-from trainer.config import Config, ConfigError, LauncherConfig, ParallelConfig, is_secret_key, to_config
+from trainer.config import (HYDRA_MAIN, Config, ConfigError, LauncherConfig, ParallelConfig, is_secret_key,
+                            to_config)
 
 SETUP_MARKERS = ("# >>> meshtron setup", "# <<< meshtron setup")
 OVERRIDES_MARKERS = ("# >>> meshtron overrides", "# <<< meshtron overrides")
@@ -247,7 +248,7 @@ def launch(cfg: Config, overrides: list[str]) -> int:
     return 0
 
 
-@hydra.main(config_path="pkg://conf", config_name="config", version_base="1.3")
+@hydra.main(**HYDRA_MAIN)
 def _run(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
@@ -263,6 +264,8 @@ def _run(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    # `--dry-run` is short for the override launcher.dry_run=true.
+    sys.argv = [("launcher.dry_run=true" if a == "--dry-run" else a) for a in sys.argv]
     _run()
 
 

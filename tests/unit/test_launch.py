@@ -54,7 +54,8 @@ def fake_bin(tmp: Path, name: str, body: str) -> Path:
 
 def test_dry_run_renders_the_real_template_for_4_nodes_x_8_gpus(tmp_path):
     assert TEMPLATE.is_file(), "slurm/train.sbatch is missing"
-    proc = launch_cli(tmp_path, "launcher.dry_run=true", "launcher.nodes=4", "launcher.gpus_per_node=8", *MESH_32,
+    # `--dry-run` is the short form of launcher.dry_run=true.
+    proc = launch_cli(tmp_path, "--dry-run", "launcher.nodes=4", "launcher.gpus_per_node=8", *MESH_32,
                       f"launcher.setup='{SETUP}'", "trainer.max_steps=1000", "data.path=/data/my corpus.jsonl",
                       "trainer.output_dir=runs/big")
     assert proc.returncode == 0, proc.stderr
