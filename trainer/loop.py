@@ -59,7 +59,17 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu or auto")
-    return torch.device("cuda", local_rank) if name == "cuda" else torch.device("cpu")
+    if name != "cuda":
+        return torch.device("cpu")
+    # One visible GPU per process (srun --gpus-per-task=1, or CUDA_VISIBLE_DEVICES set per rank) is index 0
+    # whatever the local rank; otherwise local rank i takes GPU i.
+    count = torch.cuda.device_count()
+    if count == 1:
+        return torch.device("cuda", 0)
+    if local_rank >= count:
+        raise ConfigError(f"local rank {local_rank} but only {count} CUDA devices are visible to it: start one "
+                          f"process per GPU (torchrun --nproc_per_node {count}, or srun --ntasks-per-node {count})")
+    return torch.device("cuda", local_rank)
 
 
 def load_split(cfg: Config, tokenizer, split: str, info: RankInfo):

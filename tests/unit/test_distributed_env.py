@@ -163,3 +163,27 @@ def test_two_srun_style_tasks_train_like_one_process(tmp_path):
     assert codes == [0, 0], logs[-5000:]
     assert "on 2 x cpu" in logs and "dp_shard': 2" in logs
     assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), rel=1e-5)
+
+
+@pytest.mark.parametrize("visible,local_rank,index", [(8, 5, 5), (1, 5, 0), (2, 0, 0)])
+def test_cuda_device_follows_the_local_rank_unless_one_gpu_is_visible(monkeypatch, visible, local_rank, index):
+    import torch
+
+    from trainer.loop import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    assert pick_device("cuda", local_rank) == torch.device("cuda", index)
+    assert pick_device("cpu", local_rank) == torch.device("cpu")
+
+
+def test_more_local_ranks_than_visible_gpus_is_refused(monkeypatch):
+    import torch
+
+    from trainer.config import ConfigError
+    from trainer.loop import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    with pytest.raises(ConfigError, match="local rank 5 but only 4 CUDA devices"):
+        pick_device("auto", 5)
