@@ -11,14 +11,15 @@ import dataclasses
 import json
 import os
 import shutil
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Iterator, Mapping, Optional, Union
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from tqdm import tqdm
 from transformers import AutoConfig, GenerationConfig, PreTrainedConfig
 
 from checkpoint_convert.models.registry import family, family_for_hf
@@ -307,26 +308,26 @@ def save_hf(
     interrupted export never looks complete. `config_overrides` sets extra HF config keys (token ids).
     """
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True to replace it")
+    check_out_dir(out, overwrite)
     state = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
     tensors = to_hf_state_dict(state, cfg, dtype)
     config = hf_config(cfg, **(config_overrides or {}))
     config.dtype = _dtype_name(tensors)
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        _write_safetensors(tensors, tmp, max_shard_bytes)
-        with open(tmp / "config.json", "w") as f:
-            f.write(json.dumps(config.to_diff_dict(), indent=2, sort_keys=True) + "\n")
-        GenerationConfig.from_model_config(config).save_pretrained(tmp)
-        _replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with staged_dir(out, overwrite) as tmp:
+        writer = ShardWriter(tmp, max_shard_bytes)
+        for name, t in tensors.items():
+            writer.add(name, t)
+        writer.finish()
+        write_config_files(tmp, config)
     return out
+
+
+def write_config_files(out: Path, config: PreTrainedConfig) -> None:
+    """config.json (keys sorted) and generation_config.json from it, unless one is there already (copied
+    from the source checkpoint)."""
+    (out / "config.json").write_text(json.dumps(config.to_diff_dict(), indent=2, sort_keys=True) + "\n")
+    if not (out / "generation_config.json").exists():
+        GenerationConfig.from_model_config(config).save_pretrained(out)
 
 
 def _dtype_name(tensors: Mapping[str, torch.Tensor]) -> str:
@@ -334,28 +335,76 @@ def _dtype_name(tensors: Mapping[str, torch.Tensor]) -> str:
     return str(floats.pop()).removeprefix("torch.") if len(floats) == 1 else "float32"
 
 
-def _write_safetensors(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: int) -> None:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in tensors.items():
+class ShardWriter:
+    """Safetensors shards written as tensors arrive; named model-0000i-of-0000N (+ index), or model.safetensors
+    when one shard holds everything, at `finish`. Holds at most one shard's tensors."""
+
+    def __init__(self, out: Path, max_shard_bytes: int):
+        self.out, self.max = out, max_shard_bytes
+        self.files: list[tuple[Path, list[str]]] = []
+        self.pending: dict[str, torch.Tensor] = {}
+        self.size = self.total = 0
+
+    def add(self, name: str, t: torch.Tensor) -> None:
         nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:  # a tensor larger than a shard gets its own
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], str(out / SAFE_WEIGHTS), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, start=1):
-        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / file), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, file))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    with open(out / SAFE_INDEX, "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
-        f.write("\n")
+        if self.pending and self.size + nbytes > self.max:  # a tensor larger than a shard gets its own
+            self._flush()
+        self.pending[name] = t
+        self.size += nbytes
+        self.total += nbytes
+
+    def _flush(self) -> None:
+        path = self.out / f".shard-{len(self.files):05d}.safetensors"
+        save_file(self.pending, str(path), metadata={"format": "pt"})
+        self.files.append((path, list(self.pending)))
+        self.pending, self.size = {}, 0
+
+    def finish(self) -> None:
+        if self.pending or not self.files:
+            self._flush()
+        if len(self.files) == 1:
+            self.files[0][0].rename(self.out / SAFE_WEIGHTS)
+            return
+        weight_map = {}
+        for i, (path, names) in enumerate(self.files, start=1):
+            final = f"model-{i:05d}-of-{len(self.files):05d}.safetensors"
+            path.rename(self.out / final)
+            weight_map.update(dict.fromkeys(names, final))
+        with open(self.out / SAFE_INDEX, "w") as f:
+            json.dump({"metadata": {"total_size": self.total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+
+# ------------------------------------------------------------------------------- output directories
+
+
+def check_out_dir(out: Path, overwrite: bool = False) -> None:
+    """Refuse an output path that is a file, or a non-empty directory unless `overwrite`."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
+        raise FileExistsError(f"{out} exists and is not an empty directory; choose a new output directory"
+                              + ("" if not out.is_dir() else " or pass overwrite=True to replace it"))
+
+
+@contextmanager
+def staged_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """A hidden sibling directory to write into, moved to `out` only when the block finishes: an interrupted
+    conversion or export never leaves a directory that looks complete."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        check_out_dir(out, overwrite)  # someone may have created it meanwhile
+        _replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def byte_progress(total: int, enabled: bool, desc: str) -> tqdm:
+    """A progress bar over bytes written (rate in B/s, ETA), on stderr."""
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not enabled,
+                dynamic_ncols=True)
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

@@ -21,20 +21,19 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import os
 import shutil
 import struct
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
 from safetensors import safe_open
-from tqdm import tqdm
 from transformers import GenerationConfig
 
-from checkpoint_convert.hf import (DEFAULT_MAX_SHARD_BYTES, SAFE_INDEX, SAFE_WEIGHTS, _ignored, _replace_dir,
-                                   _SafetensorsDir, hf_config, pad_vocab_rows, read_hf_config)
+from checkpoint_convert.hf import (DEFAULT_MAX_SHARD_BYTES, SAFE_INDEX, SAFE_WEIGHTS, _ignored, _SafetensorsDir,
+                                   byte_progress, check_out_dir, hf_config, pad_vocab_rows, read_hf_config,
+                                   staged_dir, write_config_files)
 from checkpoint_convert.mapping import Unit
 from checkpoint_convert.models.megatron_names import (COLUMN, EXTRA_STATE_MODULES, GATED_COLUMN, REPLICATED, ROW,
                                                       SPECS, VOCAB, layer_of, tp_split)
@@ -69,7 +68,7 @@ def hf_to_megatron(hf_dir: PathLike, out_dir: PathLike, tp: int, pp: int, spec: 
     hf_dir, out = Path(hf_dir), Path(out_dir)
     cfg = read_hf_config(hf_dir)
     _check_layout(cfg, tp, pp, spec, vocab_divisible_by)
-    _check_out(out, overwrite)
+    check_out_dir(out, overwrite)
     padded = padded_vocab_size(cfg.vocab_size, vocab_divisible_by, tp)
     expected = _meshtron_shapes(cfg)
     plan = _plan(cfg, spec, [cfg.num_layers // pp] * pp)
@@ -94,7 +93,8 @@ def hf_to_megatron(hf_dir: PathLike, out_dir: PathLike, tp: int, pp: int, spec: 
 
         dry = {(s, r): rank_file(meta, s, r) for s in range(pp) for r in range(tp)}  # raises on any mismatch
         args = megatron_args(cfg, tp, pp, spec, padded, vocab_divisible_by, _common_dtype(dry[0, 0].values()))
-        with _staging(out, overwrite) as tmp, _bar(sum(map(_nbytes, dry.values())), progress, out) as bar:
+        total = sum(map(_nbytes, dry.values()))
+        with staged_dir(out, overwrite) as tmp, byte_progress(total, progress, f"writing {out.name}") as bar:
             (tmp / TRACKER).write_text("release")
             for (s, r) in dry:
                 path = tmp / "release" / rank_dir(r, s, pp) / CKPT_FILE
@@ -120,12 +120,6 @@ def _check_layout(cfg: ModelConfig, tp: int, pp: int, spec: str, vocab_divisible
     if cfg.num_layers % pp:
         raise ConfigError(f"pp={pp} does not divide num_layers={cfg.num_layers}; every pipeline stage "
                           f"gets the same number of layers")
-
-
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
-        raise FileExistsError(f"{out} exists and is not an empty directory; choose a new output directory"
-                              + ("" if not out.is_dir() else " or pass overwrite=True to replace it"))
 
 
 def _check_hf_tensors(src: _SafetensorsDir, units: list[Unit], cfg: ModelConfig, where: Path) -> None:
@@ -400,7 +394,7 @@ def megatron_to_hf(megatron_dir: PathLike, out_dir: PathLike, hf_config_dir: Opt
     ConfigError (unsupported args, or hf_config_dir describing another model), FileExistsError (out_dir).
     """
     out = Path(out_dir)
-    _check_out(out, overwrite)
+    check_out_dir(out, overwrite)
     ckpt = _checkpoint(megatron_dir, iteration, hf_config_dir)
     cfg = ckpt.cfg
     units = family(cfg.family).table.units(_meshtron_shapes(cfg))
@@ -413,7 +407,7 @@ def megatron_to_hf(megatron_dir: PathLike, out_dir: PathLike, hf_config_dir: Opt
     planned = list(hf_tensors(ckpt.meta))  # (name, meta tensor): every shape known before writing
     shards = _plan_shards([(name, _nbytes([t])) for name, t in planned], max_shard_bytes)
     total = _nbytes([t for _, t in planned])
-    with _staging(out, overwrite) as tmp, _bar(total, progress, out) as bar:
+    with staged_dir(out, overwrite) as tmp, byte_progress(total, progress, f"writing {out.name}") as bar:
         # Shards are runs of consecutive tensors, each file streamed tensor by tensor.
         for file, group in itertools.groupby(hf_tensors(ckpt.full), key=lambda item: shards[item[0]]):
             entries = [(name, t) for name, t in planned if shards[name] == file]
@@ -466,20 +460,18 @@ def _write_safetensors_header(f, entries: list[tuple[str, torch.Tensor]]) -> Non
 
 
 def _write_hf_config(tmp: Path, cfg: ModelConfig, hf_config_dir: Optional[PathLike], dtype: str) -> None:
-    if hf_config_dir is not None:
-        src = Path(hf_config_dir)
-        shutil.copyfile(src / "config.json", tmp / "config.json")
-        for pattern in TOKENIZER_GLOBS + ("generation_config.json",):
-            for f in src.glob(pattern):
-                if f.is_file():
-                    shutil.copyfile(f, tmp / f.name)
-        if (tmp / "generation_config.json").exists():
-            return
     config = hf_config(cfg)
     config.dtype = dtype
     if hf_config_dir is None:
-        (tmp / "config.json").write_text(json.dumps(config.to_diff_dict(), indent=2, sort_keys=True) + "\n")
-    GenerationConfig.from_model_config(config).save_pretrained(tmp)
+        write_config_files(tmp, config)
+        return
+    src = Path(hf_config_dir)  # its config.json as it is, its tokenizer and generation config
+    for pattern in ("config.json", "generation_config.json") + TOKENIZER_GLOBS:
+        for f in src.glob(pattern):
+            if f.is_file():
+                shutil.copyfile(f, tmp / f.name)
+    if not (tmp / "generation_config.json").exists():
+        GenerationConfig.from_model_config(config).save_pretrained(tmp)
 
 
 # ========================================================================================= helpers
@@ -500,21 +492,3 @@ def _dtype_name(dtypes: set) -> str:
     return str(floats.pop()).removeprefix("torch.") if len(floats) == 1 else "float32"
 
 
-@contextmanager
-def _staging(out: Path, overwrite: bool) -> Iterator[Path]:
-    """A hidden sibling directory to write into, moved to `out` only when the block finishes."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        _check_out(out, overwrite)  # someone may have created it meanwhile
-        _replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _bar(total: int, progress: bool, out: Path) -> tqdm:
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
-                desc=f"writing {out.name}", dynamic_ncols=True)

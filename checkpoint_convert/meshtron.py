@@ -16,10 +16,8 @@ DCP's ``.metadata`` is a pickle that torch reads without ``weights_only``: only 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import sys
 import warnings
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Union
@@ -28,15 +26,13 @@ import torch
 import torch.distributed.checkpoint as dcp
 import yaml
 from omegaconf import OmegaConf
-from safetensors.torch import save_file
-from transformers import GenerationConfig
 
-from checkpoint_convert.hf import (DEFAULT_MAX_SHARD_BYTES, SAFE_INDEX, SAFE_WEIGHTS, _replace_dir, hf_config,
-                                   model_config_from_hf, to_hf_state_dict)
+from checkpoint_convert.hf import (DEFAULT_MAX_SHARD_BYTES, SAFE_INDEX, SAFE_WEIGHTS, ShardWriter, byte_progress,
+                                   check_out_dir, hf_config, model_config_from_hf, staged_dir, to_hf_state_dict,
+                                   write_config_files)
+from trainer.checkpoint import COMPLETE, LATEST
 from trainer.config import ConfigError, ModelConfig
 
-COMPLETE = "COMPLETE"  # trainer.checkpoint.COMPLETE; not imported to keep this module free of the trainer loop
-LATEST = "latest"
 MODEL_PREFIX = "model."
 # hf/ files that describe the model itself: rewritten from the checkpoint's config, never copied.
 _MODEL_FILES = ("config.json", SAFE_WEIGHTS, SAFE_INDEX)
@@ -140,52 +136,6 @@ def load_meshtron_checkpoint(path: Union[str, Path]) -> tuple[ModelConfig, dict[
 # ------------------------------------------------------------------------------------------ writing
 
 
-class ShardWriter:
-    """Safetensors shards written as tensors arrive; named model-0000i-of-0000N (+ index) at `finish`."""
-
-    def __init__(self, out: Path, max_shard_bytes: int):
-        self.out, self.max = out, max_shard_bytes
-        self.files: list[tuple[Path, list[str]]] = []
-        self.pending: dict[str, torch.Tensor] = {}
-        self.size = self.total = 0
-
-    def add(self, name: str, t: torch.Tensor) -> None:
-        nbytes = t.numel() * t.element_size()
-        if self.pending and self.size + nbytes > self.max:  # a tensor larger than a shard gets its own
-            self._flush()
-        self.pending[name] = t
-        self.size += nbytes
-        self.total += nbytes
-
-    def _flush(self) -> None:
-        path = self.out / f".shard-{len(self.files):05d}.safetensors"
-        save_file(self.pending, str(path), metadata={"format": "pt"})
-        self.files.append((path, list(self.pending)))
-        self.pending, self.size = {}, 0
-
-    def finish(self) -> None:
-        if self.pending or not self.files:
-            self._flush()
-        if len(self.files) == 1:
-            self.files[0][0].rename(self.out / SAFE_WEIGHTS)
-            return
-        weight_map = {}
-        for i, (path, names) in enumerate(self.files, start=1):
-            final = f"model-{i:05d}-of-{len(self.files):05d}.safetensors"
-            path.rename(self.out / final)
-            weight_map.update(dict.fromkeys(names, final))
-        with open(self.out / SAFE_INDEX, "w") as f:
-            json.dump({"metadata": {"total_size": self.total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
-            f.write("\n")
-
-
-def _progress(total: int, enabled: bool, desc: str):
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not enabled,
-                file=sys.stderr, leave=False)
-
-
 def meshtron_to_hf(checkpoint: Union[str, Path], out_dir: Union[str, Path], dtype: Optional[torch.dtype] = None,
                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True) -> Path:
     """Export a meshtron checkpoint (a step_<N> directory, or a checkpoints/ directory with `latest`) as an
@@ -194,23 +144,18 @@ def meshtron_to_hf(checkpoint: Union[str, Path], out_dir: Union[str, Path], dtyp
     step = resolve_checkpoint(checkpoint)
     cfg, ids = checkpoint_config(step)
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"--out {out} exists and is not empty; choose a new directory or remove it")
+    check_out_dir(out)
     meta = model_tensor_meta(step)
     if cfg.tie_word_embeddings and "output_layer.weight" in meta:
         raise ConfigError(f"checkpoint {step} has output_layer.weight but its config has tie_word_embeddings=true")
     if not cfg.tie_word_embeddings and "output_layer.weight" not in meta:
         raise ConfigError(f"checkpoint {step} has no output_layer.weight but its config has untied embeddings")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_dir(out) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)
         dtypes = set()
         total = sum(s.numel() * d.itemsize for s, d in meta.values())
-        with _progress(total, progress, f"export {step.name}") as bar:
+        with byte_progress(total, progress, f"export {step.name}") as bar:
             for names in groups(meta):
                 state = read_tensors(step, meta, names)
                 bar.update(sum(t.numel() * t.element_size() for t in state.values()))
@@ -220,20 +165,15 @@ def meshtron_to_hf(checkpoint: Union[str, Path], out_dir: Union[str, Path], dtyp
                 del state
         writer.finish()
         _write_config(tmp, step, cfg, ids, dtypes)
-        _replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
 def _write_config(tmp: Path, step: Path, cfg: ModelConfig, ids: dict, dtypes: set) -> None:
     config = hf_config(cfg, **ids)
     config.dtype = str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else "float32"
-    (tmp / "config.json").write_text(json.dumps(config.to_diff_dict(), indent=2, sort_keys=True) + "\n")
     hf = step / "hf"
     if hf.is_dir():  # tokenizer files, chat template, a generation config if the run had one
         for f in sorted(hf.iterdir()):
             if f.is_file() and f.name not in _MODEL_FILES and not f.name.endswith(".safetensors"):
                 shutil.copyfile(f, tmp / f.name)
-    if not (tmp / "generation_config.json").exists():
-        GenerationConfig.from_model_config(config).save_pretrained(tmp)
+    write_config_files(tmp, config)

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from checkpoint_convert.cli import build_parser, main as convert
-from checkpoint_convert.meshtron import ShardWriter, groups, resolve_checkpoint
+from checkpoint_convert.hf import ShardWriter
+from checkpoint_convert.meshtron import groups, resolve_checkpoint
 from trainer.config import ConfigError
 
 

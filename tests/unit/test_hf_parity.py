@@ -150,7 +150,7 @@ def test_tied_export_has_no_lm_head_and_refuses_to_overwrite(tmp_path):
     assert "lm_head.weight" not in _read_safetensors_dir(path)
     assert json.loads((path / "config.json").read_text())["tie_word_embeddings"] is True
     model = GPTModel(cfg)
-    with pytest.raises(FileExistsError, match="not empty"):
+    with pytest.raises(FileExistsError, match="not an empty directory"):
         save_hf(model, cfg, path)
     save_hf(model, cfg, path, overwrite=True, dtype=torch.bfloat16)
     assert all(t.dtype == torch.bfloat16 for t in _read_safetensors_dir(path).values())
