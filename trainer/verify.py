@@ -23,7 +23,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from parallel.dims import ParallelDims
-from trainer.config import Config, ConfigError, ModelConfig, ParallelConfig, to_config
+from trainer.config import HYDRA_MAIN, Config, ConfigError, ModelConfig, ParallelConfig, to_config
 from trainer.distributed import RankInfo, broadcast_str, rank_info
 
 HEAD_DIM = 16
@@ -93,6 +93,11 @@ def run(cfg: Config) -> int:
     small = shrink(cfg, dims, tokenizer_len, base / "parallel")
     train(small)  # starts the process group
     base = Path(broadcast_str(str(base)))
+    # All ranks leave the process group together, before rank 0 alone trains the single-process copy: a gloo
+    # group torn down while its peer still waits in a collective (the old final broadcast of the verdict, for
+    # the whole single run) could abort rank 0 at exit ("terminate called without an active exception").
+    dist.barrier()
+    dist.destroy_process_group()
     status = 0
     if info.is_main:
         single_cfg = dataclasses.replace(small, parallel=ParallelConfig(microbatch_size=1),
@@ -112,13 +117,10 @@ def run(cfg: Config) -> int:
             status = 1
         else:
             print("meshtron verify: OK")
-    box = [status]
-    dist.broadcast_object_list(box, src=0)
-    dist.destroy_process_group()
-    return box[0]
+    return status  # the other ranks exit 0; torchrun reports rank 0's verdict
 
 
-@hydra.main(config_path="pkg://conf", config_name="config", version_base="1.3")
+@hydra.main(**HYDRA_MAIN)
 def _main(cfg: DictConfig) -> None:
     try:
         code = run(to_config(cfg))
