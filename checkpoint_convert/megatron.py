@@ -42,6 +42,7 @@ from checkpoint_convert.megatron_format import (CHECKPOINT_VERSION, CKPT_FILE, T
                                                 first_rank_args, load_rank_file, megatron_args, megatron_config,
                                                 rank_dir, rank_dirs, resolve_iteration_dir)
 from parallel.dims import padded_vocab_size
+from parallel.tensor_parallel import check_tp_divisibility
 from trainer.config import ConfigError, ModelConfig
 from trainer.model import GPTModel
 
@@ -71,7 +72,7 @@ def hf_to_megatron(hf_dir: PathLike, out_dir: PathLike, tp: int, pp: int, spec: 
     check_out_dir(out, overwrite)
     padded = padded_vocab_size(cfg.vocab_size, vocab_divisible_by, tp)
     expected = _meshtron_shapes(cfg)
-    plan = _plan(cfg, spec, [cfg.num_layers // pp] * pp)
+    plan = _plan(spec, [cfg.num_layers // pp] * pp, expected)
     with ExitStack() as stack:
         src = _SafetensorsDir(hf_dir, stack)
         hf_units = family(cfg.family).table.units(expected)
@@ -113,10 +114,7 @@ def _check_layout(cfg: ModelConfig, tp: int, pp: int, spec: str, vocab_divisible
     for name, value in (("tp", tp), ("pp", pp), ("vocab_divisible_by", vocab_divisible_by)):
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name}={value!r} must be a positive integer")
-    for field in ("num_attention_heads", "num_query_groups", "ffn_hidden_size"):
-        if getattr(cfg, field) % tp:
-            raise ConfigError(f"tp={tp} does not divide {field}={getattr(cfg, field)}; tensor parallelism "
-                              f"splits it evenly, so tp must be one of its divisors")
+    check_tp_divisibility(cfg, tp, tp_name="tp", field_prefix="")
     if cfg.num_layers % pp:
         raise ConfigError(f"pp={pp} does not divide num_layers={cfg.num_layers}; every pipeline stage "
                           f"gets the same number of layers")
@@ -160,8 +158,9 @@ def _meshtron_shapes(cfg: ModelConfig) -> dict[str, torch.Tensor]:
     return dict(model.named_parameters())
 
 
-def _plan(cfg: ModelConfig, spec: str, stage_layers: list[int]) -> list[list[_Placed]]:
-    """Which Megatron tensors each pipeline stage holds, under which local names.
+def _plan(spec: str, stage_layers: list[int], shapes: dict[str, torch.Tensor]) -> list[list[_Placed]]:
+    """Which Megatron tensors each pipeline stage holds, under which local names (`shapes`: the model's
+    meshtron parameters, from :func:`_meshtron_shapes`).
 
     Layers are numbered from 0 on every stage; the embedding lives on the first stage, the final norm and
     output layer on the last. With tied embeddings and PP > 1 megatron-core's last stage still registers
@@ -171,7 +170,7 @@ def _plan(cfg: ModelConfig, spec: str, stage_layers: list[int]) -> list[list[_Pl
     starts = [sum(stage_layers[:s]) for s in range(len(stage_layers))]
     last = len(stage_layers) - 1
     stages: list[list[_Placed]] = [[] for _ in stage_layers]
-    units = SPECS[spec].units(_meshtron_shapes(cfg))
+    units = SPECS[spec].units(shapes)
     for unit in units:
         layer = layer_of(unit.theirs[0])
         if layer is None:
@@ -181,7 +180,7 @@ def _plan(cfg: ModelConfig, spec: str, stage_layers: list[int]) -> list[list[_Pl
         s = max(i for i, start in enumerate(starts) if layer[0] >= start and stage_layers[i])
         stages[s].append(_Placed(unit, {n: f"decoder.layers.{layer[0] - starts[s]}.{layer_of(n)[1]}"
                                         for n in unit.theirs}))
-    if cfg.tie_word_embeddings and last > 0:
+    if "output_layer.weight" not in shapes and last > 0:  # tied embeddings
         emb = next(u for u in units if u.theirs == ("embedding.word_embeddings.weight",))
         stages[last].append(_Placed(emb, {"embedding.word_embeddings.weight": "output_layer.weight"}))
     return stages
@@ -293,6 +292,7 @@ class _MegatronCheckpoint:
             if any(k != keys[0] for k in keys):
                 raise KeyError(f"{self.dir}: the TP ranks of pipeline stage {s} hold different tensor names")
         self.cfg = config_from_args(self.args, name=root.name)
+        self.shapes = _meshtron_shapes(self.cfg)
         # TE fuses the pre-attention/pre-MLP norms into the next linear: its names say which spec saved this.
         self.spec = "te" if any(k.endswith(".layer_norm_weight") for row in self.files for k in row[0]) else "local"
         self._index()
@@ -302,7 +302,7 @@ class _MegatronCheckpoint:
         counts = [1 + max((layer_of(k)[0] for k in row[0] if layer_of(k)), default=-1) for row in self.files]
         if sum(counts) != self.cfg.num_layers:
             raise ValueError(f"{self.dir}: stages hold {counts} layers, but args say num_layers={self.cfg.num_layers}")
-        self.plan = _plan(self.cfg, self.spec, counts)
+        self.plan = _plan(self.spec, counts, self.shapes)
         self.where: dict[str, tuple[int, str]] = {}
         for s, placed in enumerate(self.plan):
             want = {local for p in placed for local in p.names.values()}
@@ -338,7 +338,7 @@ class _MegatronCheckpoint:
 
     def meshtron(self, fetch: Callable[[str], torch.Tensor]) -> "_Ours":
         units = [p.unit for stage in self.plan for p in stage]
-        return _Ours(units, fetch, self.cfg, _meshtron_shapes(self.cfg), what=str(self.dir))
+        return _Ours(units, fetch, self.cfg, self.shapes, what=str(self.dir))
 
 
 def _meta_like(value):
@@ -352,9 +352,9 @@ def _checkpoint(megatron_dir: PathLike, iteration: Optional[int],
     if hf_config_dir is not None:
         cfg = read_hf_config(hf_config_dir)
         _check_same_model(cfg, ckpt, hf_config_dir)
-        ckpt.cfg = cfg
+        ckpt.cfg, ckpt.shapes = cfg, _meshtron_shapes(cfg)
     ours = ckpt.meshtron(ckpt.meta)
-    for name in _meshtron_shapes(ckpt.cfg):
+    for name in ckpt.shapes:
         ours.take(name)
     return ckpt
 
@@ -376,7 +376,7 @@ def load_megatron_as_meshtron(megatron_dir: PathLike, iteration: Optional[int] =
     """(config, full state dict in meshtron's names, vocabulary un-padded): GPTModel(cfg).load_state_dict works."""
     ckpt = _checkpoint(megatron_dir, iteration)
     ours = ckpt.meshtron(ckpt.full)
-    return ckpt.cfg, {name: ours.take(name).contiguous() for name in _meshtron_shapes(ckpt.cfg)}
+    return ckpt.cfg, {name: ours.take(name).contiguous() for name in ckpt.shapes}
 
 
 # ======================================================================================= Megatron -> HF
@@ -397,7 +397,7 @@ def megatron_to_hf(megatron_dir: PathLike, out_dir: PathLike, hf_config_dir: Opt
     check_out_dir(out, overwrite)
     ckpt = _checkpoint(megatron_dir, iteration, hf_config_dir)
     cfg = ckpt.cfg
-    units = family(cfg.family).table.units(_meshtron_shapes(cfg))
+    units = family(cfg.family).table.units(ckpt.shapes)
 
     def hf_tensors(fetch) -> Iterator[tuple[str, torch.Tensor]]:
         ours = ckpt.meshtron(fetch)

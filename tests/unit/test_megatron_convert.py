@@ -239,7 +239,7 @@ def llama_src(hf_dirs, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs,error", [
-    (dict(tp=4, pp=1), r"tp=4 does not divide num_query_groups=2"),
+    (dict(tp=4, pp=1), r"num_query_groups=2 is not divisible by tp=4"),
     (dict(tp=1, pp=3), r"pp=3 does not divide num_layers=4"),
     (dict(tp=1, pp=1, spec="nemo"), r"spec='nemo' is not supported; expected one of \['local', 'te'\]"),
     (dict(tp=0, pp=1), r"tp=0 must be a positive integer"),
