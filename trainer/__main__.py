@@ -20,6 +20,10 @@ def _run(cfg: DictConfig) -> None:
 
     try:
         train(to_config(cfg))
+        if dist.is_initialized():
+            # Rank 0 may still be writing the HF export: leave the group together (a gloo group torn down on
+            # one rank while its peer is still in it can abort the process at exit).
+            dist.barrier()
     except RunExit as stop:
         # A deliberate stop (preemption, non-finite numbers, failed save): exit codes in README.
         print(f"meshtron: {stop}", file=sys.stderr, flush=True)
