@@ -37,7 +37,7 @@ from torch.distributed.pipelining.schedules import (
 from torch.distributed.tensor import DTensor
 
 from trainer.config import ConfigError
-from trainer.loss import DocumentLoss, cross_entropy_sum, cross_entropy_tokens
+from trainer.loss import DocumentLoss
 from trainer.model.gpt import GPTModel
 
 SCHEDULES = {
@@ -57,7 +57,7 @@ TIED_COPY_FQN = "output_layer.weight"
 EMBEDDING_FQN = "embedding.word_embeddings.weight"
 
 # Keyword inputs that every stage needs (attention layout and rotary positions), split like input_ids.
-STAGE_KWARGS = ("position_ids", "seq_index", "document_ids")
+STAGE_KWARGS = ("position_ids", "seq_index", "document_ids", "doc_lens")
 
 
 # ------------------------------------------------------------------------------------------ layout
@@ -256,12 +256,13 @@ class PipelineRunner:
         self.schedule = schedule_cls(stages, n_microbatches=n_microbatches, loss_fn=self._loss_fn,
                                      scale_grads=False)
 
-    def _loss_fn(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def _loss_fn(self, tokens: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The last stage returns per-token losses (its labels came in as a stage kwarg, so the output layer
+        and cross-entropy run chunked inside the stage's forward); this sums and normalises them."""
         if self.doc_loss is None:
-            return cross_entropy_sum(logits, target) / self.normalizer
+            return tokens.sum() / self.normalizer
         # The target carries [labels, sample_ids] so per-document losses can be recorded per micro-batch.
         labels, sample_ids = target.unbind(-1)
-        tokens = cross_entropy_tokens(logits, labels)
         self.doc_loss.add(tokens, labels, sample_ids)
         return tokens.sum() / self.normalizer
 
@@ -269,6 +270,8 @@ class PipelineRunner:
         """Positional args (first stage only), model kwargs (every stage), schedule kwargs (last stage)."""
         args = (batch["input_ids"],) if self.has_first else ()
         kwargs = {k: batch[k] for k in STAGE_KWARGS if batch.get(k) is not None}
+        # Every stage receives the labels; only the last one (which has the output layer) uses them.
+        kwargs["labels"] = batch["labels"]
         losses: Optional[list] = [] if self.has_last else None
         target = batch["labels"]
         if self.doc_loss is not None:

@@ -54,6 +54,7 @@ class RopeScalingConfig:
 
 
 MODEL_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "varlen")
 
 
 @dataclass
@@ -85,6 +86,9 @@ class ModelConfig:
     init_std: float = 0.02
     # Megatron pads the vocabulary to a multiple of this x tensor-parallel size; padded logits are -inf.
     make_vocab_size_divisible_by: int = 128
+    # The attention kernel (see trainer/model/attention.py): auto picks per micro-batch and device; sdpa
+    # (causal when every row is one document, else the dense-mask reference); flex and varlen are CUDA-only.
+    attention_backend: str = "auto"
 
     @property
     def head_dim(self) -> int:
@@ -92,6 +96,7 @@ class ModelConfig:
 
     def validate(self) -> None:
         _one_of("model.family", self.family, MODEL_FAMILIES)
+        _one_of("model.attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         for name in ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads",
                      "num_query_groups", "max_position_embeddings", "make_vocab_size_divisible_by"):
             _require(getattr(self, name) > 0, f"model.{name}={getattr(self, name)} must be positive")
@@ -141,8 +146,15 @@ class ParallelConfig:
     sequence_parallel: bool = True
     # Recompute activations in backward: none, full (every block), selective (keep matmul/attention outputs).
     activation_checkpoint: str = "none"
+    # torch.compile each transformer layer (fullgraph) and the loss chunk, after activation checkpointing and
+    # before FSDP (parallel/compile.py).
+    compile: bool = False
+    # FSDP gradient reduction: reduce-scatter after every micro-batch (no rank ever holds unsharded gradients
+    # of the whole model), or only after the last micro-batch of a step (fewer collectives, more memory).
+    fsdp_grad_sync: str = "every_microbatch"
 
     def validate(self) -> None:
+        _one_of("parallel.fsdp_grad_sync", self.fsdp_grad_sync, ("every_microbatch", "last_microbatch"))
         for name in ("dp_replicate", "tp", "pp", "cp", "microbatch_size", "pp_virtual_stages"):
             _require(getattr(self, name) >= 1, f"parallel.{name}={getattr(self, name)} must be >= 1")
         _one_of("parallel.pp_schedule", self.pp_schedule, PP_SCHEDULES)
@@ -306,6 +318,12 @@ class TrainerConfig:
     # fp32, or bf16 autocast over fp32 master weights.
     precision: str = "fp32"
     device: str = "auto"
+    # Tokens per chunk of the output layer + cross-entropy (trainer/loss.py): at most one chunk's logits exist
+    # at a time, in forward and backward; 0 computes the whole [tokens, vocab] logits at once.
+    loss_chunk_size: int = 1024
+    # Dense bf16 peak TFLOP/s of one device, the denominator of the `mfu` metric; None: detected from the
+    # GPU's name where known (trainer/flops.py), else no mfu is reported.
+    peak_tflops: Optional[float] = None
     # Save the final model as HF safetensors (+ tokenizer) under <output_dir>/hf.
     export_hf: bool = True
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -325,6 +343,10 @@ class TrainerConfig:
         for name in ("max_steps", "global_batch_size", "log_every", "eval_batches"):
             _require(getattr(self, name) >= 1, f"trainer.{name}={getattr(self, name)} must be >= 1")
         _require(self.eval_every >= 0, f"trainer.eval_every={self.eval_every} must be >= 0")
+        _require(self.loss_chunk_size >= 0, f"trainer.loss_chunk_size={self.loss_chunk_size} must be >= 0 "
+                                            f"(0 turns chunking off)")
+        _require(self.peak_tflops is None or self.peak_tflops > 0,
+                 f"trainer.peak_tflops={self.peak_tflops} must be positive (or unset to detect it)")
 
 
 @dataclass

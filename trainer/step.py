@@ -16,7 +16,7 @@ import torch
 from parallel.collectives import sum_over
 from parallel.parallelize import ParallelModel
 from trainer.config import Config
-from trainer.loss import DocumentLoss, count_valid, cross_entropy_sum, cross_entropy_tokens
+from trainer.loss import DocumentLoss, count_valid
 
 # Axes whose ranks hold different tokens: their loss sums add up. tp ranks hold the same tokens.
 TOKEN_AXES = ("dp_replicate", "dp_shard", "cp", "pp")
@@ -45,7 +45,7 @@ def micro_batches(batch: dict[str, torch.Tensor], size: int) -> list[dict[str, t
 
 
 def model_inputs(mb: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, dict]:
-    kwargs = {k: mb[k].to(device) for k in ("position_ids", "seq_index", "document_ids") if k in mb}
+    kwargs = {k: mb[k].to(device) for k in ("position_ids", "seq_index", "document_ids", "doc_lens") if k in mb}
     return mb["input_ids"].to(device), kwargs
 
 
@@ -92,7 +92,7 @@ def forward_backward(pm: ParallelModel, batch: dict[str, torch.Tensor], normaliz
         tokens, kwargs = model_inputs(mb, device)
         labels = mb["labels"].to(device)
         with autocast(cfg, pm, device), loss_context(pm):
-            token_losses = cross_entropy_tokens(model(tokens, **kwargs), labels)
+            token_losses = model(tokens, labels=labels, **kwargs)
             ce = token_losses.sum()
             (ce / normalizer).backward()
         if doc_loss is not None and "sample_ids" in mb:
@@ -134,6 +134,6 @@ def evaluate(pm: ParallelModel, global_batches: list[dict[str, torch.Tensor]], c
         for mb in micro_batches(batch, cfg.parallel.microbatch_size):
             tokens, kwargs = model_inputs(mb, device)
             with autocast(cfg, pm, device), loss_context(pm):
-                total += _as_local(cross_entropy_sum(pm.modules[0](tokens, **kwargs), mb["labels"].to(device))).float()
+                total += pm.modules[0](tokens, labels=mb["labels"].to(device), **kwargs).sum()
     pm.train(True)
     return float(sum_over(total, pm.mesh, TOKEN_AXES)) / max(valid, 1)

@@ -22,6 +22,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
 from trainer.config import ModelConfig
+from trainer.loss import cross_entropy_tokens
 from trainer.model.attention import SelfAttention, TokenLayout
 from trainer.model.init import assign_full, clean_fqn, normal_like
 from trainer.model.layers import RMSNorm, RotaryEmbedding, SwiGLUMLP
@@ -130,14 +131,15 @@ class GPTModel(nn.Module):
         return self.embedding.word_embeddings.weight if self.output_layer is None else self.output_layer.weight
 
     def forward(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
-                seq_index: Optional[torch.Tensor] = None,
-                document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                seq_index: Optional[torch.Tensor] = None, document_ids: Optional[torch.Tensor] = None,
+                doc_lens: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """tokens [B, S] (or, on a later pipeline stage, the previous stage's hidden state)
-        -> logits [B, S, padded_vocab] (or, before the last stage, the hidden state).
+        -> logits [B, S, padded_vocab], or with ``labels`` the per-token cross-entropy [B, S] in fp32 (0 where
+        labels are IGNORE_INDEX; see token_losses). Before the last pipeline stage: the hidden state.
 
-        position_ids [B, S] feed rotary embeddings (default 0..S-1); seq_index and document_ids decide
-        what attends to what (see TokenLayout). Under sequence or pipeline parallelism the hidden state is
-        sharded or received, so position_ids must be given: they carry the full sequence length.
+        position_ids [B, S] feed rotary embeddings (default 0..S-1); seq_index, document_ids and doc_lens
+        decide what attends to what (see TokenLayout). Under sequence or pipeline parallelism the hidden
+        state is sharded or received, so position_ids must be given: they carry the full sequence length.
         """
         if position_ids is None:
             B, S = tokens.shape[:2]
@@ -149,7 +151,12 @@ class GPTModel(nn.Module):
             hidden = layer(hidden, rope, layout)
         if self.decoder.final_layernorm is None:
             return hidden
-        return self.lm_head(self.decoder.final_layernorm(hidden))
+        hidden = self.decoder.final_layernorm(hidden)
+        return self.lm_head(hidden) if labels is None else self.token_losses(hidden, labels)
+
+    def token_losses(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-token cross-entropy (fp32, shaped like labels) of the final-normed hidden state."""
+        return cross_entropy_tokens(self.lm_head(hidden), labels)
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.output_weight()
