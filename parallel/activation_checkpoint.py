@@ -19,7 +19,19 @@ _SAVE = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
     torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    # The kernels behind model.attention_backend=flex and varlen (trainer/model/attention.py): the flex
+    # higher-order op (torch redirects it to the selective-checkpoint modes), varlen's custom op and the
+    # flash/cuDNN forwards it calls.
+    torch.ops.higher_order.flex_attention,
+    torch.ops.aten._flash_attention_forward.default,
 }
+try:  # varlen's op is registered by importing its module; older torch releases lack some of these ops
+    import torch.nn.attention.varlen  # noqa: F401
+
+    _SAVE.add(torch.ops.torch_attn._varlen_attn.default)
+    _SAVE.add(torch.ops.aten._cudnn_attention_forward.default)
+except (ImportError, AttributeError):
+    pass
 
 
 def _policy(ctx, op, *args, **kwargs):

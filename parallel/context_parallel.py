@@ -9,7 +9,10 @@ Attention is the Llama 3 all-gather variant rather than ring attention: every la
 along the sequence (backward: reduce-scatter of their gradients) and each rank computes its own queries
 against the whole row. Masking is exact because it is decided by each token's index in the full row
 (``TokenLayout.seq_index``), not by its local position, so causal, Mistral sliding-window and
-packed-document masks all hold across rank boundaries. The all-gather costs one K/V row per layer;
+packed-document masks all hold across rank boundaries. The mask (the dense reference, or on CUDA a flex
+BlockMask mapping the zigzag queries onto the gathered keys) and the gathered row indices and document ids
+are built by the first layer and cached on the TokenLayout, so they cost one all-gather per forward, not
+one per layer. The K/V all-gather costs one K/V row per layer;
 with GQA K/V are small next to Q, which is why Llama 3 chose it over ring attention.
 
 Loss and gradient convention (the training loop relies on it): each cp rank sums cross-entropy over its
@@ -20,16 +23,16 @@ their SUM over cp. FSDP does that in training because cp is folded into its shar
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from trainer.model.attention import TokenLayout, allowed_mask
+from trainer.model.attention import (TokenLayout, allowed_mask, choose_kernel, flex_block_mask, flex_forward,
+                                     sdpa_forward)
 
 CPGroup = Union[DeviceMesh, dist.ProcessGroup]
 
@@ -99,19 +102,41 @@ class ContextParallelAttention(nn.Module):
         # is exactly the gradient of "every rank reads every shard". Both work on gloo.
         return funcol.all_gather_single_autograd(t.contiguous(), gather_dim=dim, group=self.group)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    def _keys(self, layout: TokenLayout) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        # Row indices and document ids of the gathered keys: integers, no gradient, the same for every layer.
+        k_index = funcol.all_gather_tensor(layout.seq_index.contiguous(), gather_dim=1, group=self.group)
+        q_doc = layout.document_ids
+        k_doc = None if q_doc is None else funcol.all_gather_tensor(q_doc.contiguous(), gather_dim=1,
+                                                                    group=self.group)
+        return funcol.wait_tensor(k_index), None if k_doc is None else funcol.wait_tensor(k_doc)
+
+    def _mask(self, layout: TokenLayout, kernel: str, q: torch.Tensor):
+        """This rank's zigzag queries against the gathered keys, in the gathered (rank-major) key order."""
+        k_index, k_doc = layout.cached("cp_keys", lambda: self._keys(layout))
+        if kernel == "flex":
+            return flex_block_mask(q.shape[0], q.shape[2], k_index.shape[1], q.device, layout.seq_index,
+                                   k_index, layout.sliding_window, layout.document_ids, k_doc)
+        return allowed_mask(layout.seq_index, k_index, layout.sliding_window, layout.document_ids, k_doc)
+
+    def prepare(self, q: torch.Tensor, k: torch.Tensor, layout: TokenLayout) -> tuple[str, Any]:
+        """The kernel and its mask for this micro-batch, built once into ``layout.cache`` (see
+        SelfAttention.prepare, which runs this before the layers, eagerly)."""
         if layout.seq_index is None:
             raise ValueError("context-parallel attention needs layout.seq_index (each local token's index in "
                              "the full row); pass seq_index from shard_batch_for_cp to the model")
+        kernel = layout.cached("kernel", lambda: choose_kernel(layout, q, k, context_parallel=True))
+        if kernel == "varlen":
+            raise ValueError("model.attention_backend=varlen cannot run under context parallelism: the gathered "
+                             "keys are zigzag chunks, not one contiguous sequence per document; use flex or auto")
+        return kernel, layout.cached(f"cp_{kernel}", lambda: self._mask(layout, kernel, q))
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        kernel, mask = self.prepare(q, k, layout)
         k_full, v_full = self._gather(k, 2), self._gather(v, 2)
-        # Indices and document ids are integers: they need no gradient and are gathered the same way.
-        k_index = self._gather(layout.seq_index, 1)
-        q_doc: Optional[torch.Tensor] = layout.document_ids
-        k_doc = None if q_doc is None else self._gather(q_doc, 1)
+        if kernel == "flex":
+            return flex_forward(q, k_full, v_full, mask)
         # Every query sees at least itself (its own key is in the gathered row), so no row is fully masked.
-        mask = allowed_mask(layout.seq_index, k_index, layout.sliding_window, q_doc, k_doc)
-        return F.scaled_dot_product_attention(q, k_full, v_full, attn_mask=mask,
-                                              enable_gqa=q.shape[1] != k.shape[1])
+        return sdpa_forward(q, k_full, v_full, mask)
 
     def extra_repr(self) -> str:
         return f"cp={self.cp}"
