@@ -248,7 +248,9 @@ class PipelineRunner:
         self.has_first = any(stage.is_first for stage in self.stages)
         self.has_last = any(stage.is_last for stage in self.stages)
         self.normalizer = 1.0
-        self.doc_loss: Optional[DocumentLoss] = None
+        self.n_microbatches = n_microbatches
+        # (token losses, labels, sample ids) of each loss_fn call of the running step; see step().
+        self._doc_parts: Optional[list] = None
         # Multi-stage schedules run a per-rank action plan; see _forward_actions_only for why eval edits it.
         self.has_action_plan = schedule_name not in SINGLE_STAGE_SCHEDULES
         schedule_cls = SCHEDULES[schedule_name]
@@ -259,11 +261,10 @@ class PipelineRunner:
     def _loss_fn(self, tokens: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The last stage returns per-token losses (its labels came in as a stage kwarg, so the output layer
         and cross-entropy run chunked inside the stage's forward); this sums and normalises them."""
-        if self.doc_loss is None:
-            return tokens.sum() / self.normalizer
-        # The target carries [labels, sample_ids] so per-document losses can be recorded per micro-batch.
-        labels, sample_ids = target.unbind(-1)
-        self.doc_loss.add(tokens, labels, sample_ids)
+        if self._doc_parts is not None:
+            # The target carries [labels, sample_ids] so per-document losses can be recorded per micro-batch.
+            labels, sample_ids = target.unbind(-1)
+            self._doc_parts.append((tokens.detach(), labels, sample_ids))
         return tokens.sum() / self.normalizer
 
     def _inputs(self, batch: dict) -> tuple[tuple, dict, dict]:
@@ -274,7 +275,7 @@ class PipelineRunner:
         kwargs["labels"] = batch["labels"]
         losses: Optional[list] = [] if self.has_last else None
         target = batch["labels"]
-        if self.doc_loss is not None:
+        if self._doc_parts is not None:
             target = torch.stack([batch["labels"], batch["sample_ids"]], dim=-1)
         extra = {"target": target, "losses": losses} if self.has_last else {}
         return args, kwargs, extra
@@ -286,12 +287,18 @@ class PipelineRunner:
         With `doc_loss` (and `sample_ids` in the batch), the last stage records per-document losses in it.
         """
         self.normalizer = float(normalizer)
-        self.doc_loss = doc_loss if "sample_ids" in batch else None
+        self._doc_parts = [] if doc_loss is not None and "sample_ids" in batch else None
         args, kwargs, extra = self._inputs(batch)
         try:
             self.schedule.step(*args, return_outputs=False, **extra, **kwargs)
+            if self._doc_parts is not None:
+                # torch (2.13) (re)initialises the stages on a schedule's first step and after each eval with a
+                # shape-inference pass that runs loss_fn on uninitialised input before the real micro-batches:
+                # only the last n_microbatches calls are this step's.
+                for part in self._doc_parts[-self.n_microbatches:]:
+                    doc_loss.add(*part)
         finally:
-            self.doc_loss = None
+            self._doc_parts = None
         return torch.stack(extra["losses"]).sum().detach() if self.has_last else None
 
     @torch.no_grad()

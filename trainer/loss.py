@@ -3,13 +3,19 @@
 The step's loss is this sum divided by the global count of valid tokens in the step (all micro-batches and,
 with parallelism, all data- and context-parallel ranks), never a mean of per-batch means: with variable
 numbers of valid tokens per micro-batch a mean of means weights tokens unequally.
+
+The per-token losses come from the output layer and cross-entropy run a chunk of tokens at a time
+(chunked_token_losses, trainer.loss_chunk_size), so the [tokens, vocab] logits never exist whole.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
+from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 
@@ -28,6 +34,39 @@ def cross_entropy_tokens(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     return loss.view(labels.shape)
 
 
+ChunkFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+def chunked_token_losses(chunk_fn: ChunkFn, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         vocab_size: int, chunk_size: int) -> torch.Tensor:
+    """Per-token cross-entropy (fp32, shaped like labels) of hidden [..., h] through the output layer,
+    ``chunk_size`` tokens at a time; ``chunk_size=0`` (or a chunk as large as the input) runs it whole.
+
+    ``chunk_fn(hidden [n, h], weight, labels [n], vocab_size) -> losses [n]`` is the output layer and
+    cross-entropy of one chunk (GPTModel.loss_chunk_fn). With gradients, each call runs under
+    non-reentrant activation checkpointing: its forward keeps only its inputs (a view of ``hidden``, the
+    weight, the labels) and its [n] losses, and backward recomputes its logits just before their gradient.
+    The autograd engine runs the ready node with the highest sequence number first, so one chunk's backward
+    finishes before the previous chunk's recompute starts: at most one chunk's logits exist at a time.
+    The recompute reuses the caller's autocast state (checkpoint restores it), must run inside the same
+    ``loss_parallel`` context as the forward, and sees the weight tensor the forward saw (under FSDP2 the
+    root's unsharded parameter, unsharded again by its pre-backward hook).
+    """
+    flat_hidden, flat_labels = hidden.flatten(0, -2), labels.flatten()
+    if chunk_size == 0 or chunk_size >= flat_labels.numel():
+        return chunk_fn(flat_hidden, weight, flat_labels, vocab_size).view(labels.shape)
+    recompute = torch.is_grad_enabled() and (flat_hidden.requires_grad or weight.requires_grad)
+    losses = []
+    for h, y in zip(flat_hidden.split(chunk_size), flat_labels.split(chunk_size)):
+        if recompute:
+            # No RNG inside a loss chunk, so there is no RNG state to stash and restore.
+            losses.append(checkpoint(chunk_fn, h, weight, y, vocab_size, use_reentrant=False,
+                                     preserve_rng_state=False))
+        else:
+            losses.append(chunk_fn(h, weight, y, vocab_size))
+    return torch.cat(losses).view(labels.shape)
+
+
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed token cross-entropy in fp32; labels equal to IGNORE_INDEX contribute nothing."""
     return cross_entropy_tokens(logits, labels).sum()
@@ -42,16 +81,23 @@ class DocumentLoss:
     """
 
     def __init__(self, global_sample_ids: torch.Tensor, device: torch.device):
-        self.keys = torch.unique(global_sample_ids[global_sample_ids >= 0]).to(device)
+        # Built on the host from the host batch; an asynchronous copy, so the step never waits for the device.
+        self.keys = torch.unique(global_sample_ids[global_sample_ids >= 0]).to(device, non_blocking=True)
         self.sums = torch.zeros(len(self.keys), dtype=torch.float64, device=device)
         self.counts = torch.zeros(len(self.keys), dtype=torch.float64, device=device)
 
     @torch.no_grad()
     def add(self, token_losses: torch.Tensor, labels: torch.Tensor, sample_ids: torch.Tensor) -> None:
-        valid = labels != IGNORE_INDEX
-        idx = torch.searchsorted(self.keys, sample_ids[valid].to(self.keys.device))
-        self.sums.index_add_(0, idx, token_losses.detach()[valid].double())
-        self.counts.index_add_(0, idx, torch.ones_like(idx, dtype=torch.float64))
+        if len(self.keys) == 0:  # only padding in the step
+            return
+        # Masks by weight, not by boolean indexing: indexing a device tensor by a mask is a host sync.
+        # Invalid slots add an exact 0 (to document 0 when their sample id is padding's -1).
+        valid = (labels != IGNORE_INDEX).flatten()
+        idx = torch.searchsorted(self.keys, sample_ids.flatten().to(self.keys.device))
+        idx = idx.clamp_(max=len(self.keys) - 1)
+        losses = token_losses.detach().flatten().double()
+        self.sums.index_add_(0, idx, torch.where(valid, losses, torch.zeros_like(losses)))
+        self.counts.index_add_(0, idx, valid.double())
 
     def value(self, reduce) -> float:
         """`reduce(tensor)` sums a tensor over the ranks that hold different tokens (in place)."""

@@ -22,7 +22,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
 from trainer.config import ModelConfig
-from trainer.loss import cross_entropy_tokens
+from trainer.loss import chunked_token_losses, cross_entropy_tokens
 from trainer.model.attention import SelfAttention, TokenLayout
 from trainer.model.init import assign_full, clean_fqn, normal_like
 from trainer.model.layers import RMSNorm, RotaryEmbedding, SwiGLUMLP
@@ -96,6 +96,10 @@ class GPTModel(nn.Module):
             None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, self.padded_vocab_size, bias=False)
         )
         self.init_weights(seed)
+        # Tokens per output-layer + cross-entropy chunk (trainer.loss_chunk_size; 0: all at once) and the
+        # per-chunk function, replaceable by a compiled one. Plain attributes: state_dict never sees them.
+        self.loss_chunk_size = 0
+        self.loss_chunk_fn = loss_chunk
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
@@ -146,7 +150,9 @@ class GPTModel(nn.Module):
             position_ids = torch.arange(S, device=tokens.device).expand(B, S)
         hidden = self.embedding(tokens) if self.embedding is not None else tokens
         rope = self.rotary_pos_emb(position_ids, hidden.dtype)  # once per forward, shared by all layers
-        layout = TokenLayout(seq_index, document_ids, self.config.sliding_window)
+        layout = TokenLayout(seq_index, document_ids, self.config.sliding_window, doc_lens,
+                             backend=self.config.attention_backend)
+        self._prepare_attention(layout, position_ids, hidden.dtype)
         for layer in self.decoder.layers.values():
             hidden = layer(hidden, rope, layout)
         if self.decoder.final_layernorm is None:
@@ -154,18 +160,59 @@ class GPTModel(nn.Module):
         hidden = self.decoder.final_layernorm(hidden)
         return self.lm_head(hidden) if labels is None else self.token_losses(hidden, labels)
 
+    def _prepare_attention(self, layout: TokenLayout, position_ids: torch.Tensor, dtype: torch.dtype) -> None:
+        """Kernel choice, masks and cu_seqlens once per forward, eagerly: every layer (compiled or not, and
+        activation-checkpoint recomputation) then reads them from the layout."""
+        layer = next(iter(self.decoder.layers.values()), None)
+        if layer is None:
+            return
+        # Activation checkpointing wraps a layer; the wrapper keeps the layer as _checkpoint_wrapped_module.
+        layer = getattr(layer, "_checkpoint_wrapped_module", layer)
+        B, S = position_ids.shape[:2]
+        layer.self_attention.prepare(layout, B, S, dtype, position_ids.device)
+
     def token_losses(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Per-token cross-entropy (fp32, shaped like labels) of the final-normed hidden state."""
-        return cross_entropy_tokens(self.lm_head(hidden), labels)
+        """Per-token cross-entropy (fp32, shaped like labels) of the final-normed hidden state, computed
+        ``loss_chunk_size`` tokens at a time so the whole [tokens, vocab] logits never exist (loss.py)."""
+        weight = self.output_weight()
+        if isinstance(weight, DTensor):
+            # Gather sequence-parallel shards once for all chunks, not once per chunk.
+            hidden = replicate_hidden(hidden, weight.device_mesh)
+        return chunked_token_losses(self.loss_chunk_fn, hidden, weight, labels, self.config.vocab_size,
+                                    self.loss_chunk_size)
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.output_weight()
-        if isinstance(weight, DTensor):  # tensor parallel: see vocab_parallel_logits
-            return vocab_parallel_logits(hidden, weight, self.config.vocab_size)
-        logits = nn.functional.linear(hidden, weight)
-        if self.padded_vocab_size > self.config.vocab_size:
-            logits[..., self.config.vocab_size:] = float("-inf")
-        return logits
+        """Logits [..., padded_vocab] (vocab-sharded DTensor under tensor parallelism; see output_logits)."""
+        return output_logits(hidden, self.output_weight(), self.config.vocab_size)
+
+
+def loss_chunk(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """One chunk's output layer and cross-entropy: hidden [n, h], labels [n] -> fp32 losses [n].
+
+    The matmul runs in the caller's precision (bf16 under autocast or FSDP's bf16 parameters); the
+    cross-entropy upcasts only this chunk's logits. A plain function of tensors, so it can be compiled.
+    """
+    return cross_entropy_tokens(output_logits(hidden, weight, vocab_size), labels)
+
+
+def output_logits(hidden: torch.Tensor, weight: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """hidden @ weight.T with columns >= vocab_size (padding rows of the weight) set to -inf."""
+    if isinstance(weight, DTensor):  # tensor parallel: see vocab_parallel_logits
+        return vocab_parallel_logits(hidden, weight, vocab_size)
+    logits = nn.functional.linear(hidden, weight)
+    if weight.shape[0] > vocab_size:
+        logits[..., vocab_size:] = float("-inf")
+    return logits
+
+
+def replicate_hidden(hidden: torch.Tensor, mesh) -> DTensor:
+    """The hidden state as a Replicate DTensor on ``mesh``: all-gathered from sequence shards (a DTensor,
+    under sequence parallelism) or wrapped as is (a local tensor, full on every rank). In backward its
+    gradient, a partial sum over the vocabulary shards, is reduce-scattered or all-reduced accordingly."""
+    replicate = [Replicate()] * mesh.ndim
+    if isinstance(hidden, DTensor):
+        return hidden.redistribute(mesh, replicate)
+    return DTensor.from_local(hidden, mesh, replicate, run_check=False)
 
 
 def vocab_parallel_logits(hidden: torch.Tensor, weight: DTensor, vocab_size: int) -> DTensor:
@@ -178,11 +225,7 @@ def vocab_parallel_logits(hidden: torch.Tensor, weight: DTensor, vocab_size: int
     slice assignment cannot address global columns of a sharded tensor.
     """
     mesh = weight.device_mesh
-    replicate = [Replicate()] * mesh.ndim
-    if isinstance(hidden, DTensor):
-        hidden = hidden.redistribute(mesh, replicate)
-    else:
-        hidden = DTensor.from_local(hidden, mesh, replicate, run_check=False)
+    hidden = replicate_hidden(hidden, mesh)  # a no-op for token_losses' chunks, already replicated
     logits = nn.functional.linear(hidden, weight)
     if weight.shape[0] > vocab_size:
         pad = torch.zeros(weight.shape[0], dtype=logits.dtype, device=logits.device)
