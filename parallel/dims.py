@@ -112,6 +112,9 @@ def validate_layout(cfg: Config, dims: ParallelDims, tokenizer_vocab: Optional[i
 
     p, m = cfg.parallel, cfg.model
     check_tp_divisibility(m, dims.tp)
+    from parallel.compile import check_compile
+
+    check_compile(cfg, dims.tp)
     if dims.pp > 1:
         check_pp_divisibility(m.num_layers, dims.pp, p.pp_virtual_stages, p.pp_schedule)
     seq_multiple = (2 * dims.cp if dims.cp > 1 else 1) * dims.tp

@@ -1,5 +1,5 @@
 """Builds the model as this rank holds it: split into pipeline stages, then per stage, in a fixed order,
-TP(+SP) -> CP -> activation checkpointing -> FSDP/HSDP, then materialised and initialised.
+TP(+SP) -> CP -> activation checkpointing -> compile -> FSDP/HSDP, then materialised and initialised.
 
 The model is first built on the meta device (no memory), so every parallelism only ever allocates this
 rank's part. Initial weights do not depend on the layout (trainer/model/init.py), which is what lets every
@@ -63,6 +63,7 @@ def build_parallel_model(cfg: Config, dims: ParallelDims, mesh, device: torch.de
         stages = [(0, model)]
 
     for _, module in stages:
+        module.loss_chunk_size = cfg.trainer.loss_chunk_size  # a plain attribute: checkpoints never see it
         _parallelize_one(module, cfg, dims, mesh)
         module.to_empty(device=device)
         _initialise(module, cfg)
@@ -91,6 +92,11 @@ def _parallelize_one(module: nn.Module, cfg: Config, dims: ParallelDims, mesh) -
         from parallel.activation_checkpoint import apply_activation_checkpointing
 
         apply_activation_checkpointing(module, p.activation_checkpoint)
+    if p.compile:
+        from parallel.compile import apply_compile
+
+        # After checkpointing (the wrapper is compiled, recompute included), before FSDP (hooks stay around).
+        apply_compile(module, loss_chunk=not dims.tp_enabled)
     if dims.fsdp_enabled:
         from parallel.fsdp import apply_fsdp
 
