@@ -33,8 +33,12 @@ def apply_fsdp(model: nn.Module, dp_mesh, precision: str, reshard_after_forward:
 
 
 def set_gradient_sync(modules: list[nn.Module], enabled: bool) -> None:
-    """Skip the reduce-scatter on all but the last micro-batch of a step (gradients accumulate sharded-free
-    locally, then are reduced once)."""
+    """Whether the next backward reduce-scatters (and, under HSDP, all-reduces) its gradients.
+
+    Enabled on every micro-batch (parallel.fsdp_grad_sync=every_microbatch), each backward adds its reduced
+    shard to the sharded gradient and frees the unsharded one, so a rank holds 1/dp_shard of the model's
+    gradients between micro-batches. Disabled on all but the last (last_microbatch), FSDP keeps every
+    unsharded gradient until the last backward reduces their sum once: fewer collectives, more memory."""
     for m in modules:
         if isinstance(m, FSDPModule):
             m.set_requires_gradient_sync(enabled)

@@ -118,7 +118,13 @@ def slurm_rendezvous(env: Mapping[str, str]) -> dict[str, str]:
 
 
 def init_distributed(info: RankInfo, device: torch.device) -> None:
-    """gloo on CPU, NCCL on CUDA; nothing at all for a single process."""
+    """gloo on CPU, NCCL on CUDA; nothing at all for a single process.
+
+    On CUDA the local rank's device becomes the current one first, even for one process: NCCL, the mesh's
+    collectives and every tensor made without an explicit device then land on this rank's GPU, not on GPU 0.
+    """
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if info.world_size == 1 or dist.is_initialized():
         return
     if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:

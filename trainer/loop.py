@@ -14,17 +14,17 @@ from typing import Optional
 import torch
 
 from parallel.collectives import clip_grad_norm_
-from parallel.dims import ParallelDims, validate_layout
+from parallel.dims import ParallelDims, padded_vocab_size, validate_layout
 from parallel.parallelize import build_parallel_model, full_state_dict
 from trainer.config import Config, ConfigError, resolved_yaml, validate_config
 from trainer.distributed import RankInfo, broadcast_str, init_distributed, rank_info
 from trainer.data.build import batches_in_order
 from trainer.data.loader import GlobalBatchLoader
-from trainer.loss import DocumentLoss, count_valid
-from trainer.metrics import MetricsLogger, perplexity
+from trainer.loss import DocumentLoss
+from trainer.metrics import MetricsLogger, StepMeter, perplexity
 from trainer.checkpoint import EXIT_CHECKPOINT_FAILED, EXIT_NONFINITE, EXIT_PREEMPTED, Checkpointer, RunExit, find_resume
 from trainer.optim import StageOptimizers
-from trainer.step import evaluate, forward_backward, global_loss, local_batch, packing_efficiency, reduce_tokens
+from trainer.step import batch_facts, evaluate, forward_backward, local_batch, step_totals
 
 
 def resolve_model(cfg: Config) -> Config:
@@ -96,12 +96,14 @@ def train(cfg: Config, info: Optional[RankInfo] = None) -> Path:
     distributed job (trainer.verify's reference run).
     """
     from trainer.data.tokenizer import check_vocab_fits, load_tokenizer
+    from trainer.model.attention import check_attention_backend
 
     info = info or rank_info()
     cfg, dims = prepare(cfg, info.world_size)
     tokenizer = load_tokenizer(cfg.data, cfg.model.hf_path)
     check_vocab_fits(tokenizer, cfg.model.vocab_size)
     device = pick_device(cfg.trainer.device, info.local_rank)
+    check_attention_backend(cfg.model, device.type, dims.cp_enabled)  # before anything is allocated
 
     init_distributed(info, device)
     mesh = None if dims.is_single else dims.build_mesh(device.type)
@@ -114,7 +116,7 @@ def train(cfg: Config, info: Optional[RankInfo] = None) -> Path:
     train_data = load_split(cfg, tokenizer, "train", info)
     val = (batches_in_order(load_split(cfg, tokenizer, "val", info).rows, G, cfg.trainer.eval_batches,
                             "the validation split") if cfg.trainer.eval_every else [])
-    loader = GlobalBatchLoader(train_data.rows, G, seed=cfg.trainer.seed)
+    loader = GlobalBatchLoader(train_data.rows, G, seed=cfg.trainer.seed, pin_memory=device.type == "cuda")
 
     pm = build_parallel_model(cfg, dims, mesh, device)
     opt = StageOptimizers(pm.modules, cfg.optim, device, cfg.trainer.max_steps)
@@ -175,31 +177,41 @@ def train(cfg: Config, info: Optional[RankInfo] = None) -> Path:
 
 def _run_steps(cfg: Config, info: RankInfo, pm, opt: StageOptimizers, ckpt: Checkpointer, loader, logger, val,
                device: torch.device, start: int, tokens: int, signals: "PreemptionSignals") -> bool:
-    """Steps start+1 .. max_steps; False when a test hook stopped the run early (after a checkpoint)."""
+    """Steps start+1 .. max_steps; False when a test hook stopped the run early (after a checkpoint).
+
+    A step moves data from device to host once: step_totals' single tensor (loss, grad norm, flags,
+    per-document sums), which is also the step's only sync point and so the boundary its time is measured at.
+    """
     dims, mesh, t = pm.dims, pm.mesh, cfg.trainer
     max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
     every, skips = t.checkpoint.every_steps, 0
+    padded = padded_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by, dims.tp)
+    meter = StepMeter(device, dims.world_size, t.peak_tflops)
+    boundary = time.perf_counter()
     for step in range(start + 1, t.max_steps + 1):
-        t0 = time.perf_counter()
         batch = next(loader)
-        normalizer = count_valid(batch["labels"])
+        facts = batch_facts(batch, cfg, padded)
         doc_loss = DocumentLoss(batch["sample_ids"], device)
-        local_sum = forward_backward(pm, local_batch(batch, pm), normalizer, cfg, device, doc_loss)
+        local_sum = forward_backward(pm, local_batch(batch, pm), facts.normalizer, cfg, device, doc_loss)
         if step in t.testing.nan_loss_steps and info.rank == t.testing.nan_rank:
             local_sum = inject_nan(local_sum, pm)
         if dims.pp_enabled:  # every pp rank takes part, holder of a tied copy or not
             from parallel.pipeline import tied_embedding_grad_sync
 
             tied_embedding_grad_sync(pm.stages, mesh["pp"])
-        locally_bad = not is_finite(local_sum, pm)  # before clipping spreads a NaN norm into every gradient
-        grad_norm = float(clip_grad_norm_(pm.parameters(), max_norm, mesh, pm.duplicates))
-        loss = global_loss(local_sum, normalizer, pm)
-        lr = opt.lr
+        grad_norm = clip_grad_norm_(pm.parameters(), max_norm, mesh, pm.duplicates)
+        if t.testing.step_sleep_s:  # before the flags are read, so a signal during the sleep counts for this step
+            time.sleep(t.testing.step_sleep_s)
+        totals = step_totals(local_sum, grad_norm, doc_loss, signals.name is not None, pm)
+        now = time.perf_counter()
+        seconds, boundary = now - boundary, now
+        loss, grad_norm, lr = totals.loss_sum / facts.normalizer, totals.grad_norm, opt.lr
         skipped = False
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        bad_loss = totals.nonfinite_loss_ranks > 0 or not math.isfinite(loss)
+        if bad_loss or not math.isfinite(grad_norm):
+            ranks = ranks_where(not locally_finite(local_sum, pm), info, device)
             opt.zero_grad()
-            ranks = ranks_where(locally_bad, info, device)
-            what = (f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step {step} "
+            what = (f"non-finite {'loss' if bad_loss else 'gradient norm'} at step {step} "
                     f"(loss {loss}, grad_norm {grad_norm}), from rank(s) {ranks}")
             if t.nonfinite == "stop" or skips >= t.max_consecutive_skips:
                 why = ("trainer.nonfinite=stop" if t.nonfinite == "stop"
@@ -212,27 +224,27 @@ def _run_steps(cfg: Config, info: RankInfo, pm, opt: StageOptimizers, ckpt: Chec
             skips = 0
             opt.step()
             opt.zero_grad()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        tokens += batch["input_ids"].numel()
-        record = {"step": step, "loss": loss, "loss_per_doc": doc_loss.value(reduce_tokens(pm)), "lr": lr,
-                  "grad_norm": grad_norm, "tokens": tokens,
-                  "tokens_per_s": batch["input_ids"].numel() / (time.perf_counter() - t0),
-                  "packing_efficiency": packing_efficiency(batch)}
+        tokens += facts.slots
+        # The reduced per-document sums stand in for DocumentLoss.value's own reduction.
+        record = {"step": step, "loss": loss, "loss_per_doc": doc_loss.value(lambda _: totals.doc_totals),
+                  "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+                  "tokens_per_s": facts.real_tokens / seconds, "packing_efficiency": facts.packing_efficiency,
+                  **meter.throughput(facts.flops, seconds)}
         if skipped:
             record["skipped"] = True
         if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
             v = evaluate(pm, val, cfg, device)
             record.update(val_loss=v, val_ppl=perplexity(v))
         if step % t.log_every == 0 or "val_loss" in record or step == t.max_steps:
-            logger.log(record)
+            logger.log({**record, **meter.memory()})
 
-        if t.testing.step_sleep_s:
-            time.sleep(t.testing.step_sleep_s)
-        # Step boundary: every rank agrees on preemption before anyone saves.
-        preempted = signals.agreed(info.world_size, device)
+        # Step boundary: every rank agreed on preemption in step_totals, before anyone saves.
+        preempted = totals.preempted
+        if preempted and signals.name is None:
+            signals.name = "a signal to another rank"
         stop_here = t.testing.stop_after_step == step
-        if preempted or stop_here or (every and (step % every == 0 or step == t.max_steps)):
+        saving = preempted or stop_here or (every and (step % every == 0 or step == t.max_steps))
+        if saving:
             ckpt.save(step, pm, opt, loader, tokens)
         if preempted or stop_here:
             ckpt.wait()
@@ -241,12 +253,15 @@ def _run_steps(cfg: Config, info: RankInfo, pm, opt: StageOptimizers, ckpt: Chec
                                               f"saved under {ckpt.root}; rerun the same command to resume")
             logger.write(f"stopping after step {step} (trainer.testing.stop_after_step); checkpoint saved")
             return False
+        if saving or "val_loss" in record:  # their time is not the next step's
+            boundary = time.perf_counter()
     return True
 
 
 class PreemptionSignals:
     """SIGTERM / SIGUSR1 (Slurm's and torchrun's warnings) only set a flag; the loop acts on it at the
-    next step boundary, after all ranks agree (any rank signalled is enough)."""
+    next step boundary, after all ranks agree (any rank signalled is enough: the flag is summed with the
+    step's other numbers in trainer/step.py step_totals)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -260,18 +275,6 @@ class PreemptionSignals:
     def _handle(self, signum, frame) -> None:
         self.name = signal.Signals(signum).name
 
-    def agreed(self, world_size: int, device: torch.device) -> bool:
-        import torch.distributed as dist
-
-        flag = self.name is not None
-        if world_size == 1:  # also trainer.verify's single-process reference inside a distributed job
-            return flag
-        t = torch.tensor([int(flag)], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        if t.item() and self.name is None:
-            self.name = "a signal to another rank"
-        return bool(t.item())
-
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
@@ -284,9 +287,11 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def is_finite(local_sum: torch.Tensor, pm) -> bool:
-    grads = [_local(p.grad) for p in pm.parameters() if p.grad is not None]
-    return bool(torch.isfinite(local_sum).all()) and all(bool(torch.isfinite(g).all()) for g in grads)
+def locally_finite(local_sum: torch.Tensor, pm) -> bool:
+    """This rank's own loss and gradient shards are finite (the non-finite path only: it syncs once)."""
+    checks = [torch.isfinite(local_sum).all()]
+    checks += [torch.isfinite(_local(p.grad)).all() for p in pm.parameters() if p.grad is not None]
+    return bool(torch.stack(checks).all())
 
 
 def ranks_where(flag: bool, info: RankInfo, device: torch.device) -> list[int]:
@@ -298,7 +303,7 @@ def ranks_where(flag: bool, info: RankInfo, device: torch.device) -> list[int]:
     v = torch.zeros(info.world_size, device=device)
     v[info.rank] = float(flag)
     dist.all_reduce(v)
-    return [r for r in range(info.world_size) if v[r] > 0]
+    return [r for r, bad in enumerate(v.tolist()) if bad > 0]
 
 
 @torch.no_grad()

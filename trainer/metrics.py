@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 from tqdm import tqdm
 
 from trainer.config import Config, LoggingConfig, redact_secrets
+from trainer.flops import achieved_tflops, peak_tflops
 
 
 def wandb_mode(cfg: LoggingConfig, env: Optional[dict] = None) -> str:
@@ -81,9 +84,39 @@ class MetricsLogger:
             self._wandb.finish()
 
 
+class StepMeter:
+    """tflops and mfu of a step (model FLOPs per device and second, see trainer/flops.py) and the peak memory
+    since the last log: CUDA memory allocated (its peak is reset after each reading), else the process's
+    peak RSS. Host-side only: allocator statistics and getrusage, no device sync."""
+
+    def __init__(self, device: torch.device, devices: int, configured_peak: Optional[float] = None):
+        self.device, self.devices = device, devices
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+        self.peak = peak_tflops(configured_peak, name)
+
+    def throughput(self, flops: float, seconds: float) -> dict[str, float]:
+        tflops = achieved_tflops(flops, seconds, self.devices)
+        return {"tflops": tflops, **({"mfu": tflops / self.peak} if self.peak else {})}
+
+    def memory(self) -> dict[str, float]:
+        if self.device.type == "cuda":
+            gib = torch.cuda.max_memory_allocated(self.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return {"mem_gib": gib}
+        # ru_maxrss is in KiB on Linux, bytes on macOS.
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return {"mem_gib": rss / (2**30 if sys.platform == "darwin" else 2**20)}
+
+
 def format_record(r: dict[str, Any]) -> str:
     line = (f"step {r['step']:>6} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | grad_norm {r['grad_norm']:.3f}"
             f" | {r['tokens_per_s']:,.0f} tok/s")
+    if "tflops" in r:
+        line += f" | {r['tflops']:.3g} TFLOP/s"
+    if "mfu" in r:
+        line += f" | mfu {r['mfu']:.1%}"
+    if "mem_gib" in r:
+        line += f" | mem {r['mem_gib']:.2f} GiB"
     if "val_loss" in r:
         line += f" | val_loss {r['val_loss']:.4f} | val_ppl {r['val_ppl']:.2f}"
     return line

@@ -9,21 +9,23 @@ which every rank computes from the global batch without communication.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
-from parallel.collectives import sum_over
+from parallel.collectives import sum_tokens_and_ranks
 from parallel.parallelize import ParallelModel
 from trainer.config import Config
-from trainer.loss import DocumentLoss, count_valid
-
-# Axes whose ranks hold different tokens: their loss sums add up. tp ranks hold the same tokens.
-TOKEN_AXES = ("dp_replicate", "dp_shard", "cp", "pp")
+from trainer.flops import real_tokens, step_flops
+from trainer.loss import IGNORE_INDEX, DocumentLoss, count_valid
 
 
 def local_batch(batch: dict[str, torch.Tensor], pm: ParallelModel) -> dict[str, torch.Tensor]:
     """This rank's rows (by data-parallel coordinate) and tokens (by context-parallel coordinate)."""
+    from trainer.data.attention_meta import attention_metadata
+
     dims, mesh = pm.dims, pm.mesh
     rows = batch["input_ids"].shape[0]
     if dims.dp > 1:
@@ -32,6 +34,8 @@ def local_batch(batch: dict[str, torch.Tensor], pm: ParallelModel) -> dict[str, 
     if "position_ids" not in batch:
         B, S = batch["input_ids"].shape
         batch = {**batch, "position_ids": torch.arange(S).expand(B, S).contiguous()}
+    # On the host, before the device copy and the cp split: which attention kernel the rows allow.
+    batch = attention_metadata(batch, dims.cp_enabled)
     if dims.cp_enabled:
         from parallel.context_parallel import shard_batch_for_cp
 
@@ -44,9 +48,16 @@ def micro_batches(batch: dict[str, torch.Tensor], size: int) -> list[dict[str, t
     return [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, n, size)]
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # From the loader's pinned memory (CUDA) the copy is asynchronous; torch's caching host allocator keeps
+    # the pinned block alive until the copy is done, so the host side may drop the batch at once.
+    return t.to(device, non_blocking=True)
+
+
 def model_inputs(mb: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, dict]:
-    kwargs = {k: mb[k].to(device) for k in ("position_ids", "seq_index", "document_ids", "doc_lens") if k in mb}
-    return mb["input_ids"].to(device), kwargs
+    kwargs = {k: to_device(mb[k], device) for k in ("position_ids", "seq_index", "document_ids", "doc_lens")
+              if k in mb}
+    return to_device(mb["input_ids"], device), kwargs
 
 
 def loss_context(pm: ParallelModel):
@@ -77,7 +88,8 @@ def forward_backward(pm: ParallelModel, batch: dict[str, torch.Tensor], normaliz
     With `doc_loss` and `sample_ids` in the batch, per-document losses are recorded on the way.
     """
     if pm.runner is not None:
-        inputs = {k: v.to(device) for k, v in batch.items()}
+        inputs = {k: to_device(v, device) for k, v in batch.items()}
+        # The schedule interleaves forwards and backwards, so here autocast also covers the backwards.
         with autocast(cfg, pm, device), loss_context(pm):
             loss = pm.runner.step(inputs, normalizer, doc_loss)
         # The last stage returns sum(CE) / normalizer over its micro-batches; other stages hold no loss.
@@ -86,35 +98,74 @@ def forward_backward(pm: ParallelModel, batch: dict[str, torch.Tensor], normaliz
 
     model = pm.modules[0]
     mbs = micro_batches(batch, cfg.parallel.microbatch_size)
+    every = cfg.parallel.fsdp_grad_sync == "every_microbatch"
     total = torch.zeros((), device=device)
     for i, mb in enumerate(mbs):
-        set_gradient_sync(pm.modules, i == len(mbs) - 1)
+        # every_microbatch: each backward reduce-scatters into the sharded gradients, so no rank ever holds
+        # the whole model's unsharded gradients; last_microbatch keeps them until the last backward.
+        set_gradient_sync(pm.modules, every or i == len(mbs) - 1)
         tokens, kwargs = model_inputs(mb, device)
-        labels = mb["labels"].to(device)
-        with autocast(cfg, pm, device), loss_context(pm):
-            token_losses = model(tokens, labels=labels, **kwargs)
-            ce = token_losses.sum()
+        labels = to_device(mb["labels"], device)
+        with loss_context(pm):
+            with autocast(cfg, pm, device):
+                token_losses = model(tokens, labels=labels, **kwargs)
+                ce = token_losses.sum()
+            # Outside autocast: backward ops run in the dtypes autocast chose for their forwards (torch AMP
+            # docs: "backward passes under autocast are not recommended").
             (ce / normalizer).backward()
         if doc_loss is not None and "sample_ids" in mb:
-            doc_loss.add(token_losses, labels, mb["sample_ids"].to(device))
+            doc_loss.add(token_losses, labels, to_device(mb["sample_ids"], device))
         total += _as_local(ce).detach().float()
     return total
 
 
-def packing_efficiency(batch: dict[str, torch.Tensor]) -> float:
-    """Share of the global batch's slots that hold real tokens (padding has document id -1)."""
-    if "document_ids" not in batch:
-        return 1.0
-    return float((batch["document_ids"] >= 0).float().mean())
+@dataclass(frozen=True)
+class BatchFacts:
+    """What the host knows of a global batch before its step runs: numpy on the loader's tensors."""
+
+    slots: int
+    real_tokens: int  # slots of documents (document id >= 0), not padding (-1)
+    normalizer: int  # valid labels: the step's loss divisor
+    packing_efficiency: float  # real_tokens / slots
+    flops: int  # model FLOPs of the step (trainer/flops.py)
 
 
-def reduce_tokens(pm: ParallelModel):
-    """A function summing a tensor over the ranks that hold different tokens (for DocumentLoss.value)."""
-    return lambda t: sum_over(t, pm.mesh, TOKEN_AXES)
+def batch_facts(batch: dict[str, torch.Tensor], cfg: Config, padded_vocab: int) -> BatchFacts:
+    labels = batch["labels"].numpy()
+    doc_ids = batch["document_ids"].numpy() if "document_ids" in batch else np.zeros(labels.shape, np.int64)
+    real = real_tokens(doc_ids)
+    return BatchFacts(slots=labels.size, real_tokens=real,
+                      normalizer=int(np.count_nonzero(labels != IGNORE_INDEX)),
+                      packing_efficiency=real / labels.size if labels.size else 1.0,
+                      flops=step_flops(cfg.model, doc_ids, padded_vocab))
 
 
-def global_loss(local_sum: torch.Tensor, normalizer: int, pm: ParallelModel) -> float:
-    return float(sum_over(local_sum.clone(), pm.mesh, TOKEN_AXES)) / normalizer
+@dataclass(frozen=True)
+class StepTotals:
+    """The step's numbers every rank agrees on, on the host."""
+
+    loss_sum: float  # summed cross-entropy over every rank's tokens
+    grad_norm: float
+    nonfinite_loss_ranks: int  # ranks whose own loss sum was not finite
+    preempted: bool  # some rank was signalled
+    doc_totals: torch.Tensor  # host [2, documents]: per-document loss sums and token counts over all ranks
+
+
+def step_totals(local_sum: torch.Tensor, grad_norm: torch.Tensor, doc_loss: Optional[DocumentLoss],
+                signalled: bool, pm: ParallelModel) -> StepTotals:
+    """The step's one collective and its one device->host transfer: [loss sum, per-document sums and counts,
+    non-finite flag, preemption flag] summed over the mesh, with the (already global) grad norm appended."""
+    device, f64 = local_sum.device, torch.float64
+    sums = [doc_loss.sums, doc_loss.counts] if doc_loss is not None else []
+    token_part = torch.cat([local_sum.detach().to(f64).view(1), *sums])
+    rank_part = torch.stack([(~torch.isfinite(local_sum.detach())).to(f64),
+                             torch.full((), float(signalled), dtype=f64, device=device)])
+    reduced = sum_tokens_and_ranks(token_part, rank_part, pm.mesh)
+    host = torch.cat([reduced, grad_norm.detach().to(device=device, dtype=f64).view(1)]).cpu()
+    k = len(doc_loss.keys) if doc_loss is not None else 0
+    values = host.tolist()
+    return StepTotals(loss_sum=values[0], grad_norm=values[-1], nonfinite_loss_ranks=int(values[-3]),
+                      preempted=values[-2] > 0, doc_totals=host[1:1 + 2 * k].view(2, k))
 
 
 @torch.no_grad()
@@ -136,4 +187,4 @@ def evaluate(pm: ParallelModel, global_batches: list[dict[str, torch.Tensor]], c
             with autocast(cfg, pm, device), loss_context(pm):
                 total += pm.modules[0](tokens, labels=mb["labels"].to(device), **kwargs).sum()
     pm.train(True)
-    return float(sum_over(total, pm.mesh, TOKEN_AXES)) / max(valid, 1)
+    return float(sum_tokens_and_ranks(total.view(1), total.new_zeros(0), pm.mesh)[0]) / max(valid, 1)

@@ -131,10 +131,12 @@ class GlobalBatchLoader:
     order ``Blend.epoch_order(seed, epoch)``; the few rows left over differ by epoch. ``state_dict()`` holds
     the epoch and the rows served so far (counted at the consumer, not at the prefetch thread), so a restored
     loader continues the same global order. ``prefetch`` > 0 builds that many batches ahead on a thread.
+    ``pin_memory`` (CUDA runs) puts each batch in page-locked memory as it is built, on that thread, so the
+    step's host-to-device copies can be asynchronous (``non_blocking=True``) while the next batch is built.
     """
 
     def __init__(self, rows: PackedRows | Blend, global_batch_size: int, seed: int, shuffle: bool = True,
-                 prefetch: int = 2):
+                 prefetch: int = 2, pin_memory: bool = False):
         self.blend = rows if isinstance(rows, Blend) else Blend([rows], [1.0])
         if global_batch_size < 1:
             raise ValueError(f"global_batch_size={global_batch_size} must be >= 1")
@@ -142,6 +144,7 @@ class GlobalBatchLoader:
             raise ConfigError(f"the data gives {self.blend.rows_per_epoch} rows per epoch, fewer than one global "
                               f"batch of {global_batch_size}; use more data, a smaller data.seq_len or batch size")
         self.global_batch_size, self.seed, self.shuffle, self.prefetch = global_batch_size, seed, shuffle, prefetch
+        self.pin_memory = pin_memory
         self.epoch, self.position = 0, 0  # position: rows of the current epoch already served
         self._fingerprint = self.blend.fingerprint()
         self._thread: Optional[threading.Thread] = None
@@ -169,7 +172,10 @@ class GlobalBatchLoader:
                 order = self.blend.epoch_order(self.seed, epoch, self.shuffle)
             ids = order[position:position + self.global_batch_size]
             position += self.global_batch_size
-            yield self.blend.gather(ids), epoch, position
+            batch = self.blend.gather(ids)
+            if self.pin_memory:
+                batch = {k: v.pin_memory() for k, v in batch.items()}
+            yield batch, epoch, position
 
     @staticmethod
     def _put(item: Any, q: queue.Queue, stop: threading.Event) -> bool:

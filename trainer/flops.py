@@ -1,0 +1,117 @@
+"""Model FLOPs of a training step, achieved TFLOP/s and MFU: pure functions, computed on the host.
+
+The count is the model's arithmetic (PaLM's MFU, Chowdhery et al. 2022, app. B), not the hardware's: no
+activation recompute, no padding slots, no elementwise work. For one optimizer step of real tokens T:
+
+    flops = 6 * N * T  +  sum over layers l, documents d of  12 * heads * head_dim * pairs(L_d, W_l)
+
+- N, the matmul parameters a token goes through: per layer the fused QKV projection
+  (hidden * (heads + 2 * query_groups) * head_dim), the attention output projection
+  (heads * head_dim * hidden) and the SwiGLU MLP (gate, up and down: 3 * hidden * ffn_hidden); plus the
+  output layer (hidden * padded_vocab, the matmul that actually runs; counted also when tied to the
+  embedding). The embedding lookup is a gather, not a matmul, and is not counted. 6 = 2 FLOPs per
+  multiply-add x (forward + backward, the backward being two matmuls: input and weight gradients).
+- Attention: per visible (query, key) pair the forward runs two matmuls, Q K^T and P V, each
+  2 * heads * head_dim FLOPs; backward is twice the forward, so 3 x 4 = 12 * heads * head_dim per pair.
+- pairs(L, W): the (query, key) pairs a document of L tokens sees under causal masking, counted exactly:
+  query i (0-based) sees min(i + 1, W) keys, so L (L + 1) / 2 without a window (W >= L), and
+  W (W + 1) / 2 + (L - W) * W with a Mistral window W < L. Documents are the runs of one document id within
+  a packed row (padding, id < 0, is no document), as the attention mask isolates them.
+
+    tflops = flops / step seconds / number of devices / 1e12      mfu = tflops / peak TFLOP/s of one device
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from trainer.config import ModelConfig
+
+# Dense (no 2:4 sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s per GPU. Matched against
+# torch.cuda.get_device_name() in order, so the more specific names come first.
+PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("h100 pcie", 756.0),
+    ("h100 nvl", 835.0),
+    ("gh200", 989.0),
+    ("h200", 989.0),
+    ("h100", 989.0),  # SXM (the "H100 80GB HBM3" name)
+    ("h800", 989.0),
+    ("b200", 2250.0),
+    ("a100", 312.0),
+    ("a800", 312.0),
+    ("l40s", 362.0),
+    ("l40", 181.0),
+    ("l4", 121.0),
+)
+
+
+def matmul_params_per_token(cfg: ModelConfig, padded_vocab: Optional[int] = None) -> int:
+    """Weights of every matmul one token goes through: the layers' and the output layer's."""
+    h, hd = cfg.hidden_size, cfg.head_dim
+    qkv = h * (cfg.num_attention_heads + 2 * cfg.num_query_groups) * hd
+    proj = cfg.num_attention_heads * hd * h
+    mlp = 3 * h * cfg.ffn_hidden_size
+    return cfg.num_layers * (qkv + proj + mlp) + h * (padded_vocab or cfg.vocab_size)
+
+
+def document_lengths(document_ids: np.ndarray) -> np.ndarray:
+    """Lengths of the documents of a [B, S] array of document ids: runs of one id within a row; ids < 0
+    (padding) are no document. A 1-D array is one row."""
+    ids = np.atleast_2d(np.asarray(document_ids))
+    B, S = ids.shape
+    if ids.size == 0:
+        return np.zeros(0, np.int64)
+    starts = np.ones((B, S), dtype=bool)
+    starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    flat_starts = np.flatnonzero(starts.ravel())
+    lengths = np.diff(np.append(flat_starts, B * S))
+    real = ids.ravel()[flat_starts] >= 0
+    return lengths[real].astype(np.int64)
+
+
+def visible_pairs(lengths: np.ndarray, window: Optional[int] = None) -> int:
+    """Causal (query, key) pairs of documents of these lengths; with a sliding window W, query i sees the
+    min(i + 1, W) keys i - W < j <= i."""
+    L = np.asarray(lengths, dtype=np.int64)
+    full = L * (L + 1) // 2
+    if not window:
+        return int(full.sum())
+    W = int(window)
+    windowed = W * (W + 1) // 2 + (L - W) * W
+    return int(np.where(L <= W, full, windowed).sum())
+
+
+def attention_flops(cfg: ModelConfig, lengths: np.ndarray) -> int:
+    """Forward + backward FLOPs of Q K^T and P V over all layers for documents of these lengths."""
+    per_pair = 3 * 2 * (2 * cfg.num_attention_heads * cfg.head_dim)
+    return cfg.num_layers * per_pair * visible_pairs(lengths, cfg.sliding_window)
+
+
+def real_tokens(document_ids: np.ndarray) -> int:
+    return int(np.count_nonzero(np.asarray(document_ids) >= 0))
+
+
+def step_flops(cfg: ModelConfig, document_ids: np.ndarray, padded_vocab: Optional[int] = None) -> int:
+    """Model FLOPs of one optimizer step over a global batch with these document ids [B, S]."""
+    tokens = real_tokens(document_ids)
+    dense = 6 * matmul_params_per_token(cfg, padded_vocab) * tokens
+    return dense + attention_flops(cfg, document_lengths(document_ids))
+
+
+def achieved_tflops(flops: float, seconds: float, devices: int) -> float:
+    return flops / seconds / devices / 1e12
+
+
+def detected_peak_tflops(device_name: str) -> Optional[float]:
+    """The table's dense bf16 peak for a GPU name, or None for a GPU it does not know."""
+    name = device_name.lower()
+    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
+
+
+def peak_tflops(configured: Optional[float], device_name: Optional[str]) -> Optional[float]:
+    """trainer.peak_tflops when set, else the peak of the named GPU, else None (then no mfu is reported)."""
+    if configured is not None:
+        return float(configured)
+    return detected_peak_tflops(device_name) if device_name else None
