@@ -1,0 +1,65 @@
+"""The benches under bench/, run end to end in their CPU smoke modes."""
+
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _table_rows(stdout: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and cells[0] not in ("config",) and not set(cells[0]) <= {"-"}:
+            rows[cells[0]] = cells
+    return rows
+
+
+@pytest.mark.slow
+def test_gpu_throughput_cpu_smoke():
+    """--device cpu: a measured line for the sdpa and transformers configurations (real tokens/s > 0, the
+    random-init loss near ln(vocab)), the trainer's CUDA refusal for flex and varlen, the ratio line."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_throughput.py"), "--device", "cpu"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = _table_rows(proc.stdout)
+    head = next(line for line in proc.stdout.splitlines() if line.startswith("| config |"))
+    columns = [c.strip() for c in head.strip().strip("|").split("|")]
+    measured = ["hf-sdpa-pad", "hf-sdpa-bucket", "hf-sdpa-packed", "meshtron-sdpa", "meshtron-sdpa+chunk"]
+    needs_cuda = ["hf-flex-packed"] + [f"meshtron-{b}{c}{k}" for b in ("varlen", "flex") for c in ("", "+chunk")
+                                       for k in ("", "+compile")]
+    assert set(measured + needs_cuda + ["meshtron-sdpa+compile", "meshtron-sdpa+chunk+compile"]) == set(rows)
+    for name in measured:
+        r = dict(zip(columns, rows[name]))
+        assert r["status"] == "ok", (name, r)
+        assert float(r["real tok/s"].replace(",", "")) > 0 and float(r["TFLOP/s"]) > 0, (name, r)
+        assert abs(float(r["loss"]) - math.log(1024)) < 0.3, (name, r)  # random tokens, vocab 1024
+        assert float(r["peak RSS GiB"]) > 0 and r["vs hf-sdpa-pad"].endswith("x"), (name, r)
+    for name in needs_cuda:
+        assert rows[name][-1].startswith("skipped: needs CUDA"), (name, rows[name])
+    ratio = re.search(r"^ratio: best meshtron \((meshtron-sdpa\S*)\) real tokens/s = ([\d.]+)x hf-sdpa-pad, "
+                      r"([\d.]+)x hf-sdpa-bucket$", proc.stdout, re.M)
+    assert ratio and float(ratio[2]) > 0 and float(ratio[3]) > 0, proc.stdout
+    assert re.search(r"^goal: MFU >= 40% of datasheet \(packed\): n/a", proc.stdout, re.M), proc.stdout
+    assert re.search(r"^goal: >= 1.5x hf-sdpa-pad real tokens/s: [\d.]+x \(meshtron-sdpa\S*\) -> (met|missed)$",
+                     proc.stdout, re.M), proc.stdout
+
+
+def test_trainer_overhead_smoke():
+    """bench/trainer_overhead.py on a minuscule model: both sides measured, the ratio line printed."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "trainer_overhead.py"), "--steps", "2", "--warmup", "1",
+                           "--rounds", "1", "model.hidden_size=32", "model.ffn_hidden_size=64", "model.num_layers=1",
+                           "model.num_attention_heads=2", "model.num_query_groups=1", "data.seq_len=32"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rates = dict(re.findall(r"^(trainer|bare)\b.*?: +([\d,]+) tokens/s \(median of 2 steps\)$", proc.stdout, re.M))
+    assert set(rates) == {"trainer", "bare"} and all(float(v.replace(",", "")) > 0 for v in rates.values()), proc.stdout
+    ratio = re.search(r"^ratio trainer/bare: ([\d.]+) \(goal >= 0\.95\)$", proc.stdout, re.M)
+    assert ratio and float(ratio[1]) > 0, proc.stdout
