@@ -58,7 +58,9 @@ def real_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Slots holding a document token (padding has document id -1), as the trainer counts them."""
     if "document_ids" not in batch:
         return batch["input_ids"].numel()
-    return int((batch["document_ids"] >= 0).sum())
+    from trainer.flops import real_tokens as count_real
+
+    return count_real(batch["document_ids"].numpy())
 
 
 # ------------------------------------------------------------------------------------------ trainer

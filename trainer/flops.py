@@ -95,9 +95,9 @@ def real_tokens(document_ids: np.ndarray) -> int:
 
 def step_flops(cfg: ModelConfig, document_ids: np.ndarray, padded_vocab: Optional[int] = None) -> int:
     """Model FLOPs of one optimizer step over a global batch with these document ids [B, S]."""
-    tokens = real_tokens(document_ids)
-    dense = 6 * matmul_params_per_token(cfg, padded_vocab) * tokens
-    return dense + attention_flops(cfg, document_lengths(document_ids))
+    lengths = document_lengths(document_ids)  # every real token is in exactly one document
+    dense = 6 * matmul_params_per_token(cfg, padded_vocab) * int(lengths.sum())
+    return dense + attention_flops(cfg, lengths)
 
 
 def achieved_tflops(flops: float, seconds: float, devices: int) -> float:

@@ -179,24 +179,29 @@ def _old_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=F
     raise AssertionError("signature only")
 
 
+def _clear_varlen_caches():
+    attn.varlen_params.cache_clear()
+    attn.varlen_missing.cache_clear()
+
+
 def test_varlen_missing_reads_the_installed_signature(monkeypatch):
     import torch.nn.attention.varlen as varlen_mod
 
-    attn.varlen_missing.cache_clear()
+    _clear_varlen_caches()
     try:
         assert attn.varlen_missing(True, True) is None  # torch 2.13: window_size and enable_gqa
         monkeypatch.setattr(varlen_mod, "varlen_attn", _old_varlen)
-        attn.varlen_missing.cache_clear()
+        _clear_varlen_caches()
         assert attn.varlen_missing(False, False) is None  # plain causal MHA: is_causal is enough
         gqa = attn.varlen_missing(True, False)
         assert "enable_gqa" in gqa and torch.__version__ in gqa and "grouped-query" in gqa
         assert "window_size" in attn.varlen_missing(False, True)
         monkeypatch.setitem(sys.modules, "torch.nn.attention.varlen", None)
-        attn.varlen_missing.cache_clear()
+        _clear_varlen_caches()
         assert "has no torch.nn.attention.varlen" in attn.varlen_missing(False, False)
     finally:
         monkeypatch.undo()
-        attn.varlen_missing.cache_clear()
+        _clear_varlen_caches()
 
 
 # -------------------------------------------------------------------------------------- refusals

@@ -100,6 +100,16 @@ def row_index(batch: int, seq_len: int, device: torch.device) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
+def varlen_params() -> Optional[frozenset[str]]:
+    """The parameter names of this torch's ``varlen_attn`` (None where it has none), read once."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+@functools.lru_cache(maxsize=None)
 def varlen_missing(gqa: bool, window: bool) -> Optional[str]:
     """Why this torch's ``varlen_attn`` cannot run our attention, or None when it can.
 
@@ -107,11 +117,9 @@ def varlen_missing(gqa: bool, window: bool) -> Optional[str]:
     torch.nn.attention.varlen at all), which serves plain multi-head causal attention but neither GQA
     nor a sliding window.
     """
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
+    params = varlen_params()
+    if params is None:
         return f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn"
-    params = inspect.signature(varlen_attn).parameters
     if "window_size" not in params and "is_causal" not in params:
         return f"torch {torch.__version__}'s varlen_attn takes neither window_size nor is_causal"
     needed = [name for name, used in (("enable_gqa", gqa), ("window_size", window)) if used]
@@ -270,9 +278,8 @@ def varlen_setup(layout: TokenLayout, q: torch.Tensor, k: torch.Tensor) -> tuple
     if q.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"model.attention_backend=varlen runs flash in bf16/fp16, got {q.dtype} without "
                          f"autocast; use trainer.precision=bf16")
-    params = inspect.signature(varlen_attn).parameters
     # torch releases before window_size had only is_causal (varlen_missing refused what they cannot do).
-    kwargs = {"window_size": window} if "window_size" in params else {"is_causal": True}
+    kwargs = {"window_size": window} if "window_size" in varlen_params() else {"is_causal": True}
     if gqa:
         kwargs["enable_gqa"] = True
     return varlen_attn, cu_seqlens(layout.doc_lens, B, S, q.device), kwargs
