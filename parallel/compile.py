@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainer.config import Config, ConfigError
+from trainer.config import Config, ConfigError, device_type
 
 
 def check_compile(cfg: Config, tp: int) -> None:
@@ -40,9 +40,7 @@ def check_compile(cfg: Config, tp: int) -> None:
     """
     if not cfg.parallel.compile or tp == 1:
         return
-    device = cfg.trainer.device
-    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    if on_cpu:
+    if device_type(cfg.trainer.device) == "cpu":
         raise ConfigError(
             f"parallel.compile=true with parallel.tp={tp} cannot train on CPU: torch {torch.__version__}'s "
             f"compiled blocks return plain-tensor gradients to DTensor's backward under tensor parallelism; "

@@ -349,6 +349,15 @@ class TrainerConfig:
                  f"trainer.peak_tflops={self.peak_tflops} must be positive (or unset to detect it)")
 
 
+def device_type(name: str) -> str:
+    """trainer.device as a device type: auto is cuda where a CUDA device is visible, else cpu."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @dataclass
 class LoggingConfig:
     wandb: bool = True

@@ -16,7 +16,7 @@ import torch
 from parallel.collectives import clip_grad_norm_
 from parallel.dims import ParallelDims, padded_vocab_size, validate_layout
 from parallel.parallelize import build_parallel_model, full_state_dict
-from trainer.config import Config, ConfigError, resolved_yaml, validate_config
+from trainer.config import Config, ConfigError, device_type, resolved_yaml, validate_config
 from trainer.distributed import RankInfo, broadcast_str, init_distributed, rank_info
 from trainer.data.build import batches_in_order
 from trainer.data.loader import GlobalBatchLoader
@@ -55,8 +55,7 @@ def prepare(cfg: Config, world_size: int) -> tuple[Config, ParallelDims]:
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+    name = device_type(name)
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu or auto")
     if name != "cuda":
