@@ -95,14 +95,35 @@ class ParallelDims:
     def degrees(self) -> dict[str, int]:
         return {axis: getattr(self, axis) for axis in MESH_AXES}
 
-    def build_mesh(self, device_type: str):
-        """The 5-D mesh (every axis present, size 1 where unused) plus its flattened views."""
+    def build_mesh(self, device_type: str, timeout_s: Optional[float] = None):
+        """The 5-D mesh (every axis present, size 1 where unused) plus its flattened views.
+
+        ``timeout_s`` (trainer.dist_timeout_s) goes to every group the mesh creates: torch gives sub-groups
+        the backend's default timeout otherwise, not the default group's (device_mesh.py, split_group).
+        """
         from torch.distributed.device_mesh import init_device_mesh
 
-        mesh = init_device_mesh(device_type, tuple(getattr(self, a) for a in MESH_AXES), mesh_dim_names=MESH_AXES)
+        opts = None if timeout_s is None else group_options(device_type, timeout_s)
+        override = None if opts is None else {a: opts for a in MESH_AXES}
+        mesh = init_device_mesh(device_type, tuple(getattr(self, a) for a in MESH_AXES), mesh_dim_names=MESH_AXES,
+                                backend_override=override)
         for name, axes in FLAT_VIEWS.items():
-            mesh[axes]._flatten(name)
+            mesh[axes]._flatten(name, backend_override=opts)
         return mesh
+
+
+def group_options(device_type: str, timeout_s: float):
+    """(backend, options) with the given timeout, for DeviceMesh's backend_override."""
+    import datetime
+
+    import torch.distributed as dist
+
+    if device_type == "cuda":
+        backend, opts = "nccl", dist.ProcessGroupNCCL.Options()
+    else:
+        backend, opts = "gloo", dist.ProcessGroupGloo._Options()
+    opts._timeout = datetime.timedelta(seconds=timeout_s)
+    return backend, opts
 
 
 def validate_layout(cfg: Config, dims: ParallelDims, tokenizer_vocab: Optional[int] = None) -> None:

@@ -217,6 +217,9 @@ class DataConfig:
     # Where tokenized corpora are cached (keyed by file contents and tokenizer); None: ~/.cache/meshtron
     # (or $XDG_CACHE_HOME/meshtron).
     cache_dir: Optional[str] = None
+    # Token caches are keyed by each file's path, size and mtime plus the tokenizer's hash; true keys them by
+    # a hash of every byte instead (slower to start; survives files copied with new mtimes).
+    content_hash: bool = False
 
     def validate(self) -> None:
         _one_of("data.format", self.format, DATA_FORMATS)
@@ -324,6 +327,9 @@ class TrainerConfig:
     # Dense bf16 peak TFLOP/s of one device, the denominator of the `mfu` metric; None: detected from the
     # GPU's name where known (trainer/flops.py), else no mfu is reported.
     peak_tflops: Optional[float] = None
+    # Seconds any rank waits for the others (process-group collectives, shared tokenization, the export)
+    # before failing with a message naming what it waited for; NCCL's watchdog uses it too.
+    dist_timeout_s: float = 1800.0
     # Save the final model as HF safetensors (+ tokenizer) under <output_dir>/hf.
     export_hf: bool = True
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -347,6 +353,7 @@ class TrainerConfig:
                                             f"(0 turns chunking off)")
         _require(self.peak_tflops is None or self.peak_tflops > 0,
                  f"trainer.peak_tflops={self.peak_tflops} must be positive (or unset to detect it)")
+        _require(self.dist_timeout_s > 0, f"trainer.dist_timeout_s={self.dist_timeout_s} must be positive (seconds)")
 
 
 def device_type(name: str) -> str:

@@ -3,6 +3,7 @@ one task per GPU without torchrun; and the Slurm requeue after a preemption chec
 
 from __future__ import annotations
 
+import datetime
 import os
 import re
 import shutil
@@ -117,8 +118,11 @@ def slurm_rendezvous(env: Mapping[str, str]) -> dict[str, str]:
     return missing
 
 
-def init_distributed(info: RankInfo, device: torch.device) -> None:
-    """gloo on CPU, NCCL on CUDA; nothing at all for a single process.
+def init_distributed(info: RankInfo, device: torch.device, timeout_s: float = 1800.0) -> None:
+    """gloo on CPU, NCCL on CUDA; nothing at all for a single process. ``timeout_s``
+    (trainer.dist_timeout_s) bounds every collective of the default group and of the groups made from it
+    (DeviceMesh's sub-groups inherit it): a peer that never arrives fails the wait with torch's error
+    instead of hanging.
 
     On CUDA the local rank's device becomes the current one first, even for one process: NCCL, the mesh's
     collectives and every tensor made without an explicit device then land on this rank's GPU, not on GPU 0.
@@ -131,7 +135,8 @@ def init_distributed(info: RankInfo, device: torch.device) -> None:
         os.environ.update(slurm_rendezvous(os.environ))  # srun without torchrun: env:// reads these
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs = {"device_id": device} if device.type == "cuda" else {}
-    dist.init_process_group(backend, rank=info.rank, world_size=info.world_size, **kwargs)
+    dist.init_process_group(backend, rank=info.rank, world_size=info.world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
 
 
 def broadcast_str(value: str) -> str:

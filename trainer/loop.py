@@ -104,8 +104,8 @@ def train(cfg: Config, info: Optional[RankInfo] = None) -> Path:
     device = pick_device(cfg.trainer.device, info.local_rank)
     check_attention_backend(cfg.model, device.type, dims.cp_enabled)  # before anything is allocated
 
-    init_distributed(info, device)
-    mesh = None if dims.is_single else dims.build_mesh(device.type)
+    init_distributed(info, device, cfg.trainer.dist_timeout_s)
+    mesh = None if dims.is_single else dims.build_mesh(device.type, cfg.trainer.dist_timeout_s)
     out = Path(broadcast_str(cfg.trainer.output_dir) if info.world_size > 1 else cfg.trainer.output_dir)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,9 @@ class TokenizedCorpus:
     tokens: np.ndarray  # uint32 [num_tokens], often memory-mapped from the cache
     offsets: np.ndarray  # int64 [num_docs + 1]
     targets: Optional[np.ndarray] = None  # bool [num_tokens]
+    # Identity of the tokenized contents (the token cache's key, or the Megatron files' path/size/mtime): what
+    # indices derived from the corpus (packed-row plans) are cached under. None: nothing derived is cached.
+    key: Optional[str] = None
 
     @property
     def num_docs(self) -> int:
