@@ -96,8 +96,10 @@ def train(cfg: Config, info: Optional[RankInfo] = None) -> Path:
     """
     from trainer.data.tokenizer import check_vocab_fits, load_tokenizer
     from trainer.model.attention import check_attention_backend
+    from trainer.startup import StartupClock
 
     info = info or rank_info()
+    clock = StartupClock()
     cfg, dims = prepare(cfg, info.world_size)
     tokenizer = load_tokenizer(cfg.data, cfg.model.hf_path)
     check_vocab_fits(tokenizer, cfg.model.vocab_size)
@@ -112,14 +114,17 @@ def train(cfg: Config, info: Optional[RankInfo] = None) -> Path:
         (out / "config.yaml").write_text(resolved_yaml(cfg))
 
     G = cfg.trainer.global_batch_size
+    clock.mark("import")  # and set-up: config checks, tokenizer, process group, mesh
     train_data = load_split(cfg, tokenizer, "train", info)
     val = (batches_in_order(load_split(cfg, tokenizer, "val", info).rows, G, cfg.trainer.eval_batches,
                             "the validation split") if cfg.trainer.eval_every else [])
     loader = GlobalBatchLoader(train_data.rows, G, seed=cfg.trainer.seed, pin_memory=device.type == "cuda")
+    clock.mark("data index")
 
     pm = build_parallel_model(cfg, dims, mesh, device)
     opt = StageOptimizers(pm.modules, cfg.optim, device, cfg.trainer.max_steps)
     ckpt = Checkpointer(cfg, out, info.rank, info.world_size, tokenizer)
+    clock.mark("model init")
     resume, notes = find_resume(cfg, out)
     if info.world_size > 1:  # every rank resumes from the checkpoint rank 0 found
         resume = broadcast_str(str(resume) if resume else "")
@@ -130,6 +135,7 @@ def train(cfg: Config, info: Optional[RankInfo] = None) -> Path:
         notes += more + [f"checkpoint: resumed from {resume} at step {start}"]
         if info.is_main:
             truncate_metrics(out / "metrics.jsonl", start)
+    clock.mark("weights")
     n_params = cfg_param_count(cfg)
     logger = MetricsLogger(cfg, out, cfg.trainer.max_steps, start_step=start, enabled=info.is_main)
     accum = G // (dims.dp * cfg.parallel.microbatch_size)
@@ -142,6 +148,7 @@ def train(cfg: Config, info: Optional[RankInfo] = None) -> Path:
                      + (f", {st['dropped']} dropped (data.overlong)" if st.get("dropped") else ""))
     for note in notes:
         logger.write(note)
+    logger.write(clock.line())
 
     signals = PreemptionSignals()
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,11 @@ def test_loss_falls_on_bundled_corpus(tmp_path):
     assert [r["step"] for r in evals] == [20, 40]
     assert evals[1]["val_loss"] < evals[0]["val_loss"]
     assert "tok/s" in proc.stdout and "eta" in proc.stdout and "Outputs in" in proc.stdout
+    ready = re.search(r"ready in ([\d.]+) s \(import ([\d.]+) s, data index ([\d.]+) s, model init ([\d.]+) s, "
+                      r"weights ([\d.]+) s\)", proc.stdout)
+    assert ready, proc.stdout[:3000]
+    total, *phases = map(float, ready.groups())
+    assert 0 < total and abs(total - sum(phases)) <= 0.2 and phases[0] > 0  # python + torch take time to import
 
 
 def test_same_seed_same_losses_and_lr_schedule(tmp_path):
