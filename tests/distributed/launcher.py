@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import pickle
+import queue
 import socket
+import time
 import traceback
 from typing import Any, Callable
 
@@ -41,22 +43,35 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, que
 
 
 def run_ranks(world_size: int, fn: Callable, *args: Any, timeout: float = 300) -> list[Any]:
+    """fn's result per rank; fails on the first rank's error, a rank that dies without a result, or after
+    ``timeout`` seconds (naming the ranks still missing) instead of waiting forever on a deadlock."""
     ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
+    results_q = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
+    procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, results_q)) for r in range(world_size)]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
     errors = []
-    for _ in range(world_size):
-        rank, status, value = queue.get()
+    deadline = time.monotonic() + timeout
+    while len(results) < world_size and not errors:
+        try:
+            rank, status, value = results_q.get(timeout=1.0)
+        except queue.Empty:
+            missing = [r for r in range(world_size) if r not in results]
+            dead = {r: procs[r].exitcode for r in missing if procs[r].exitcode is not None}
+            if dead:
+                time.sleep(1.0)  # a result put just before exiting may still be in the pipe
+                if results_q.empty():
+                    errors.append(f"rank(s) {sorted(dead)} exited (codes {dead}) without a result")
+            elif time.monotonic() > deadline:
+                errors.append(f"timed out after {timeout:.0f} s waiting for rank(s) {missing} (a deadlock, or a "
+                              f"collective some rank never reached)")
+            continue
         if status == "ok":
             results[rank] = pickle.loads(value)  # our own child's bytes, not outside data
         else:
             errors.append(f"rank {rank}:\n{value}")
-        if errors:
-            break
     for p in procs:
         p.join(timeout=5 if errors else timeout)
         if p.is_alive():
