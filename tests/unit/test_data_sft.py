@@ -133,8 +133,8 @@ def test_cache_is_reused_and_keyed_by_train_on_and_template(tok, tmp_path, monke
         {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}])
     first = _load(tok, path, cache=tmp_path / "c")
     calls = []
-    real = sft._tokenize
-    monkeypatch.setattr(sft, "_tokenize", lambda *a: calls.append(1) or real(*a))
+    real = sft.tokenize_chat_part
+    monkeypatch.setattr(sft, "tokenize_chat_part", lambda *a, **k: calls.append(1) or real(*a, **k))
     again = _load(tok, path, cache=tmp_path / "c")
     assert not calls and np.array_equal(first.targets, again.targets) and np.array_equal(first.tokens, again.tokens)
     last = _load(tok, path, cache=tmp_path / "c", train_on="last_assistant")
@@ -147,7 +147,7 @@ def test_cache_is_reused_and_keyed_by_train_on_and_template(tok, tmp_path, monke
     # (" b" is one BPE token overlapping the content "b", so it is a target, leading space and all.)
     assert [tok.decode(plain.tokens[a:b]) for a, b in _runs(np.asarray(plain.targets))] == [" b", " d"]
     assert sorted(p.name.split(".", 1)[1] for p in (tmp_path / "c").iterdir()) == \
-        sorted(["tokens.npy", "targets.npy", "offsets.npy", "meta.json"] * 3)
+        sorted(["bin", "idx", "targets.bin", "targets.idx", "meta.json"] * 3)
 
 
 def test_templates_that_rewrite_contents_are_refused(tok, tmp_path):

@@ -51,12 +51,14 @@ def blend_schedule(weights: Sequence[float], num_rows: int) -> np.ndarray:
 
 @dataclass
 class Blend:
-    """Several PackedRows mixed by weight; ``rows_per_epoch`` defaults to the sum of the sources' rows.
+    """Several row sources mixed by weight; ``rows_per_epoch`` defaults to the sum of the sources' rows.
 
-    A single source with weight 1 and the default epoch length is a plain shuffle of its rows.
+    A source is anything with PackedRows' interface (name, num_rows, seq_len, gather): the lazy RowIndex
+    (row_index.py) in training, PackedRows in tests. A single source with weight 1 and the default epoch
+    length is a plain shuffle of its rows.
     """
 
-    sources: list[PackedRows]
+    sources: list[Any]
     weights: list[float]
     rows_per_epoch: int = 0  # 0: sum of the sources' rows
 
@@ -98,24 +100,25 @@ class Blend:
         return order
 
     def gather(self, ids: np.ndarray) -> dict[str, torch.Tensor]:
-        """LongTensors [len(ids), seq_len] for every field of PackedRows."""
+        """LongTensors [len(ids), seq_len] for every field of PackedRows, built by each source's gather()
+        from only the rows drawn."""
         src = np.searchsorted(self._base, ids, side="right") - 1
         out = {f: np.empty((len(ids), self.seq_len), np.int64) for f in PackedRows.FIELDS}
         for i in np.unique(src):
             sel = src == i
-            local = ids[sel] - self._base[i]
+            rows = self.sources[i].gather(ids[sel] - self._base[i])
             for f in PackedRows.FIELDS:
-                out[f][sel] = getattr(self.sources[i], f)[local]
+                out[f][sel] = rows[f]
         return {f: torch.from_numpy(a) for f, a in out.items()}
 
     def fingerprint(self) -> str:
-        """Cheap identity of the data: shapes, weights and a strided sample of the rows."""
+        """Cheap identity of the data: shapes, weights and a strided sample of ~64 gathered rows per source."""
         h = hashlib.sha256(f"{self.rows_per_epoch}|{self.weights}".encode())
         for s in self.sources:
             h.update(f"|{s.num_rows}x{s.seq_len}|".encode())
-            step = max(1, s.num_rows // 64)
-            h.update(np.ascontiguousarray(s.input_ids[::step]).tobytes())
-            h.update(np.ascontiguousarray(s.sample_ids[::step]).tobytes())
+            sample = s.gather(np.arange(0, s.num_rows, max(1, s.num_rows // 64)))
+            h.update(np.ascontiguousarray(sample["input_ids"]).tobytes())
+            h.update(np.ascontiguousarray(sample["sample_ids"]).tobytes())
         return h.hexdigest()[:16]
 
 
@@ -135,7 +138,7 @@ class GlobalBatchLoader:
     step's host-to-device copies can be asynchronous (``non_blocking=True``) while the next batch is built.
     """
 
-    def __init__(self, rows: PackedRows | Blend, global_batch_size: int, seed: int, shuffle: bool = True,
+    def __init__(self, rows: Any, global_batch_size: int, seed: int, shuffle: bool = True,
                  prefetch: int = 2, pin_memory: bool = False):
         self.blend = rows if isinstance(rows, Blend) else Blend([rows], [1.0])
         if global_batch_size < 1:

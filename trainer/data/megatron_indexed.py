@@ -9,14 +9,21 @@ The layout is the one megatron-core's ``IndexedDatasetBuilder`` / ``preprocess_d
     .bin  the token ids of every sequence back to back, in the dtype named by the code
 
 A "document" is the run of sequences document_indices[i] .. document_indices[i + 1] (D - 1 documents; the
-first index is 0). The files are already tokenized, so nothing is cached: the .bin is memory-mapped.
+first index is 0). The .bin is memory-mapped, never read whole.
+
+meshtron's own token caches and ``python -m trainer.data.preprocess`` write this layout too
+(:class:`IndexedWriter`: one sequence per document, streamed to disk, published atomically), so megatron-core
+reads our files and we read theirs. The vocabulary range check (:func:`scan_vocab`) streams the .bin through a
+fixed buffer: pages touched through a memmap would stay in the process' RSS.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import struct
 from pathlib import Path
-from typing import Optional
+from typing import BinaryIO, Optional
 
 import numpy as np
 
@@ -28,7 +35,15 @@ VERSION = 1
 # megatron.core.datasets.indexed_dataset.DType: code -> numpy dtype (always little-endian on disk).
 DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
           8: np.uint16}
+CODES = {np.dtype(t): c for c, t in DTYPES.items()}
 _HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequence count, document count
+_SCAN_BYTES = 1 << 24  # the vocabulary scan's read buffer
+_COPY_BYTES = 1 << 22
+
+
+def token_dtype(vocab_size: int) -> type:
+    """Megatron's choice (DType.optimal_dtype): uint16 below 65500 ids, else int32."""
+    return np.uint16 if vocab_size < 65500 else np.int32
 
 
 def prefix_paths(path: str | Path) -> tuple[Path, Path]:
@@ -76,7 +91,8 @@ def read_megatron(path: str | Path, vocab_size: Optional[int] = None, name: Opti
 
     ``tokens`` keeps the file's dtype (uint16 or int32 in practice) and is a read-only memmap when the
     sequences lie back to back, as every writer produces them; otherwise they are gathered into memory.
-    With ``vocab_size``, every token id is checked to lie in [0, vocab_size).
+    With ``vocab_size``, every token id is checked to lie in [0, vocab_size) (:func:`scan_vocab`); the
+    trainer does that once per file and vocabulary and records it (pretrain.py), not on every start.
     """
     idx_path, bin_path = prefix_paths(path)
     for p in (idx_path, bin_path):
@@ -103,12 +119,141 @@ def read_megatron(path: str | Path, vocab_size: Optional[int] = None, name: Opti
                                 or [np.zeros(0, dtype=dtype)])
     offsets = seq_starts[doc_idx]  # document i = sequences doc_idx[i] .. doc_idx[i + 1]
 
-    if vocab_size is not None and len(tokens):
-        lo, hi = int(tokens.min()), int(tokens.max())
-        if lo < 0 or hi >= vocab_size:
-            bad = int(np.argmax((tokens < 0) | (tokens >= vocab_size)))
-            doc = int(np.searchsorted(offsets, bad, side="right")) - 1
-            raise ConfigError(f"{bin_path}: token id {int(tokens[bad])} (document {doc}) is outside the tokenizer's "
-                              f"vocabulary of {vocab_size} ids (ids in the file span {lo}..{hi}); the files were "
-                              f"made with another tokenizer: set data.tokenizer to it")
+    if vocab_size is not None:
+        first = int(pointers[0]) if contiguous and len(lengths) else 0
+        scan_vocab(bin_path, dtype, offsets, vocab_size, first_byte=first, tokens=None if contiguous else tokens)
     return TokenizedCorpus(name or f"Megatron dataset {str(path)!r}", tokens, offsets)
+
+
+# --------------------------------------------------------------------------------- vocabulary check
+
+
+def _vocab_error(bin_path: Path, token: int, doc: int, vocab_size: int, lo: int, hi: int) -> ConfigError:
+    return ConfigError(f"{bin_path}: token id {token} (document {doc}) is outside the tokenizer's vocabulary of "
+                       f"{vocab_size} ids (ids in the file span {lo}..{hi}); the files were made with another "
+                       f"tokenizer: set data.tokenizer to it")
+
+
+def scan_vocab(bin_path: Path, dtype: type, offsets: np.ndarray, vocab_size: int, first_byte: int = 0,
+               tokens: Optional[np.ndarray] = None) -> None:
+    """Raise a ConfigError naming the first token id outside [0, vocab_size), its document and the file's id
+    range. Reads the ``offsets[-1]`` tokens from ``first_byte`` of the .bin into one fixed buffer (bounded
+    RSS); ``tokens`` (already in memory: non-contiguous sequences) is checked instead when given."""
+    dt = np.dtype(dtype).newbyteorder("<")
+    total = int(offsets[-1]) if len(offsets) else 0
+    lo, hi, bad = None, None, None
+
+    def check(chunk: np.ndarray, base: int) -> None:
+        nonlocal lo, hi, bad
+        if not len(chunk):
+            return
+        cmin, cmax = int(chunk.min()), int(chunk.max())
+        lo, hi = cmin if lo is None else min(lo, cmin), cmax if hi is None else max(hi, cmax)
+        if bad is None and (cmin < 0 or cmax >= vocab_size):
+            at = int(np.argmax((chunk < 0) | (chunk >= vocab_size)))
+            bad = (base + at, int(chunk[at]))
+
+    if tokens is not None:
+        check(np.asarray(tokens), 0)
+    else:
+        buf = np.empty(max(1, _SCAN_BYTES // dt.itemsize), dtype=dt)
+        with open(bin_path, "rb") as f:
+            f.seek(first_byte)
+            done = 0
+            while done < total:
+                want = min(len(buf), total - done)
+                got = f.readinto(memoryview(buf[:want]).cast("B")) // dt.itemsize
+                if got <= 0:
+                    raise ConfigError(f"{bin_path}: ends after {done} of the {total} tokens its index lists")
+                check(buf[:got], done)
+                done += got
+    if bad is not None:
+        doc = int(np.searchsorted(offsets, bad[0], side="right")) - 1
+        raise _vocab_error(bin_path, bad[1], doc, vocab_size, lo, hi)
+
+
+# ------------------------------------------------------------------------------------------- writing
+
+
+def _fsync_replace(tmp: Path, path: Path) -> None:
+    os.chmod(tmp, 0o644)  # readable by the other users of a shared cache
+    os.replace(tmp, path)
+
+
+class IndexedWriter:
+    """Stream documents into ``<prefix>.bin``/``.idx`` (one sequence per document, as preprocess_data.py
+    writes them without sentence splitting). Nothing is visible under the final names until
+    :meth:`finalize`, which publishes the .bin and then the .idx: a reader that finds the .idx finds both.
+    Holds 12 bytes per document in memory (lengths), as megatron-core's builder does."""
+
+    def __init__(self, prefix: str | Path, dtype: type):
+        # Suffixes appended, not swapped: "<key>.targets" is a prefix of its own.
+        self.idx_path, self.bin_path = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
+        self.code = CODES[np.dtype(dtype)]
+        self.dtype = np.dtype(dtype).newbyteorder("<")
+        self._tmp_bin = self.bin_path.with_name(f"{self.bin_path.name}.{os.getpid()}.tmp")
+        self._bin: Optional[BinaryIO] = open(self._tmp_bin, "wb")
+        self._lengths: list[np.ndarray] = []
+        self._pending: list[int] = []
+
+    def add(self, ids) -> None:
+        """One document's ids (any integer sequence); the caller guarantees they fit the dtype."""
+        arr = np.asarray(ids, dtype=self.dtype)
+        self._bin.write(arr.tobytes())
+        self._pending.append(len(arr))
+        if len(self._pending) >= 65536:
+            self._flush_lengths()
+
+    def _flush_lengths(self) -> None:
+        if self._pending:
+            self._lengths.append(np.asarray(self._pending, dtype=np.int32))
+            self._pending = []
+
+    def append_dataset(self, prefix: str | Path) -> None:
+        """Every document of another indexed dataset of the same dtype, copied in bounded chunks (merging
+        parts written by several processes)."""
+        idx_path, bin_path = Path(str(prefix) + ".idx"), Path(str(prefix) + ".bin")
+        dtype, lengths, pointers, doc_idx = _read_index(idx_path)
+        if CODES[np.dtype(dtype)] != self.code:
+            raise ConfigError(f"{idx_path}: token dtype {np.dtype(dtype).name}, expected {self.dtype.name}")
+        if len(doc_idx) != len(lengths) + 1:
+            raise ConfigError(f"{idx_path}: not one sequence per document; cannot append it")
+        self._flush_lengths()
+        with open(bin_path, "rb") as f:
+            shutil.copyfileobj(f, self._bin, _COPY_BYTES)
+        self._lengths.append(np.array(lengths, dtype=np.int32))
+
+    def finalize(self) -> None:
+        self._flush_lengths()
+        lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int32)
+        self._bin.flush()
+        os.fsync(self._bin.fileno())
+        self._bin.close()
+        self._bin = None
+        pointers = np.zeros(len(lengths), dtype="<i8")
+        np.cumsum(lengths[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
+        tmp_idx = self.idx_path.with_name(f"{self.idx_path.name}.{os.getpid()}.tmp")
+        with open(tmp_idx, "wb") as f:
+            f.write(_HEADER.pack(MAGIC, VERSION, self.code, len(lengths), len(lengths) + 1))
+            f.write(lengths.astype("<i4").tobytes())
+            f.write(pointers.tobytes())
+            f.write(np.arange(len(lengths) + 1, dtype="<i8").tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_replace(self._tmp_bin, self.bin_path)
+        _fsync_replace(tmp_idx, self.idx_path)
+
+    def abort(self) -> None:
+        if self._bin is not None:
+            self._bin.close()
+            self._bin = None
+        self._tmp_bin.unlink(missing_ok=True)
+
+    def __enter__(self) -> "IndexedWriter":
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif self._bin is not None:
+            self.finalize()

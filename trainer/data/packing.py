@@ -16,6 +16,8 @@ sample id of the document it came from (-1 for padding), so tests and logs can c
 - ``packing=False``: one document per row, padded; pretraining documents longer than a row take several.
 
 Everything here is a pure function of the corpus and settings (no seed): the shuffle belongs to the loader.
+``pack_corpus`` builds every row in memory; training uses row_index.py's RowIndex instead (the same rows from
+an O(documents) index, built per batch), and tests hold the two against each other.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from trainer.config import ConfigError
 from trainer.data.corpus import TokenizedCorpus
@@ -32,6 +35,7 @@ from trainer.data.corpus import TokenizedCorpus
 IGNORE_INDEX = -100  # label of a slot that carries no loss (padding, prompt tokens), as in HF and torch CE
 PAD_DOC = -1  # document id and sample id of padding slots
 OVERLONG = ("truncate", "drop", "error")
+_BFD_PROGRESS_AFTER = 1 << 17  # conversations
 
 
 @dataclass
@@ -66,6 +70,11 @@ class PackedRows:
     def stats(self) -> dict[str, float]:
         return {"rows": self.num_rows, "efficiency": self.efficiency, "truncated": self.truncated,
                 "dropped": self.dropped}
+
+    def gather(self, row_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """The rows ``row_ids`` of every field (the interface RowIndex, the lazy equivalent, also has)."""
+        ids = np.asarray(row_ids, dtype=np.int64)
+        return {f: getattr(self, f)[ids] for f in self.FIELDS}
 
 
 # ------------------------------------------------------------------------------------------ placing
@@ -118,7 +127,12 @@ def best_fit_decreasing(sizes: np.ndarray, capacity: int) -> tuple[np.ndarray, n
     free_keys: list[int] = []  # sorted distinct free amounts that some bin has
     by_free: dict[int, list[int]] = {}  # free amount -> bins with it, earliest first
     used: list[int] = []
-    for i in order.tolist():
+    # A Python loop (~1 s per million items): show progress when it is long enough to notice.
+    bar = tqdm(total=len(sizes), desc="packing conversations (best-fit decreasing)", unit=" conv",
+               disable=len(sizes) < _BFD_PROGRESS_AFTER)
+    for n, i in enumerate(order.tolist(), 1):
+        if n % _BFD_PROGRESS_AFTER == 0:
+            bar.update(_BFD_PROGRESS_AFTER)
         size = int(sizes[i])
         k = bisect.bisect_left(free_keys, size)
         if k < len(free_keys):
@@ -138,6 +152,8 @@ def best_fit_decreasing(sizes: np.ndarray, capacity: int) -> tuple[np.ndarray, n
                 bisect.insort(free_keys, left)
                 by_free[left] = []
             bisect.insort(by_free[left], b)
+    bar.update(len(sizes) - bar.n)
+    bar.close()
     return bins, offsets, len(used)
 
 
@@ -174,23 +190,31 @@ def _pack_pretrain(corpus: TokenizedCorpus, lo_doc: int, hi_doc: int, seq_len: i
                  ends[doc], sample_id_base + doc_index[doc], corpus.name)
 
 
-def _pack_sft(corpus: TokenizedCorpus, lo_doc: int, hi_doc: int, seq_len: int, packing: bool, overlong: str,
-              sample_id_base: int) -> PackedRows:
-    starts = corpus.offsets[lo_doc:hi_doc].astype(np.int64)
-    n_tokens = corpus.offsets[lo_doc + 1:hi_doc + 1].astype(np.int64) - starts
-    doc_index = np.arange(lo_doc, hi_doc, dtype=np.int64)
+def select_conversations(n_tokens: np.ndarray, first_doc: int, seq_len: int, overlong: str,
+                         name: str) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """(kept mask, token counts after truncation, truncated, dropped) of conversations with ``n_tokens``
+    tokens (the first is corpus document ``first_doc``) under ``data.overlong``."""
     too_long = n_tokens > seq_len + 1
     if overlong == "error" and too_long.any():
         i = int(np.argmax(too_long))
-        raise ConfigError(f"{corpus.name}: sample {int(doc_index[i])} has {int(n_tokens[i])} tokens, more than "
+        raise ConfigError(f"{name}: sample {first_doc + i} has {int(n_tokens[i])} tokens, more than "
                           f"data.seq_len+1={seq_len + 1} ({int(too_long.sum())} such samples); set "
                           f"data.overlong=truncate or drop, or raise data.seq_len")
     keep = n_tokens >= 2  # a single token predicts nothing
     if overlong == "drop":
         keep &= ~too_long
-    n_tokens = np.minimum(n_tokens, seq_len + 1)  # truncate keeps the first seq_len + 1 tokens
     truncated = int(too_long.sum()) if overlong == "truncate" else 0
     dropped = int(too_long.sum()) if overlong == "drop" else 0
+    # truncate keeps the first seq_len + 1 tokens
+    return keep, np.minimum(n_tokens, seq_len + 1), truncated, dropped
+
+
+def _pack_sft(corpus: TokenizedCorpus, lo_doc: int, hi_doc: int, seq_len: int, packing: bool, overlong: str,
+              sample_id_base: int) -> PackedRows:
+    starts = corpus.offsets[lo_doc:hi_doc].astype(np.int64)
+    n_tokens = corpus.offsets[lo_doc + 1:hi_doc + 1].astype(np.int64) - starts
+    doc_index = np.arange(lo_doc, hi_doc, dtype=np.int64)
+    keep, n_tokens, truncated, dropped = select_conversations(n_tokens, lo_doc, seq_len, overlong, corpus.name)
     starts, n_tokens, doc_index = starts[keep], n_tokens[keep], doc_index[keep]
     size = n_tokens - 1
     if packing:
@@ -203,6 +227,21 @@ def _pack_sft(corpus: TokenizedCorpus, lo_doc: int, hi_doc: int, seq_len: int, p
     return packed
 
 
+def check_pack_args(corpus: TokenizedCorpus, seq_len: int, eos_id: Optional[int], overlong: str, start: int,
+                    stop: Optional[int]) -> int:
+    """Validate the packing arguments (pack_corpus' and RowIndex's); returns the span's end."""
+    if seq_len < 1:
+        raise ValueError(f"seq_len={seq_len} must be >= 1")
+    if overlong not in OVERLONG:
+        raise ValueError(f"overlong={overlong!r}; expected one of {OVERLONG}")
+    if corpus.targets is None and eos_id is None:
+        raise ValueError(f"{corpus.name} is a pretraining corpus (no targets): eos_id is required")
+    stop = corpus.num_docs if stop is None else stop
+    if not 0 <= start <= stop <= corpus.num_docs:
+        raise ValueError(f"document span [{start}, {stop}) is outside {corpus.name}'s {corpus.num_docs} documents")
+    return stop
+
+
 def pack_corpus(corpus: TokenizedCorpus, seq_len: int, eos_id: Optional[int], packing: bool = True, overlong: str = "truncate",
                 sample_id_base: int = 0, start: int = 0, stop: Optional[int] = None) -> PackedRows:
     """Rows of documents [start, stop) of a TokenizedCorpus (see the module docstring for the rules).
@@ -212,14 +251,8 @@ def pack_corpus(corpus: TokenizedCorpus, seq_len: int, eos_id: Optional[int], pa
     to SFT only: pretraining documents are chunked, never cut. Sample ids are ``sample_id_base`` + the
     document's index in the corpus, so several corpora of a blend can keep their ids apart.
     """
-    if seq_len < 1:
-        raise ValueError(f"seq_len={seq_len} must be >= 1")
-    if overlong not in OVERLONG:
-        raise ValueError(f"overlong={overlong!r}; expected one of {OVERLONG}")
-    stop = corpus.num_docs if stop is None else stop
+    stop = check_pack_args(corpus, seq_len, eos_id, overlong, start, stop)
     if corpus.targets is None:
-        if eos_id is None:
-            raise ValueError(f"{corpus.name} is a pretraining corpus (no targets): eos_id is required")
         return _pack_pretrain(corpus, start, stop, seq_len, eos_id, packing, sample_id_base)
     return _pack_sft(corpus, start, stop, seq_len, packing, overlong, sample_id_base)
 

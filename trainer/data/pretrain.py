@@ -4,13 +4,22 @@ Documents come from the format readers in sources.py (text, jsonl_text, parquet,
 ``megatron``, from a tokenized ``.bin``/``.idx`` pair (megatron_indexed.py). Every format yields a
 :class:`TokenizedCorpus` of documents without EOS: the packer (packing.py) appends it.
 
-Text formats are tokenized once per (file contents, tokenizer, format, field) and cached as .npy files
-(uint32 tokens, int64 document offsets) plus a small JSON of skipped bad rows, so a rerun or a resumed job
-skips tokenization. Megatron files are already tokenized: they are memory-mapped, never cached.
+Text formats are tokenized once per (files, tokenizer, format, field) into a token cache in Megatron's
+indexed format (``<key>.bin``/``.idx``, memory-mapped when read; uint16 ids below 65500 tokens, else int32)
+plus ``<key>.meta.json`` (the bad rows skipped; written last, it marks the entry complete). When the entry is
+missing, every process of the job tokenizes its part of the files (shared.py). Megatron files are already
+tokenized: they are memory-mapped; their ids are checked against the vocabulary once per (files, vocabulary),
+which a ``<key>.vocab<N>.json`` marker in the cache records.
+
+Cache keys (:func:`files_identity`) come from each file's resolved path, size and mtime_ns: cheap (no reads),
+and a moved, touched or rewritten file is tokenized again. With ``data.content_hash=true`` they come from each
+file's name within its entry, size and a sha256 of its bytes instead: a copy of the corpus elsewhere (another
+machine, another directory) reuses the cache and a touched file does not invalidate it.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -20,46 +29,80 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from trainer.assets import BUNDLED_TRAIN, BUNDLED_VAL
 from trainer.config import ConfigError, DataConfig, DataSource
 from trainer.data.corpus import TokenizedCorpus
-from trainer.data.megatron_indexed import read_megatron
-from trainer.data.sources import BadRows, OnBad, Source, iter_documents, resolve_files
+from trainer.data.megatron_indexed import IndexedWriter, prefix_paths, read_megatron, token_dtype
+from trainer.data.shared import SOLO, Share, build_shared, plan_parts, poll, read_meta, write_json_atomic
+from trainer.data.sources import BadRows, Part, Progress, Source, iter_documents, part_documents, resolve_files
 from trainer.data.tokenizer import tokenizer_fingerprint
 
 logger = logging.getLogger(__name__)
 
 # Bump when the cache layout or the tokenization rule changes, so stale caches are never read.
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: Megatron .bin/.idx entries, keys from path/size/mtime
 _TEXT_FIELD_FORMATS = ("jsonl_text", "parquet", "hf_disk")
 _ENCODE_BATCH = 1024  # documents per tokenizer call: large enough for the Rust tokenizer's threads
-_PROGRESS_AFTER = 4096  # documents; smaller corpora tokenize in about a second, quietly
 
 
-# ------------------------------------------------------------------------------------ token cache
+# ------------------------------------------------------------------------------------------ cache keys
 
 
-def _content_files(path: Path) -> list[tuple[str, Path]]:
-    """(name, file) pairs whose contents define a source entry: the file, or every file of a directory."""
+_CONTENT_HASHES: dict[tuple[str, int, int], str] = {}  # (resolved path, size, mtime_ns) -> sha256
+
+
+def _content_hash(path: Path, st: os.stat_result) -> str:
+    """sha256 of the file's bytes, once per process and file version."""
+    memo = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if memo not in _CONTENT_HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _CONTENT_HASHES[memo] = h.hexdigest()
+    return _CONTENT_HASHES[memo]
+
+
+def _entry_files(path: Path) -> list[tuple[str, Path]]:
+    """(name, file) pairs that define a source entry: the file, or every file of a directory (hf_disk)."""
     if path.is_dir():
         return [(f.relative_to(path).as_posix(), f) for f in sorted(path.rglob("*")) if f.is_file()]
     return [(path.name, path)]
 
 
-def cache_key(source: Source, tokenizer: PreTrainedTokenizerBase) -> str:
-    h = hashlib.sha256()
+def files_identity(entries, content_hash: bool = False) -> str:
+    """The identity of the files (in order) a cache entry derives from: resolved path, size and mtime_ns of
+    each (stat only); with ``content_hash``, name, size and a hash of the bytes instead (location-free)."""
+    parts = []
+    for entry in entries:
+        for name, path in _entry_files(Path(entry)):
+            st = path.stat()
+            if content_hash:
+                parts.append(f"{name}|{st.st_size}|{_content_hash(path, st)}")
+            else:
+                parts.append(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}")
+        parts.append("/")
+    return "\n".join(parts)
+
+
+def _digest(*fields: str) -> str:
+    return hashlib.sha256("\x1f".join(fields).encode()).hexdigest()[:32]
+
+
+def cache_key(source: Source, tokenizer: PreTrainedTokenizerBase, content_hash: bool = False) -> str:
     field = source.text_field if source.format in _TEXT_FIELD_FORMATS else ""
-    h.update(f"v{CACHE_VERSION}|{source.format}|{field}|{tokenizer_fingerprint(tokenizer)}".encode())
-    for entry in source.files:  # contents and order matter, where the files live does not
-        for name, path in _content_files(entry):
-            h.update(f"|{name}|{path.stat().st_size}|".encode())
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-    return h.hexdigest()[:32]
+    return _digest(f"v{CACHE_VERSION}", source.format, field, tokenizer_fingerprint(tokenizer),
+                   files_identity(source.files, content_hash))
+
+
+def megatron_key(path: str | Path, content_hash: bool = False) -> str:
+    """Identity of an external Megatron .bin/.idx pair (resolved paths, sizes, mtime_ns)."""
+    return _digest("megatron", files_identity(prefix_paths(path), content_hash))
+
+
+# ---------------------------------------------------------------------------------------- tokenizing
 
 
 def _encode_batch(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
@@ -68,29 +111,26 @@ def _encode_batch(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[
     return tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
 
 
-def _tokenize(source: Source, tokenizer: PreTrainedTokenizerBase,
-              bad: Optional[OnBad] = None) -> tuple[np.ndarray, np.ndarray]:
-    chunks, lengths, batch, bar = [], [0], [], None
+def tokenize_part(part: Part, writers: list[IndexedWriter], progress: Progress, *,
+                  tokenizer: PreTrainedTokenizerBase, fmt: str, field: str, on_bad_row: str,
+                  append_eod: bool = False) -> dict[str, int]:
+    """Documents of one part into ``writers[0]``; returns the bad rows skipped per file. ``append_eod`` ends
+    each document with the tokenizer's EOS (files meant for Megatron-LM; the trainer appends its own)."""
+    bad, batch, (out,) = BadRows(on_bad_row), [], writers
+    eod = [tokenizer.eos_token_id] if append_eod else []
 
     def flush() -> None:
         for ids in _encode_batch(tokenizer, batch):
-            chunks.append(np.asarray(ids, dtype=np.uint32))
-            lengths.append(len(ids))
+            out.add(ids + eod if eod else ids)
         batch.clear()
 
-    for n, doc in enumerate(iter_documents(source, bad), 1):
+    for doc in part_documents(part, fmt, field, bad, progress):
         batch.append(doc)
         if len(batch) == _ENCODE_BATCH:
             flush()
-        if bar is None and n > _PROGRESS_AFTER:
-            bar = tqdm(desc=f"tokenizing {source.name}", unit=" docs", initial=n - 1)
-        if bar is not None:
-            bar.update(1)
-    flush()
-    if bar is not None:
-        bar.close()
-    tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.uint32)
-    return tokens, np.cumsum(np.asarray(lengths, dtype=np.int64))
+    if batch:
+        flush()
+    return bad.counts
 
 
 def write_atomic(path: Path, write: Callable) -> None:
@@ -112,47 +152,48 @@ def save_npy_atomic(path: Path, array: np.ndarray) -> None:
     write_atomic(path, lambda f: np.save(f, array, allow_pickle=False))
 
 
-def _load_cached(tokens_path: Path, offsets_path: Path,
-                 meta_path: Path) -> Optional[tuple[np.ndarray, np.ndarray, dict[str, int]]]:
-    if not (tokens_path.is_file() and offsets_path.is_file() and meta_path.is_file()):
+def load_entry(stem: Path, name: str) -> Optional[tuple[TokenizedCorpus, dict]]:
+    """A complete cache entry as a memory-mapped corpus and its meta; None when missing or unreadable."""
+    meta = read_meta(stem)
+    if meta is None:
         return None
     try:
-        tokens = np.load(tokens_path, mmap_mode="r", allow_pickle=False)
-        offsets = np.load(offsets_path, allow_pickle=False)
-        bad_rows = json.loads(meta_path.read_text(encoding="utf-8"))["bad_rows"]
-    except (ValueError, OSError, KeyError, TypeError):
-        return None  # unreadable: rebuild and overwrite
-    if offsets.ndim != 1 or len(offsets) == 0 or offsets[0] != 0 or offsets[-1] != len(tokens):
-        return None
-    if not isinstance(bad_rows, dict):
-        return None
-    return tokens, offsets, bad_rows
+        corpus = read_megatron(stem, name=name)
+    except (ConfigError, OSError, ValueError):
+        return None  # truncated or corrupt: rebuild and overwrite
+    corpus.key = stem.name
+    return corpus, meta
 
 
-def read_source(source: Source, tokenizer: PreTrainedTokenizerBase, cache_dir: Path,
-                on_bad_row: str = "error") -> tuple[TokenizedCorpus, dict[str, int]]:
+def read_source(source: Source, tokenizer: PreTrainedTokenizerBase, cache_dir: Path, on_bad_row: str = "error",
+                content_hash: bool = False, share: Optional[Share] = None) -> tuple[TokenizedCorpus, dict[str, int]]:
     """Token ids of every document of a text-format ``source`` and the bad rows skipped per file.
 
-    Read from the cache when the same files, format, field and tokenizer were seen. The cache key leaves the
-    bad-row policy out: an entry made with ``skip`` that skipped rows is re-read under ``error``, which raises.
+    Read from the cache when the same files, format, field and tokenizer were seen; else tokenized by every
+    process of ``share`` (default: this one alone). The cache key leaves the bad-row policy out: an entry
+    made with ``skip`` that skipped rows is re-read under ``error``, which raises at the first bad row.
     """
     policy = BadRows(on_bad_row)
+    share = share or SOLO
     cache_dir.mkdir(parents=True, exist_ok=True)
-    key = cache_key(source, tokenizer)
-    tokens_path, offsets_path = cache_dir / f"{key}.tokens.npy", cache_dir / f"{key}.offsets.npy"
-    meta_path = cache_dir / f"{key}.meta.json"
-    cached = _load_cached(tokens_path, offsets_path, meta_path)
-    if cached is None or (cached[2] and policy.policy == "error"):
-        tokens, offsets = _tokenize(source, tokenizer, policy)
-        meta = json.dumps({"source": source.name, "bad_rows": policy.counts}, indent=1).encode()
-        # Offsets last: their presence marks a complete entry (all files derive from the same key).
-        save_npy_atomic(tokens_path, tokens)
-        write_atomic(meta_path, lambda f: f.write(meta))
-        save_npy_atomic(offsets_path, offsets)
-        cached = _load_cached(tokens_path, offsets_path, meta_path)
-        assert cached is not None, f"token cache {tokens_path} unreadable right after writing it"
-    tokens, offsets, bad_rows = cached
-    return TokenizedCorpus(source.name, tokens, offsets), bad_rows
+    stem = cache_dir / cache_key(source, tokenizer, content_hash)
+    cached = load_entry(stem, source.name)
+    if cached is not None and cached[1]["bad_rows"] and policy.policy == "error":
+        for _ in iter_documents(source, policy):  # raises at the first bad row, with its file:line
+            pass
+        cached = None  # the files no longer have bad rows (rewritten within one mtime tick): rebuild
+    if cached is None:
+        parts = plan_parts(source.files, source.format, share.world_size, source.text_field)
+        work = functools.partial(tokenize_part, tokenizer=tokenizer, fmt=source.format,
+                                 field=source.text_field, on_bad_row=policy.policy)
+        build_shared(stem, parts, source.format, [("", token_dtype(len(tokenizer)))], work,
+                     {"source": source.name, "format": source.format}, share, source.name, policy.policy)
+        cached = load_entry(stem, source.name)
+        if cached is None:
+            raise ConfigError(f"token cache {stem}.* unreadable right after writing it; is {cache_dir} shared "
+                              f"by every rank and not full?")
+    corpus, meta = cached
+    return corpus, meta["bad_rows"]
 
 
 def log_bad_rows(bad_rows: dict[str, int]) -> None:
@@ -161,10 +202,36 @@ def log_bad_rows(bad_rows: dict[str, int]) -> None:
 
 
 def tokenize_source(source: Source, tokenizer: PreTrainedTokenizerBase, cache_dir: Path,
-                    on_bad_row: str = "error") -> TokenizedCorpus:
+                    on_bad_row: str = "error", content_hash: bool = False,
+                    share: Optional[Share] = None) -> TokenizedCorpus:
     """:func:`read_source`, logging a warning per file with skipped bad rows."""
-    corpus, bad_rows = read_source(source, tokenizer, cache_dir, on_bad_row)
+    corpus, bad_rows = read_source(source, tokenizer, cache_dir, on_bad_row, content_hash, share)
     log_bad_rows(bad_rows)
+    return corpus
+
+
+def read_checked_megatron(path: str | Path, vocab_size: int, name: str, cache_dir: Path,
+                          content_hash: bool = False, share: Optional[Share] = None) -> TokenizedCorpus:
+    """An external Megatron dataset, its ids checked against the vocabulary once per (files, vocabulary):
+    rank 0 scans and records the outcome in a marker; later starts and the other ranks read the marker."""
+    share = share or SOLO
+    key = megatron_key(path, content_hash)
+    marker = cache_dir / f"{key}.vocab{vocab_size}.json"
+    if not marker.is_file() and share.rank == 0:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            read_megatron(path, vocab_size=vocab_size, name=name)
+        except ConfigError as e:
+            write_json_atomic(marker, {"error": str(e)})
+            raise
+        write_json_atomic(marker, {"ok": True})
+    elif not marker.is_file():
+        poll(name, share, lambda: (marker.is_file(), None, "rank 0 checking the token ids"))
+    outcome = json.loads(marker.read_text(encoding="utf-8"))
+    if "error" in outcome:
+        raise ConfigError(outcome["error"])
+    corpus = read_megatron(path, name=name)
+    corpus.key = key
     return corpus
 
 
@@ -186,11 +253,13 @@ def data_sources(data_cfg: DataConfig) -> list[DataSource]:
 
 
 def load_source_corpus(source: DataSource, tokenizer: PreTrainedTokenizerBase, data_cfg: DataConfig,
-                       cache_dir: Path, setting: str = "data.path") -> TokenizedCorpus:
-    """Documents of one pretraining source (without EOS: the packer appends it).
+                       cache_dir: Path, setting: str = "data.path", *,
+                       share: Optional[Share] = None) -> TokenizedCorpus:
+    """Documents of one pretraining source (without EOS: the packer appends it), with ``key`` set.
 
-    Text formats go through the token cache; megatron files are memory-mapped and their ids checked against
-    the tokenizer. ``setting`` is how errors name the path, e.g. "data.sources[1].path".
+    Text formats go through the token cache (tokenized by every process of ``share`` when missing); megatron
+    files are memory-mapped and their ids checked once against the tokenizer. ``setting`` is how errors name
+    the path, e.g. "data.sources[1].path".
     """
     if _is_bundled(source.path, BUNDLED_TRAIN) or _is_bundled(source.path, BUNDLED_VAL):
         name = f"the bundled {Path(source.path).name}"
@@ -198,10 +267,10 @@ def load_source_corpus(source: DataSource, tokenizer: PreTrainedTokenizerBase, d
         name = f"{setting}={source.path!r}"
     if source.format == "megatron":
         resolve_files(source.path, "megatron", setting)  # a missing file is named with the setting
-        return read_megatron(source.path, vocab_size=len(tokenizer), name=name)
+        return read_checked_megatron(source.path, len(tokenizer), name, cache_dir, data_cfg.content_hash, share)
     files = resolve_files(source.path, source.format, setting)
     return tokenize_source(Source(name, files, source.format, source.text_field), tokenizer, cache_dir,
-                           data_cfg.on_bad_row)
+                           data_cfg.on_bad_row, data_cfg.content_hash, share)
 
 
 # -------------------------------------------------------------------------------------------- splits

@@ -27,15 +27,20 @@ What is a target (``targets[i]`` is True: token i is a label the loss counts whe
 ``data.train_on=last_assistant`` keeps only the last assistant turn of each conversation as targets.
 Overlong conversations are kept whole here; the packer applies ``data.overlong`` (lengths are
 ``corpus.offsets`` differences). No EOS is appended: the end-of-turn token ends a conversation.
+
+The cache entry is two aligned Megatron indexed datasets: ``<key>.bin/.idx`` (token ids) and
+``<key>.targets.bin/.idx`` (uint8 0/1 per token, the same sequence lengths), both memory-mapped when read,
+plus ``<key>.meta.json`` (bad rows; written last). Missing entries are tokenized by every process of the job
+together (shared.py), as pretraining text is.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
@@ -43,15 +48,17 @@ from transformers import PreTrainedTokenizerBase
 from trainer.assets import asset_path
 from trainer.config import ConfigError, DataConfig, DataSource, SFT_FORMATS
 from trainer.data.corpus import TokenizedCorpus
-from trainer.data.pretrain import resolve_files, save_npy_atomic, write_atomic
-from trainer.data.sources import jsonl_rows
+from trainer.data.megatron_indexed import IndexedWriter, read_megatron, token_dtype
+from trainer.data.pretrain import files_identity, load_entry
+from trainer.data.shared import SOLO, Share, build_shared, plan_parts
+from trainer.data.sources import Part, Progress, jsonl_rows, resolve_files
 from trainer.data.tokenizer import tokenizer_fingerprint
 
 BUNDLED_SFT_TRAIN = asset_path("sft_chat", "train.jsonl")
 BUNDLED_SFT_VAL = asset_path("sft_chat", "val.jsonl")
 
 # Bump when the cache layout or the masking rule changes, so stale caches are never read.
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: aligned Megatron .bin/.idx entries for tokens and targets, keys from path/size/mtime
 _ENCODE_BATCH = 256  # conversations per tokenizer call
 _ROLES = ("system", "user", "assistant")
 _SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
@@ -128,11 +135,15 @@ def to_messages(obj: Any, fmt: str) -> list[Message]:
     return messages
 
 
-def iter_conversations(path: Path, fmt: str, on_bad_row: str,
-                       bad_rows: Optional[dict[str, int]] = None) -> Iterator[list[Message]]:
-    """Conversations of one file in order. A malformed row raises ConfigError naming file and line, or with
-    ``on_bad_row="skip"`` is counted in ``bad_rows[str(path)]`` and skipped."""
-    for where, obj, problem in jsonl_rows(path):
+def iter_conversations(path: Union[Path, Part], fmt: str, on_bad_row: str, bad_rows: Optional[dict[str, int]] = None,
+                       progress: Progress = None) -> Iterator[list[Message]]:
+    """Conversations of one file (or part) in order. A malformed row raises ConfigError naming file and line,
+    or with ``on_bad_row="skip"`` is counted in ``bad_rows[str(path)]`` and skipped."""
+    if isinstance(path, Part):
+        path, part = path.path, path
+    else:
+        part = Part(Path(path))
+    for where, obj, problem in jsonl_rows(part, progress):
         try:
             if problem is not None:
                 raise BadRow(problem)
@@ -226,10 +237,14 @@ def targets_from_offsets(offsets: np.ndarray, spans: list[tuple[int, int]]) -> n
 # ------------------------------------------------------------------------------------ tokenization
 
 
-def _tokenize(files: tuple[Path, ...], fmt: str, tokenizer: PreTrainedTokenizerBase, template: str,
-              data_cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int]]:
+def tokenize_chat_part(part: Part, writers: list[IndexedWriter], progress: Progress, *,
+                       tokenizer: PreTrainedTokenizerBase, fmt: str, template: str, train_on: str,
+                       on_bad_row: str) -> dict[str, int]:
+    """Conversations of one part: token ids into ``writers[0]``, their 0/1 targets into ``writers[1]``;
+    returns the bad rows skipped per file."""
     specials = _special_tokens(tokenizer)
-    tokens, targets, lengths, bad_rows = [], [], [0], {}
+    tokens_out, targets_out = writers
+    bad_rows: dict[str, int] = {}
     texts: list[str] = []
     all_spans: list[list[tuple[int, int]]] = []
 
@@ -238,64 +253,51 @@ def _tokenize(files: tuple[Path, ...], fmt: str, tokenizer: PreTrainedTokenizerB
                         return_attention_mask=False, verbose=False)
         for ids, offs, text, spans in zip(enc["input_ids"], enc["offset_mapping"], texts, all_spans):
             offs = np.asarray(offs, dtype=np.int64).reshape(-1, 2)
-            tokens.append(np.asarray(ids, dtype=np.uint32))
-            targets.append(targets_from_offsets(offs, target_spans(text, spans, specials)))
-            lengths.append(len(ids))
+            tokens_out.add(ids)
+            targets_out.add(targets_from_offsets(offs, target_spans(text, spans, specials)))
         texts.clear()
         all_spans.clear()
 
-    for path in files:
-        for messages in iter_conversations(path, fmt, data_cfg.on_bad_row, bad_rows):
-            text, spans = render_with_spans(tokenizer, messages, template, data_cfg.train_on)
-            texts.append(text)
-            all_spans.append(spans)
-            if len(texts) == _ENCODE_BATCH:
-                flush()
+    for messages in iter_conversations(part, fmt, on_bad_row, bad_rows, progress):
+        text, spans = render_with_spans(tokenizer, messages, template, train_on)
+        texts.append(text)
+        all_spans.append(spans)
+        if len(texts) == _ENCODE_BATCH:
+            flush()
     if texts:
         flush()
-    if not tokens:
-        raise ConfigError(f"{', '.join(map(str, files))} holds no usable conversations "
-                          f"(data.format={fmt!r}; malformed rows skipped: {sum(bad_rows.values())})")
-    return (np.concatenate(tokens), np.concatenate(targets), np.cumsum(np.asarray(lengths, dtype=np.int64)),
-            bad_rows)
+    return bad_rows
 
 
 def sft_cache_key(files: tuple[Path, ...], fmt: str, tokenizer: PreTrainedTokenizerBase, template: str,
                   data_cfg: DataConfig) -> str:
-    h = hashlib.sha256()
-    h.update(f"sft-v{CACHE_VERSION}|{fmt}|{data_cfg.train_on}|{data_cfg.on_bad_row}|"
-             f"{tokenizer_fingerprint(tokenizer)}|".encode())
-    h.update(hashlib.sha256(template.encode("utf-8")).digest())
-    for path in files:  # contents and order matter, where the files live does not
-        h.update(f"|{path.name}|{path.stat().st_size}|".encode())
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()[:32]
+    fields = [f"sft-v{CACHE_VERSION}", fmt, data_cfg.train_on, data_cfg.on_bad_row,
+              tokenizer_fingerprint(tokenizer), hashlib.sha256(template.encode("utf-8")).hexdigest(),
+              files_identity(files, data_cfg.content_hash)]
+    return hashlib.sha256("\x1f".join(fields).encode()).hexdigest()[:32]
 
 
-def _load_cached(stem: Path) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int]]]:
-    paths = [Path(f"{stem}.{part}") for part in ("tokens.npy", "targets.npy", "offsets.npy", "meta.json")]
-    if not all(p.is_file() for p in paths):
+def _load_cached(stem: Path, name: str) -> Optional[SFTCorpus]:
+    cached = load_entry(stem, name)
+    if cached is None:
         return None
+    corpus, meta = cached
     try:
-        tokens = np.load(paths[0], mmap_mode="r", allow_pickle=False)
-        targets = np.load(paths[1], mmap_mode="r", allow_pickle=False)
-        offsets = np.load(paths[2], allow_pickle=False)
-        bad_rows = json.loads(paths[3].read_text(encoding="utf-8"))["bad_rows"]
-    except (ValueError, OSError, KeyError, TypeError):
+        targets = read_megatron(f"{stem}.targets")
+    except (ConfigError, OSError, ValueError):
         return None  # unreadable: rebuild and overwrite
-    if offsets.ndim != 1 or len(offsets) == 0 or offsets[0] != 0 or offsets[-1] != len(tokens):
+    if targets.tokens.dtype != np.uint8 or not np.array_equal(targets.offsets, corpus.offsets):
         return None
-    if targets.dtype != np.bool_ or targets.shape != tokens.shape or not isinstance(bad_rows, dict):
-        return None
-    return tokens, offsets, targets, bad_rows
+    # 0/1 bytes viewed as bool: still the memory map, nothing read.
+    return SFTCorpus(name, corpus.tokens, corpus.offsets, targets.tokens.view(np.bool_), key=corpus.key,
+                     bad_rows=meta["bad_rows"])
 
 
 def load_sft_corpus(source: DataSource, tokenizer: PreTrainedTokenizerBase, data_cfg: DataConfig,
-                    cache_dir: Path) -> SFTCorpus:
+                    cache_dir: Path, *, share: Optional[Share] = None) -> SFTCorpus:
     """Token ids, targets and conversation offsets of ``source`` (a file, directory of .jsonl files or glob
-    in ``source.format``), cached by (file contents, tokenizer, template, train_on, on_bad_row)."""
+    in ``source.format``), cached by (files, tokenizer, template, train_on, on_bad_row) and tokenized by every
+    process of ``share`` (default: this one alone) when missing."""
     if source.format not in SFT_FORMATS:
         raise ConfigError(f"data.format={source.format!r} is not a chat format; expected one of {list(SFT_FORMATS)}")
     if not getattr(tokenizer, "is_fast", False):
@@ -303,19 +305,22 @@ def load_sft_corpus(source: DataSource, tokenizer: PreTrainedTokenizerBase, data
                           f"needs its character offsets to mask assistant turns (a tokenizer.json directory)")
     files = resolve_files(source.path, "jsonl_text", "data.path")  # every chat format is .jsonl
     template = resolve_chat_template(tokenizer, data_cfg)
+    share = share or SOLO
     cache_dir.mkdir(parents=True, exist_ok=True)
     stem = cache_dir / sft_cache_key(files, source.format, tokenizer, template, data_cfg)
-    cached = _load_cached(stem)
-    if cached is None:
-        tokens, targets, offsets, bad_rows = _tokenize(files, source.format, tokenizer, template, data_cfg)
-        meta = {"source": str(source.path), "format": source.format, "bad_rows": bad_rows}
-        # Meta last: its presence marks a complete entry (all files derive from the same key).
-        save_npy_atomic(Path(f"{stem}.tokens.npy"), tokens)
-        save_npy_atomic(Path(f"{stem}.targets.npy"), targets)
-        save_npy_atomic(Path(f"{stem}.offsets.npy"), offsets)
-        meta_text = json.dumps(meta, indent=1, sort_keys=True).encode()
-        write_atomic(Path(f"{stem}.meta.json"), lambda f: f.write(meta_text))  # last: marks the entry complete
-        cached = _load_cached(stem)
-        assert cached is not None, f"SFT token cache {stem}.* unreadable right after writing it"
-    tokens, offsets, targets, bad_rows = cached
-    return SFTCorpus(f"data.path={source.path!r}", tokens, offsets, targets, bad_rows=bad_rows)
+    name = f"data.path={source.path!r}"
+    corpus = _load_cached(stem, name)
+    if corpus is None:
+        work = functools.partial(tokenize_chat_part, tokenizer=tokenizer, fmt=source.format, template=template,
+                                 train_on=data_cfg.train_on, on_bad_row=data_cfg.on_bad_row)
+        streams = [("", token_dtype(len(tokenizer))), (".targets", np.uint8)]
+        build_shared(stem, plan_parts(files, source.format, share.world_size), source.format, streams, work,
+                     {"source": str(source.path), "format": source.format}, share, name)
+        corpus = _load_cached(stem, name)
+        if corpus is None:
+            raise ConfigError(f"SFT token cache {stem}.* unreadable right after writing it; is {cache_dir} shared "
+                              f"by every rank and not full?")
+    if corpus.num_docs == 0:
+        raise ConfigError(f"{', '.join(map(str, files))} holds no usable conversations "
+                          f"(data.format={source.format!r}; malformed rows skipped: {sum(corpus.bad_rows.values())})")
+    return corpus

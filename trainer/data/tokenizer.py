@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from pathlib import Path
 from typing import Optional
 
@@ -59,9 +60,24 @@ def check_vocab_fits(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> Non
                           f"use a larger model.vocab_size or a smaller tokenizer")
 
 
+_FINGERPRINTS: "weakref.WeakKeyDictionary[PreTrainedTokenizerBase, tuple[int, str]]" = weakref.WeakKeyDictionary()
+
+
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """A hash of everything that decides token ids: the fast tokenizer's full serialization (normalizer,
-    pre-tokenizer, model, added tokens), or for a slow tokenizer its class and vocabulary."""
+    pre-tokenizer, model, added tokens), or for a slow tokenizer its class and vocabulary. Computed once per
+    tokenizer object (serializing a large vocabulary takes a while); adding tokens recomputes it."""
+    try:
+        memo = _FINGERPRINTS.get(tokenizer)
+    except TypeError:  # an unhashable tokenizer class: no memo
+        return _fingerprint(tokenizer)
+    if memo is None or memo[0] != len(tokenizer):
+        memo = (len(tokenizer), _fingerprint(tokenizer))
+        _FINGERPRINTS[tokenizer] = memo
+    return memo[1]
+
+
+def _fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         blob = backend.to_str()
