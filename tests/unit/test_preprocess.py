@@ -121,6 +121,17 @@ def test_append_eod_ends_documents_with_eos(tmp_path, tok):
     plain = as_lists(read_megatron(run(tmp_path, "plain", [path], "jsonl_text")))
     eod = as_lists(read_megatron(run(tmp_path, "eod", [path], "jsonl_text", "--append-eod")))
     assert eod == [d + [tok.eos_token_id] for d in plain]
+    # The trainer packs both into the same rows: no second EOS after an --append-eod document.
+    from trainer.data.build import build_split
+
+    rows = []
+    for name in ("plain", "eod"):
+        cfg = DataConfig(path=str(tmp_path / name), format="megatron", seq_len=16, val_fraction=0.2)
+        split = build_split(cfg, tok, "train", tmp_path / f"cache-{name}")
+        rows.append(split.rows.gather(np.arange(split.rows.num_rows)))
+        assert split.stats[0]["eod"] is (name == "eod")
+    for f in rows[0]:
+        np.testing.assert_array_equal(rows[0][f], rows[1][f], err_msg=f)
 
 
 def test_resume_skips_finished_parts(tmp_path, tok, monkeypatch):

@@ -297,3 +297,33 @@ def test_large_corpus_index_and_gather_stay_small(tmp_path):
     assert peak < bound < n_tokens // 4, (peak, bound)  # an eighth of the corpus file, 1% of its rows
     # + allocator and tracemalloc slack; reading through the mapping would add ~1.5 MB per row drawn (~500 MB)
     assert grown < bound + (32 << 20), grown
+
+
+def with_eod(corpus: TokenizedCorpus) -> TokenizedCorpus:
+    """The corpus as Megatron's preprocess_data.py --append-eod writes it: EOS after every non-empty document."""
+    docs = [np.r_[corpus.doc(i), EOS] if len(corpus.doc(i)) else corpus.doc(i) for i in range(corpus.num_docs)]
+    lengths = [len(d) for d in docs]
+    tokens = np.concatenate(docs).astype(corpus.tokens.dtype) if docs else corpus.tokens[:0]
+    return TokenizedCorpus(corpus.name, tokens, np.cumsum(np.r_[0, lengths]).astype(np.int64), eod=True)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("packing_on", [True, False])
+def test_documents_ending_in_eos_get_no_second_one(seed, packing_on):
+    """A corpus whose documents already end with EOS (eod) packs to exactly the rows of the same documents
+    without it: the file's EOS is the last label, never an input followed by another EOS."""
+    plain, seq_len = synthetic(seed, sft=False)
+    eod = with_eod(plain)
+    lo, hi = (0, plain.num_docs) if seed % 2 else (plain.num_docs // 3, plain.num_docs)
+    ref = pack_corpus(plain, seq_len, EOS, packing=packing_on, start=lo, stop=hi, sample_id_base=5)
+    index = build_rows(eod, seq_len, EOS, packing=packing_on, start=lo, stop=hi, sample_id_base=5)
+    for ids in subsets(ref.num_rows, seed):
+        assert_same(index, ref, ids)
+    alone = pack_corpus(eod, seq_len, EOS, packing=packing_on, start=lo, stop=hi, sample_id_base=5)
+    for f in FIELDS:
+        np.testing.assert_array_equal(getattr(alone, f), getattr(ref, f), err_msg=f)
+    if ref.num_rows:  # without the flag the file's EOS would be an input followed by a second EOS
+        doubled = build_rows(TokenizedCorpus(eod.name, eod.tokens, eod.offsets), seq_len, EOS, packing=packing_on,
+                             start=lo, stop=hi, sample_id_base=5)
+        got = doubled.gather(np.arange(doubled.num_rows))["labels"]
+        assert got.shape != ref.labels.shape or not np.array_equal(got, ref.labels)

@@ -169,7 +169,7 @@ def test_megatron_vocab_checked_once_then_recorded(tmp_path, tok, cache, monkeyp
     real = megatron_indexed.scan_vocab
     monkeypatch.setattr(megatron_indexed, "scan_vocab", lambda *a, **k: scans.append(1) or real(*a, **k))
     first = load(tok, cache, prefix, "megatron")
-    assert scans == [1] and first.key and list(cache.glob(f"{first.key}.vocab{len(tok)}.json"))
+    assert scans == [1] and first.key and list(cache.glob(f"{first.key}.vocab{len(tok)}.eos*.json"))
     monkeypatch.setattr(megatron_indexed, "scan_vocab", lambda *a, **k: pytest.fail("scanned again"))
     again = load(tok, cache, prefix, "megatron")
     assert again.key == first.key and again.doc(1).tolist() == [4, 5]
@@ -198,3 +198,27 @@ def test_scan_streams_through_a_small_buffer(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=rf"token id 5000 \(document 150\).*span {lo}\.\.5000"):
         read_megatron(prefix, vocab_size=1000)
     assert read_megatron(prefix, vocab_size=5001).num_docs == 200
+    # The EOS-at-every-end check of the same pass sees document ends in every chunk.
+    ended = [d + [7] for d in docs]
+    write_megatron(tmp_path / "e", ended, np.uint16)
+    assert read_megatron(tmp_path / "e", vocab_size=5001, eos_id=7).eod
+    ended[180][-1] = 8
+    write_megatron(tmp_path / "f", ended, np.uint16)
+    assert not read_megatron(tmp_path / "f", vocab_size=5001, eos_id=7).eod
+
+
+@pytest.mark.parametrize("docs, eod", [([[5, 6, 2], [9, 2], [], [2]], True), ([[5, 6, 2], [9, 3]], False),
+                                       ([[5, 6], [9]], False), ([[]], False)])
+def test_megatron_documents_ending_in_eos_are_found_once(tmp_path, docs, eod):
+    """--append-eod files (every non-empty document ends with EOS, id 2 here) are recognised by the one
+    vocabulary scan and recorded with it, so the packer does not append a second EOS."""
+    from trainer.data.pretrain import read_checked_megatron
+
+    with IndexedWriter(tmp_path / "c", np.uint16) as w:
+        for d in docs:
+            w.add(d)
+    corpus = read_checked_megatron(tmp_path / "c", 16, "c", tmp_path / "cache", eos_id=2)
+    assert corpus.eod is eod
+    again = read_checked_megatron(tmp_path / "c", 16, "c", tmp_path / "cache", eos_id=2)
+    assert again.eod is eod and again.key == corpus.key
+    assert read_checked_megatron(tmp_path / "c", 16, "c", tmp_path / "cache", eos_id=None).eod is False

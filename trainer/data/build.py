@@ -102,7 +102,7 @@ def build_split(data_cfg: DataConfig, tokenizer, split: str, cache_dir: Path, sh
         if rows.num_rows == 0:
             raise ConfigError(f"{rows.name} gives no {split} rows of data.seq_len={data_cfg.seq_len} tokens; "
                               "use more data, a shorter data.seq_len, or data.overlong=truncate")
-    stats = [{"name": r.name, **r.stats()} for r in packed]
+    stats = [{"name": r.name, **r.stats(), "eod": r.corpus.eod} for r in packed]
     if split == "val" or len(packed) == 1:
         return SplitData(ConcatRows(packed, f"{split} split") if len(packed) > 1 else packed[0], stats)
     return SplitData(Blend(packed, [s.weight for s in sources]), stats)

@@ -27,6 +27,10 @@ class TokenizedCorpus:
     # Identity of the tokenized contents (the token cache's key, or the Megatron files' path/size/mtime): what
     # indices derived from the corpus (packed-row plans) are cached under. None: nothing derived is cached.
     key: Optional[str] = None
+    # Every non-empty document already ends with the EOS the packer appends (a Megatron corpus made with
+    # --append-eod): the packer then predicts that token instead of appending a second one, so the rows equal
+    # those of the same documents without it.
+    eod: bool = False
 
     @property
     def num_docs(self) -> int:

@@ -86,13 +86,15 @@ def _read_index(idx_path: Path) -> tuple[type, np.ndarray, np.ndarray, np.ndarra
     return dtype, lengths, pointers, doc_idx
 
 
-def read_megatron(path: str | Path, vocab_size: Optional[int] = None, name: Optional[str] = None) -> TokenizedCorpus:
+def read_megatron(path: str | Path, vocab_size: Optional[int] = None, name: Optional[str] = None,
+                  eos_id: Optional[int] = None) -> TokenizedCorpus:
     """Documents of a Megatron indexed dataset as a TokenizedCorpus over the memory-mapped .bin.
 
     ``tokens`` keeps the file's dtype (uint16 or int32 in practice) and is a read-only memmap when the
     sequences lie back to back, as every writer produces them; otherwise they are gathered into memory.
     With ``vocab_size``, every token id is checked to lie in [0, vocab_size) (:func:`scan_vocab`); the
-    trainer does that once per file and vocabulary and records it (pretrain.py), not on every start.
+    trainer does that once per file and vocabulary and records it (pretrain.py), not on every start. The same
+    pass sets ``eod`` when ``eos_id`` ends every non-empty document (Megatron's ``--append-eod``).
     """
     idx_path, bin_path = prefix_paths(path)
     for p in (idx_path, bin_path):
@@ -119,10 +121,12 @@ def read_megatron(path: str | Path, vocab_size: Optional[int] = None, name: Opti
                                 or [np.zeros(0, dtype=dtype)])
     offsets = seq_starts[doc_idx]  # document i = sequences doc_idx[i] .. doc_idx[i + 1]
 
+    eod = False
     if vocab_size is not None:
         first = int(pointers[0]) if contiguous and len(lengths) else 0
-        scan_vocab(bin_path, dtype, offsets, vocab_size, first_byte=first, tokens=None if contiguous else tokens)
-    return TokenizedCorpus(name or f"Megatron dataset {str(path)!r}", tokens, offsets)
+        eod = scan_vocab(bin_path, dtype, offsets, vocab_size, first_byte=first,
+                         tokens=None if contiguous else tokens, eos_id=eos_id)
+    return TokenizedCorpus(name or f"Megatron dataset {str(path)!r}", tokens, offsets, eod=eod)
 
 
 # --------------------------------------------------------------------------------- vocabulary check
@@ -135,16 +139,20 @@ def _vocab_error(bin_path: Path, token: int, doc: int, vocab_size: int, lo: int,
 
 
 def scan_vocab(bin_path: Path, dtype: type, offsets: np.ndarray, vocab_size: int, first_byte: int = 0,
-               tokens: Optional[np.ndarray] = None) -> None:
+               tokens: Optional[np.ndarray] = None, eos_id: Optional[int] = None) -> bool:
     """Raise a ConfigError naming the first token id outside [0, vocab_size), its document and the file's id
     range. Reads the ``offsets[-1]`` tokens from ``first_byte`` of the .bin into one fixed buffer (bounded
-    RSS); ``tokens`` (already in memory: non-contiguous sequences) is checked instead when given."""
+    RSS); ``tokens`` (already in memory: non-contiguous sequences) is checked instead when given.
+
+    Returns whether ``eos_id`` is the last token of every non-empty document (and there is one), checked in
+    the same pass: Megatron's preprocess_data.py --append-eod ends each document with the EOD token."""
     dt = np.dtype(dtype).newbyteorder("<")
     total = int(offsets[-1]) if len(offsets) else 0
-    lo, hi, bad = None, None, None
+    lasts = (offsets[1:] - 1)[offsets[1:] > offsets[:-1]].astype(np.int64)  # last token of each document
+    lo, hi, bad, eod = None, None, None, eos_id is not None and len(lasts) > 0
 
     def check(chunk: np.ndarray, base: int) -> None:
-        nonlocal lo, hi, bad
+        nonlocal lo, hi, bad, eod
         if not len(chunk):
             return
         cmin, cmax = int(chunk.min()), int(chunk.max())
@@ -152,6 +160,9 @@ def scan_vocab(bin_path: Path, dtype: type, offsets: np.ndarray, vocab_size: int
         if bad is None and (cmin < 0 or cmax >= vocab_size):
             at = int(np.argmax((chunk < 0) | (chunk >= vocab_size)))
             bad = (base + at, int(chunk[at]))
+        if eod:
+            here = lasts[np.searchsorted(lasts, base):np.searchsorted(lasts, base + len(chunk))] - base
+            eod = bool(np.all(chunk[here] == eos_id))
 
     if tokens is not None:
         check(np.asarray(tokens), 0)
@@ -170,6 +181,7 @@ def scan_vocab(bin_path: Path, dtype: type, offsets: np.ndarray, vocab_size: int
     if bad is not None:
         doc = int(np.searchsorted(offsets, bad[0], side="right")) - 1
         raise _vocab_error(bin_path, bad[1], doc, vocab_size, lo, hi)
+    return eod
 
 
 # ------------------------------------------------------------------------------------------- writing

@@ -253,8 +253,20 @@ def pack_corpus(corpus: TokenizedCorpus, seq_len: int, eos_id: Optional[int], pa
     """
     stop = check_pack_args(corpus, seq_len, eos_id, overlong, start, stop)
     if corpus.targets is None:
+        if corpus.eod:
+            corpus = without_final_tokens(corpus)
         return _pack_pretrain(corpus, start, stop, seq_len, eos_id, packing, sample_id_base)
     return _pack_sft(corpus, start, stop, seq_len, packing, overlong, sample_id_base)
+
+
+def without_final_tokens(corpus: TokenizedCorpus) -> TokenizedCorpus:
+    """The corpus with each non-empty document's last token (its EOS, corpus.eod) removed, in memory: packing
+    appends that EOS again, so the rows are the ones Megatron-LM trains on, with no second EOS."""
+    n = np.diff(corpus.offsets)
+    keep = np.ones(len(corpus.tokens), bool)
+    keep[(corpus.offsets[1:] - 1)[n > 0]] = False
+    offsets = np.concatenate([[0], np.cumsum(np.maximum(n - 1, 0))]).astype(np.int64)
+    return TokenizedCorpus(corpus.name, np.asarray(corpus.tokens)[keep], offsets)
 
 
 def concat_rows(parts: list[PackedRows], name: str) -> PackedRows:

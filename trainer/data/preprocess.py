@@ -9,8 +9,9 @@ megatron-core's ``IndexedDataset`` reads the pair, and ``data.format=megatron da
 it. Documents are exactly the trainer's own: the same readers (sources.py, sft.py), no special tokens,
 whitespace-only documents skipped, and no EOD token: the trainer appends EOS itself when packing.
 ``--append-eod`` ends every document with the tokenizer's EOS, as Megatron's ``preprocess_data.py
---append-eod`` does, for files meant for Megatron-LM; the trainer would then add a second EOS per document,
-so train meshtron on files made without it.
+--append-eod`` does, for files meant for Megatron-LM. The trainer reads those too: its one vocabulary scan of a
+Megatron file notices that every document ends with EOS (TokenizedCorpus.eod) and then appends none, so the
+rows are the same either way.
 
 Work is split into parts (shared.plan_parts: whole files, or line-aligned byte ranges / Parquet row-group
 ranges of a file larger than its share); each part is written under ``<prefix>.parts/`` with a done marker,
@@ -59,7 +60,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--output-prefix", required=True, help="writes <prefix>.bin/.idx (+ .targets.* for chat)")
     p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     p.add_argument("--append-eod", action="store_true",
-                   help="end each document with EOS, for Megatron-LM (the trainer appends its own: not for it)")
+                   help="end each document with EOS, as Megatron-LM's preprocess_data.py does (the trainer "
+                        "recognises such files and appends no second EOS)")
     args = p.parse_args(argv)
     if args.workers < 1:
         p.error(f"--workers={args.workers} must be at least 1")

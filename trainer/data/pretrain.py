@@ -211,27 +211,29 @@ def tokenize_source(source: Source, tokenizer: PreTrainedTokenizerBase, cache_di
 
 
 def read_checked_megatron(path: str | Path, vocab_size: int, name: str, cache_dir: Path,
-                          content_hash: bool = False, share: Optional[Share] = None) -> TokenizedCorpus:
-    """An external Megatron dataset, its ids checked against the vocabulary once per (files, vocabulary):
-    rank 0 scans and records the outcome in a marker; later starts and the other ranks read the marker."""
+                          content_hash: bool = False, share: Optional[Share] = None,
+                          eos_id: Optional[int] = None) -> TokenizedCorpus:
+    """An external Megatron dataset, its ids checked against the vocabulary once per (files, vocabulary, EOS):
+    rank 0 scans and records the outcome in a marker; later starts and the other ranks read the marker. The
+    scan also finds whether every document already ends with ``eos_id`` (``corpus.eod``, --append-eod)."""
     share = share or SOLO
     key = megatron_key(path, content_hash)
-    marker = cache_dir / f"{key}.vocab{vocab_size}.json"
+    marker = cache_dir / f"{key}.vocab{vocab_size}.eos{eos_id}.json"
     if not marker.is_file() and share.rank == 0:
         cache_dir.mkdir(parents=True, exist_ok=True)
         try:
-            read_megatron(path, vocab_size=vocab_size, name=name)
+            eod = read_megatron(path, vocab_size=vocab_size, name=name, eos_id=eos_id).eod
         except ConfigError as e:
             write_json_atomic(marker, {"error": str(e)})
             raise
-        write_json_atomic(marker, {"ok": True})
+        write_json_atomic(marker, {"ok": True, "eod": eod})
     elif not marker.is_file():
         poll(name, share, lambda: (marker.is_file(), None, "rank 0 checking the token ids"))
     outcome = json.loads(marker.read_text(encoding="utf-8"))
     if "error" in outcome:
         raise ConfigError(outcome["error"])
     corpus = read_megatron(path, name=name)
-    corpus.key = key
+    corpus.key, corpus.eod = key, bool(outcome.get("eod", False))
     return corpus
 
 
@@ -267,7 +269,8 @@ def load_source_corpus(source: DataSource, tokenizer: PreTrainedTokenizerBase, d
         name = f"{setting}={source.path!r}"
     if source.format == "megatron":
         resolve_files(source.path, "megatron", setting)  # a missing file is named with the setting
-        return read_checked_megatron(source.path, len(tokenizer), name, cache_dir, data_cfg.content_hash, share)
+        return read_checked_megatron(source.path, len(tokenizer), name, cache_dir, data_cfg.content_hash, share,
+                                     tokenizer.eos_token_id)
     files = resolve_files(source.path, source.format, setting)
     return tokenize_source(Source(name, files, source.format, source.text_field), tokenizer, cache_dir,
                            data_cfg.on_bad_row, data_cfg.content_hash, share)

@@ -94,8 +94,15 @@ class LazyRows:
 # ------------------------------------------------------------------------------------------ building
 
 
+def _pretrain_slots(corpus: TokenizedCorpus, lo: int, hi: int) -> np.ndarray:
+    """Slots per document: n tokens + the appended EOS = n slots; a document that already ends with that EOS
+    (corpus.eod) has one token fewer of its own."""
+    n = np.diff(corpus.offsets[lo:hi + 1]).astype(np.int64)
+    return np.maximum(n - 1, 0) if corpus.eod else n
+
+
 def _stream_index(corpus: TokenizedCorpus, lo: int, hi: int, seq_len: int) -> tuple[dict, int, int]:
-    n_slots = np.diff(corpus.offsets[lo:hi + 1]).astype(np.int64)  # n tokens + EOS = n slots
+    n_slots = _pretrain_slots(corpus, lo, hi)
     docs = lo + np.flatnonzero(n_slots)
     ends = np.cumsum(n_slots[docs - lo])
     num_rows = int(ends[-1]) // seq_len if len(ends) else 0
@@ -103,7 +110,7 @@ def _stream_index(corpus: TokenizedCorpus, lo: int, hi: int, seq_len: int) -> tu
 
 
 def _chunks_index(corpus: TokenizedCorpus, lo: int, hi: int, seq_len: int) -> tuple[dict, int, int]:
-    n_slots = np.diff(corpus.offsets[lo:hi + 1]).astype(np.int64)
+    n_slots = _pretrain_slots(corpus, lo, hi)
     chunk_ends = np.cumsum(-(-n_slots // seq_len))
     return {"chunk_ends": chunk_ends}, int(chunk_ends[-1]) if len(chunk_ends) else 0, int(n_slots.sum())
 
@@ -127,7 +134,7 @@ def index_key(corpus: TokenizedCorpus, seq_len: int, eos_id: Optional[int], pack
               sample_id_base: int, span: tuple[int, int]) -> str:
     sft = corpus.targets is not None
     text = (f"rows-v{INDEX_VERSION}|{corpus.key}|sft={sft}|S={seq_len}|packing={packing_on}|overlong={overlong}|"
-            f"span={span[0]}:{span[1]}|eos={eos_id}|base={sample_id_base}")
+            f"span={span[0]}:{span[1]}|eos={eos_id}|base={sample_id_base}|eod={corpus.eod}")
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
@@ -320,8 +327,9 @@ class RowIndex(LazyRows):
         doc_end = ends[k].astype(np.int64)
         doc_start = np.where(k > 0, ends[np.maximum(k - 1, 0)], 0).astype(np.int64)
         start, stop = np.maximum(doc_start, t0[row]), np.minimum(doc_end, t0[row] + S)
-        base_tok = int(self.corpus.offsets[self.span[0]])
-        return (row, start - t0[row], base_tok + start, stop - start, base_tok + doc_end,
+        # Stream -> corpus tokens per document: with corpus.eod each document's own EOS is not in the stream.
+        doc_tok = self.corpus.offsets[docs[k]].astype(np.int64) - doc_start
+        return (row, start - t0[row], doc_tok + start, stop - start, doc_tok + doc_end,
                 self.sample_id_base + docs[k], rank)
 
     def _chunk_pieces(self, ids: np.ndarray):
@@ -330,7 +338,8 @@ class RowIndex(LazyRows):
         first_chunk = np.where(d > 0, chunk_ends[np.maximum(d - 1, 0)], 0)
         k = ids - first_chunk
         doc = self.span[0] + d
-        doc_start, doc_end = self.corpus.offsets[doc].astype(np.int64), self.corpus.offsets[doc + 1].astype(np.int64)
+        doc_start = self.corpus.offsets[doc].astype(np.int64)
+        doc_end = self.corpus.offsets[doc + 1].astype(np.int64) - int(self.corpus.eod)
         src = doc_start + k * S
         zeros = np.zeros(len(ids), np.int64)
         return (np.arange(len(ids)), zeros, src, np.minimum(S, doc_end - src), doc_end,
