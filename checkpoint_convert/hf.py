@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Union
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from safetensors import safe_open
@@ -22,10 +23,11 @@ from torch import nn
 from tqdm import tqdm
 from transformers import AutoConfig, GenerationConfig, PreTrainedConfig
 
+from checkpoint_convert.mapping import Unit, rename
 from checkpoint_convert.models.registry import family, family_for_hf
 from trainer.config import ConfigError, ModelConfig, RopeScalingConfig
 from trainer.model.gpt import VOCAB_PARAMS
-from trainer.model.init import assign_full, clean_fqn
+from trainer.model.init import assign_full, clean_fqn, local_region
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -219,6 +221,10 @@ class _SafetensorsDir:
     def get(self, name: str) -> torch.Tensor:
         return self.handles[self.files[name]].get_tensor(name)
 
+    def get_slice(self, name: str):
+        """safetensors' lazy view of one tensor: its shape, and only the indexed part read from the file."""
+        return self.handles[self.files[name]].get_slice(name)
+
 
 def _ignored(name: str, cfg: ModelConfig) -> bool:
     # Old checkpoints saved the rotary buffer; tied ones sometimes still carry a copy of the embedding.
@@ -231,7 +237,8 @@ def load_hf_weights(model: nn.Module, path: Union[str, Path], partial: bool = Fa
 
     Every model parameter must be filled and every checkpoint tensor used (rotary buffers aside), unless
     `partial`: a pipeline stage holds only some of the model, so the rest of the checkpoint is skipped.
-    Parameters already sharded (DTensors) receive only this rank's part.
+    Parameters already sharded (DTensors) receive only this rank's part, and for 1:1 renames only that part
+    is read from the file (safetensors slicing), so no rank reads or holds the whole model.
     """
     cfg: ModelConfig = model.config
     params = {clean_fqn(n): p for n, p in model.named_parameters()}
@@ -247,22 +254,57 @@ def load_hf_weights(model: nn.Module, path: Union[str, Path], partial: bool = Fa
                 raise KeyError(f"{path}: lm_head.weight is missing but the config has tie_word_embeddings=false")
             if missing:
                 raise KeyError(f"{path}: tensors {missing} are missing (needed for {list(unit.ours)})")
-            theirs = [ckpt.get(n) for n in unit.theirs]
-            try:
-                ours = unit.convert_to_ours(theirs, cfg)
-            except (ValueError, RuntimeError) as e:
-                raise ValueError(f"{path}: cannot convert {_shapes(unit.theirs, theirs)} into "
-                                 f"{_shapes(unit.ours, [params[n] for n in unit.ours])}: {e}") from e
-            for name, tensor in ours.items():
-                tensor = pad_vocab_rows(name, tensor, params[name].shape)
-                if tensor.shape != params[name].shape:
-                    raise ValueError(f"{path}: {_shapes(unit.theirs, theirs)} gives {name} of shape "
-                                     f"{list(tensor.shape)}, but the model's is {list(params[name].shape)}")
-                assign_full(params[name], tensor)  # this rank's part when the model is already sharded
+            if _is_rename(unit):
+                _load_renamed(ckpt, unit.theirs[0], unit.ours[0], params[unit.ours[0]], cfg, path)
+            else:
+                _load_converted(ckpt, unit, params, cfg, path)
             used.update(unit.theirs)
         unexpected = sorted(n for n in ckpt.files if n not in used and not _ignored(n, cfg))
     if unexpected and not partial:
         raise KeyError(f"{path}: tensors the {cfg.family} model has no place for: {unexpected}")
+
+
+def _is_rename(unit: Unit) -> bool:
+    return len(unit.ours) == len(unit.theirs) == 1 and unit.rule == rename(unit.rule.ours[0], unit.rule.theirs[0])
+
+
+def _load_renamed(ckpt: _SafetensorsDir, theirs: str, ours: str, param: torch.Tensor, cfg: ModelConfig,
+                  path) -> None:
+    """A 1:1 tensor: read only the rows and columns of this rank's part, zeros for padded vocabulary rows."""
+    view = ckpt.get_slice(theirs)
+    shape = tuple(view.get_shape())
+    full = tuple(param.shape)
+    padded = ours in VOCAB_PARAMS and shape[0] < full[0] and shape[1:] == full[1:]
+    if shape != full and not padded:
+        raise ValueError(f"{path}: {theirs} {list(shape)} gives {ours} of shape {list(shape)}, "
+                         f"but the model's is {list(full)}")
+    region = local_region(param)
+    target = param.to_local() if region is not None else param
+    region = region or [(0, n) for n in full]
+    (r0, r1), rest = region[0], region[1:]
+    stored = max(0, min(r1, shape[0]) - r0)  # rows of the part that the file has (the rest are padding)
+    if stored:
+        index = (slice(r0, r0 + stored), *(slice(a, b) for a, b in rest))
+        target[:stored].copy_(view[index])
+    target[stored:].zero_()
+
+
+def _load_converted(ckpt: _SafetensorsDir, unit: Unit, params: Mapping[str, torch.Tensor], cfg: ModelConfig,
+                    path) -> None:
+    """A unit with a transform (the fused QKV): its inputs are read whole, i.e. one layer's q, k and v
+    projections (weights or biases), fused, and this rank's part of the result is kept."""
+    theirs = [ckpt.get(n) for n in unit.theirs]
+    try:
+        ours = unit.convert_to_ours(theirs, cfg)
+    except (ValueError, RuntimeError) as e:
+        raise ValueError(f"{path}: cannot convert {_shapes(unit.theirs, theirs)} into "
+                         f"{_shapes(unit.ours, [params[n] for n in unit.ours])}: {e}") from e
+    for name, tensor in ours.items():
+        tensor = pad_vocab_rows(name, tensor, params[name].shape)
+        if tensor.shape != params[name].shape:
+            raise ValueError(f"{path}: {_shapes(unit.theirs, theirs)} gives {name} of shape "
+                             f"{list(tensor.shape)}, but the model's is {list(params[name].shape)}")
+        assign_full(params[name], tensor)  # this rank's part when the model is already sharded
 
 
 def pad_vocab_rows(name: str, tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -283,13 +325,28 @@ def to_hf_state_dict(state: Mapping[str, torch.Tensor], cfg: ModelConfig,
     if cfg.tie_word_embeddings and "output_layer.weight" in state:
         raise ValueError("state dict has output_layer.weight but the config has tie_word_embeddings=true")
     out = {}
-    # Padded vocabulary rows (for tensor parallelism) are meshtron's own; HF gets exactly vocab_size.
-    state = {n: (t[:cfg.vocab_size] if n in VOCAB_PARAMS else t) for n, t in state.items()}
     for unit in family(cfg.family).table.units(state):
-        for name, t in unit.convert_to_theirs([state[n] for n in unit.ours], cfg).items():
-            t = t.detach().cpu()
-            out[name] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
+        out.update(_unit_to_hf(unit, [state[n] for n in unit.ours], cfg, dtype))
     return out
+
+
+def _unit_to_hf(unit: Unit, tensors: Sequence[torch.Tensor], cfg: ModelConfig,
+                dtype: Optional[torch.dtype]) -> dict[str, torch.Tensor]:
+    # Padded vocabulary rows (for tensor parallelism) are meshtron's own; HF gets exactly vocab_size.
+    tensors = [t[:cfg.vocab_size] if n in VOCAB_PARAMS else t for n, t in zip(unit.ours, tensors)]
+    out = {}
+    for name, t in unit.convert_to_theirs(tensors, cfg).items():
+        t = t.detach() if t.is_meta else t.detach().cpu()
+        out[name] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
+    return out
+
+
+def hf_layout(layout: Mapping[str, tuple[torch.Size, torch.dtype]], cfg: ModelConfig,
+              dtype: Optional[torch.dtype] = None) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    """HF name -> (shape, dtype) of what to_hf_state_dict makes of tensors shaped like `layout` (our names
+    in model order), found by converting meta tensors: no data is touched."""
+    state = {n: torch.empty(shape, dtype=dt, device="meta") for n, (shape, dt) in layout.items()}
+    return {n: (t.shape, t.dtype) for n, t in to_hf_state_dict(state, cfg, dtype).items()}
 
 
 def save_hf(
@@ -320,6 +377,57 @@ def save_hf(
         writer.finish()
         write_config_files(tmp, config)
     return out
+
+
+def save_hf_stream(
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    layout: Mapping[str, tuple[torch.Size, torch.dtype]],
+    cfg: ModelConfig,
+    out_dir: Union[str, Path],
+    dtype: Optional[torch.dtype] = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+    config_overrides: Optional[Mapping[str, Any]] = None,
+    progress: bool = False,
+) -> Path:
+    """save_hf from (our name, full tensor) pairs arriving one at a time, in the order of `layout` (every
+    model tensor's name -> shape, dtype): the same files byte for byte, but each conversion unit is converted
+    and written as soon as its tensors have arrived, so nothing is held beyond one unit (one tensor for all
+    of Llama's units) and the HF tensors it makes."""
+    out = Path(out_dir)
+    check_out_dir(out, overwrite)
+    if cfg.tie_word_embeddings and "output_layer.weight" in layout:
+        raise ValueError("layout has output_layer.weight but the config has tie_word_embeddings=true")
+    plan = hf_layout(layout, cfg, dtype)
+    config = hf_config(cfg, **(config_overrides or {}))
+    config.dtype = _dtype_name({n: torch.empty(0, dtype=dt) for n, (_, dt) in plan.items()})
+    units = {n: u for u in family(cfg.family).table.units(layout) for n in u.ours}
+    with staged_dir(out, overwrite) as tmp:
+        writer = PlannedShardWriter(tmp, plan, max_shard_bytes)
+        pending: dict[str, torch.Tensor] = {}
+        with byte_progress(writer.total, progress, "export hf") as bar:
+            for name, t in tensors:
+                if name not in layout or tuple(t.shape) != tuple(layout[name][0]):
+                    raise ValueError(f"export got {name} {list(t.shape)}; the model's layout has "
+                                     f"{list(layout[name][0]) if name in layout else 'no such tensor'}")
+                pending[name] = t
+                unit = units[name]
+                del t  # the unit's tensors live in `pending` only, and leave it when written
+                if all(n in pending for n in unit.ours):
+                    bar.update(_write_unit(writer, _unit_to_hf(unit, [pending.pop(n) for n in unit.ours], cfg, dtype)))
+        writer.finish()
+        write_config_files(tmp, config)
+    return out
+
+
+def _write_unit(writer: "PlannedShardWriter", tensors: dict[str, torch.Tensor]) -> int:
+    """Writes and drops one unit's HF tensors (the dict is the only reference); returns their bytes."""
+    nbytes = 0
+    while tensors:
+        name, t = tensors.popitem()
+        writer.add(name, t)
+        nbytes += t.numel() * t.element_size()
+    return nbytes
 
 
 def write_config_files(out: Path, config: PreTrainedConfig) -> None:
@@ -362,17 +470,93 @@ class ShardWriter:
     def finish(self) -> None:
         if self.pending or not self.files:
             self._flush()
-        if len(self.files) == 1:
-            self.files[0][0].rename(self.out / SAFE_WEIGHTS)
-            return
-        weight_map = {}
-        for i, (path, names) in enumerate(self.files, start=1):
-            final = f"model-{i:05d}-of-{len(self.files):05d}.safetensors"
-            path.rename(self.out / final)
-            weight_map.update(dict.fromkeys(names, final))
-        with open(self.out / SAFE_INDEX, "w") as f:
-            json.dump({"metadata": {"total_size": self.total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
-            f.write("\n")
+        _name_shards(self.out, self.files, self.total)
+
+
+# safetensors writes a file's tensors sorted by dtype (its Rust Dtype enum order, largest first), then by name.
+_ST_DTYPES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.float16: "F16",
+              torch.bfloat16: "BF16", torch.int32: "I32", torch.float32: "F32", torch.float64: "F64",
+              torch.int64: "I64"}
+_ST_ORDER = ("BOOL", "U8", "I8", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64")
+
+
+class PlannedShardWriter:
+    """ShardWriter's files (same grouping into shards, names, index, and bytes as safetensors' save_file)
+    laid out up front from every tensor's name, shape and dtype, then filled one tensor at a time at its
+    offset, in any order: nothing is held but the tensor being written."""
+
+    def __init__(self, out: Path, plan: Mapping[str, tuple[torch.Size, torch.dtype]], max_shard_bytes: int):
+        self.out, self.total = out, 0
+        shards: list[list[str]] = []
+        size = 0
+        for name, (shape, dt) in plan.items():  # ShardWriter.add's rule, on sizes alone
+            nbytes = math.prod(shape) * dt.itemsize
+            if not shards or (shards[-1] and size + nbytes > max_shard_bytes):
+                shards.append([])
+                size = 0
+            shards[-1].append(name)
+            size += nbytes
+            self.total += nbytes
+        shards = shards or [[]]  # ShardWriter writes one empty file for no tensors
+        self.plan = dict(plan)
+        self.where: dict[str, tuple[Path, int]] = {}
+        self.files = [(out / f".shard-{i:05d}.safetensors", names) for i, names in enumerate(shards)]
+        for path, names in self.files:
+            self._lay_out(path, names)
+        self.left = set(self.plan)
+
+    def _lay_out(self, path: Path, names: list[str]) -> None:
+        order = sorted(names, key=lambda n: (-_ST_ORDER.index(_ST_DTYPES[self.plan[n][1]]), n))
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset, starts = 0, {}
+        for n in order:
+            shape, dt = self.plan[n]
+            nbytes = math.prod(shape) * dt.itemsize
+            header[n] = {"dtype": _ST_DTYPES[dt], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            starts[n], offset = offset, offset + nbytes
+        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        raw += b" " * (-len(raw) % 8)  # safetensors pads the header with spaces to a multiple of 8 bytes
+        with open(path, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little"))
+            f.write(raw)
+            f.truncate(8 + len(raw) + offset)
+        for n, start in starts.items():
+            self.where[n] = (path, 8 + len(raw) + start)
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        if name not in self.left:
+            raise KeyError(f"{name} is not planned or was written already")
+        shape, dt = self.plan[name]
+        if tuple(t.shape) != tuple(shape) or t.dtype != dt:
+            raise ValueError(f"{name}: got {list(t.shape)} {t.dtype}, planned {list(shape)} {dt}")
+        path, start = self.where[name]
+        data = t.detach().cpu().contiguous().reshape(-1)
+        with open(path, "r+b") as f:
+            f.seek(start)
+            if data.numel():
+                f.write(data.view(torch.uint8).numpy().data)
+        self.left.discard(name)
+
+    def finish(self) -> None:
+        if self.left:
+            raise ValueError(f"export ended before these tensors arrived: {sorted(self.left)[:5]} "
+                             f"({len(self.left)} in all)")
+        _name_shards(self.out, self.files, self.total)
+
+
+def _name_shards(out: Path, files: list[tuple[Path, list[str]]], total: int) -> None:
+    """model.safetensors for one shard; model-0000i-of-0000N.safetensors and the index for more."""
+    if len(files) == 1:
+        files[0][0].rename(out / SAFE_WEIGHTS)
+        return
+    weight_map = {}
+    for i, (path, names) in enumerate(files, start=1):
+        final = f"model-{i:05d}-of-{len(files):05d}.safetensors"
+        path.rename(out / final)
+        weight_map.update(dict.fromkeys(names, final))
+    with open(out / SAFE_INDEX, "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
+        f.write("\n")
 
 
 # ------------------------------------------------------------------------------- output directories

@@ -8,6 +8,7 @@ layout be compared with a single process.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -30,6 +31,7 @@ class ParallelModel:
     mesh: object = None
     runner: object = None  # parallel.pipeline.PipelineRunner when pp > 1
     duplicates: set = field(default_factory=set)  # tied-embedding copies, counted once in norms
+    weights_s: float = 0.0  # of the build, seconds spent filling the weights (init or HF checkpoint)
 
     @property
     def modules(self) -> list[nn.Module]:
@@ -62,13 +64,16 @@ def build_parallel_model(cfg: Config, dims: ParallelDims, mesh, device: torch.de
     else:
         stages = [(0, model)]
 
+    weights_s = 0.0
     for _, module in stages:
         module.loss_chunk_size = cfg.trainer.loss_chunk_size  # a plain attribute: checkpoints never see it
         _parallelize_one(module, cfg, dims, mesh)
         module.to_empty(device=device)
+        started = time.perf_counter()
         _initialise(module, cfg)
+        weights_s += time.perf_counter() - started
 
-    pm = ParallelModel(stages, dims, mesh)
+    pm = ParallelModel(stages, dims, mesh, weights_s=weights_s)
     if dims.pp_enabled:
         from parallel.pipeline import PipelineRunner, duplicate_params
 
@@ -118,9 +123,11 @@ def _initialise(module: GPTModel, cfg: Config) -> None:
 
 
 def full_state_dict(pm: ParallelModel) -> Optional[dict[str, torch.Tensor]]:
-    """The whole model as full CPU tensors on global rank 0 (None elsewhere), for export.
+    """The whole model as full CPU tensors on global rank 0 (None elsewhere).
 
-    Every rank takes part: DTensors are gathered over their mesh, then pipeline stages over pp.
+    Every rank takes part: DTensors are gathered over their mesh, then pipeline stages over pp. Every rank
+    holds a full copy on the way, so the trainer's export streams instead (parallel/export.py); this stays as
+    the reference the streamed export is tested against.
     """
     import torch.distributed as dist
 

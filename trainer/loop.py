@@ -15,7 +15,7 @@ import torch
 
 from parallel.collectives import clip_grad_norm_
 from parallel.dims import ParallelDims, padded_vocab_size, validate_layout
-from parallel.parallelize import build_parallel_model, full_state_dict
+from parallel.parallelize import build_parallel_model
 from trainer.config import Config, ConfigError, device_type, resolved_yaml, validate_config
 from trainer.distributed import RankInfo, broadcast_str, init_distributed, rank_info
 from trainer.data.build import batches_in_order
@@ -72,20 +72,19 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 def load_split(cfg: Config, tokenizer, split: str, info: RankInfo):
-    """Rank 0 tokenizes (or finds the cache) first; the others then read its cache."""
-    import torch.distributed as dist
+    """Every rank builds the split; a missing token cache is tokenized by all ranks together, each its part
+    of the files, and merged by rank 0 (trainer.data.shared: file-system waits bounded by
+    trainer.dist_timeout_s, no barrier)."""
+    import uuid
 
     from trainer.data.build import build_split
     from trainer.data.pretrain import default_cache_dir
+    from trainer.data.shared import Share
 
-    def build():
-        return build_split(cfg.data, tokenizer, split, default_cache_dir(cfg.data))
-
-    if info.world_size == 1:
-        return build()
-    data = build() if info.is_main else None
-    dist.barrier()
-    return data if info.is_main else build()
+    # One id per attempt, so error markers left by a crashed earlier attempt are not taken for this one's.
+    run_id = broadcast_str(uuid.uuid4().hex) if info.world_size > 1 else ""
+    share = Share(info.rank, info.world_size, cfg.trainer.dist_timeout_s, run_id)
+    return build_split(cfg.data, tokenizer, split, default_cache_dir(cfg.data), share=share)
 
 
 def train(cfg: Config, info: Optional[RankInfo] = None) -> Path:
@@ -96,10 +95,12 @@ def train(cfg: Config, info: Optional[RankInfo] = None) -> Path:
     """
     from trainer.data.tokenizer import check_vocab_fits, load_tokenizer
     from trainer.model.attention import check_attention_backend
+    from trainer.host_memory import return_freed_memory
     from trainer.startup import StartupClock
 
     info = info or rank_info()
     clock = StartupClock()
+    return_freed_memory()  # before anything large is allocated (trainer/host_memory.py)
     cfg, dims = prepare(cfg, info.world_size)
     tokenizer = load_tokenizer(cfg.data, cfg.model.hf_path)
     check_vocab_fits(tokenizer, cfg.model.vocab_size)
@@ -125,6 +126,7 @@ def train(cfg: Config, info: Optional[RankInfo] = None) -> Path:
     opt = StageOptimizers(pm.modules, cfg.optim, device, cfg.trainer.max_steps)
     ckpt = Checkpointer(cfg, out, info.rank, info.world_size, tokenizer)
     clock.mark("model init")
+    clock.move(pm.weights_s, "model init", "weights")  # initial or HF weights, filled inside the build
     resume, notes = find_resume(cfg, out)
     if info.world_size > 1:  # every rank resumes from the checkpoint rank 0 found
         resume = broadcast_str(str(resume) if resume else "")
@@ -145,7 +147,8 @@ def train(cfg: Config, info: Optional[RankInfo] = None) -> Path:
     for st in train_data.stats:
         logger.write(f"data: {st['name']}: {st['rows']} rows, packing efficiency {st['efficiency']:.1%}"
                      + (f", {st['truncated']} truncated" if st.get("truncated") else "")
-                     + (f", {st['dropped']} dropped (data.overlong)" if st.get("dropped") else ""))
+                     + (f", {st['dropped']} dropped (data.overlong)" if st.get("dropped") else "")
+                     + (", documents end with EOS in the files (--append-eod): none appended" if st.get("eod") else ""))
     for note in notes:
         logger.write(note)
     logger.write(clock.line())
@@ -167,13 +170,10 @@ def train(cfg: Config, info: Optional[RankInfo] = None) -> Path:
         return out
 
     if cfg.trainer.export_hf:
-        state = full_state_dict(pm)
-        if info.is_main:
-            from checkpoint_convert.hf import save_hf
+        from trainer.export import export_hf
 
-            ids = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-            save_hf(state, cfg.model, out / "hf", config_overrides=ids, overwrite=True)
-            tokenizer.save_pretrained(str(out / "hf"))
+        # Streamed: one full tensor at a time on rank 0, never a full copy of the model on any rank.
+        export_hf(pm, cfg, out / "hf", tokenizer, info.is_main)
     if info.is_main:
         print(f"done: {cfg.trainer.max_steps} steps. Outputs in {out.resolve()}: config.yaml, metrics.jsonl"
               + (", checkpoints/" if cfg.trainer.checkpoint.every_steps else "")

@@ -54,6 +54,12 @@ class StartupClock:
         self.seconds[phase] += max(0.0, now - self._last)
         self._last = now
 
+    def move(self, seconds: float, src: str, dst: str) -> None:
+        """Charge ``seconds`` already counted under ``src`` to ``dst`` (a phase nested in another's span)."""
+        seconds = min(seconds, self.seconds[src])
+        self.seconds[src] -= seconds
+        self.seconds[dst] += seconds
+
     def line(self) -> str:
         total = time.time() - self.started
         parts = ", ".join(f"{name} {s:.1f} s" for name, s in self.seconds.items())

@@ -63,3 +63,29 @@ def test_trainer_overhead_smoke():
     assert set(rates) == {"trainer", "bare"} and all(float(v.replace(",", "")) > 0 for v in rates.values()), proc.stdout
     ratio = re.search(r"^ratio trainer/bare: ([\d.]+) \(goal >= 0\.95\)$", proc.stdout, re.M)
     assert ratio and float(ratio[1]) > 0, proc.stdout
+
+
+def test_scale_smoke(tmp_path):
+    """bench/scale.py at minuscule sizes: its synthetic corpus is what megatron-core's IndexedDataset reads,
+    both tables are measured (per-rank peaks, start-up, wall time) and the ratio lines printed."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    small = ["model.hidden_size=32", "model.ffn_hidden_size=64", "model.num_layers=2", "model.num_attention_heads=2",
+             "model.num_query_groups=1"]
+    args = ["--work", str(tmp_path), "--tokens", "2e4", "--doc-len", "100", "--corpus-ranks", "1", "--shards", "1", "2",
+            "--seq-len", "32", "--model-overrides", *small]
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "scale.py"), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ds = IndexedDataset(str(tmp_path / "corpora" / "synthetic_2e04_100"))
+    assert len(ds) == 200 and sum(len(ds[i]) for i in range(len(ds))) == 20_000
+    assert ds[0].dtype.name == "uint16" and max(int(ds[i].max()) for i in range(len(ds))) < 2048
+    corpus = re.search(r"^\| 2e\+04 \| 200 \| ([\d.]+) \| [\d.]+ \| ([\d.]+) \| ([\d.]+) \|$", proc.stdout, re.M)
+    assert corpus and all(float(v) > 0 for v in corpus.groups()), proc.stdout
+    for shards, ranks in ((1, 1), (2, 2)):
+        row = re.search(rf"^\| {shards} \| ((?:[\d.]+(?: / )?){{{ranks}}}) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|",
+                        proc.stdout, re.M)
+        assert row and float(row[2]) > 0.1 and float(row[4]) > 0, proc.stdout
+    assert re.search(r"^ratio 2-rank / 1-process peak RSS: [\d.]+ \(goal <= 0\.40\) -> (met|missed)$", proc.stdout,
+                     re.M), proc.stdout
+    assert (tmp_path / "model_fsdp2" / "run" / "hf" / "model.safetensors").exists()  # the export ran

@@ -39,3 +39,14 @@ def test_only_the_first_clock_of_a_process_counts_from_the_process_start(monkeyp
     monkeypatch.setattr(startup, "process_start_time", lambda: time.time() - 50)
     first, second = StartupClock(), StartupClock()  # e.g. trainer.verify's parallel run, then its single run
     assert first.seconds["import"] >= 49 and second.seconds["import"] < 1
+
+
+def test_a_nested_phase_moves_out_of_its_parent(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(startup.time, "time", lambda: now[0])
+    clock = StartupClock(started=100.0)
+    now[0] += 5.0
+    clock.mark("model init")
+    clock.move(3.5, "model init", "weights")  # HF weights were read inside the model build
+    clock.move(9.0, "model init", "weights")  # never more than the parent holds
+    assert clock.seconds["model init"] == 0.0 and clock.seconds["weights"] == 5.0

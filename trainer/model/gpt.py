@@ -24,7 +24,7 @@ from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 from trainer.config import ModelConfig
 from trainer.loss import chunked_token_losses, cross_entropy_tokens
 from trainer.model.attention import SelfAttention, TokenLayout
-from trainer.model.init import assign_full, clean_fqn, normal_like
+from trainer.model.init import assign_full, clean_fqn, normal_fill_, normal_like
 from trainer.model.layers import RMSNorm, RotaryEmbedding, SwiGLUMLP
 
 
@@ -122,8 +122,9 @@ class GPTModel(nn.Module):
             elif name in VOCAB_PARAMS:
                 # A pipeline's last stage may hold a copy of tied embeddings: it must start equal to them.
                 source = VOCAB_PARAMS[0] if self.config.tie_word_embeddings else name
-                real = normal_like((self.config.vocab_size, *p.shape[1:]), std, seed, source, p.device)
-                full = torch.cat([real, real.new_zeros(p.shape[0] - real.shape[0], *p.shape[1:])])
+                # Drawn into the first vocab_size rows of the padded tensor: one full tensor alive, not two.
+                full = torch.zeros(p.shape, device=p.device)
+                normal_fill_(full[:self.config.vocab_size], std, seed, source)
             else:
                 proj = name.endswith(("linear_proj.weight", "linear_fc2.weight"))
                 full = normal_like(tuple(p.shape), residual_std if proj else std, seed, name, p.device)
