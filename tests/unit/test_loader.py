@@ -163,3 +163,19 @@ def test_blend_custom_epoch_length():
 def test_too_few_rows_for_a_batch():
     with pytest.raises(ConfigError, match="fewer than one global batch"):
         GlobalBatchLoader(rows_of(3), 64, seed=0)
+
+
+@pytest.mark.parametrize("rows_per_epoch", [0, 7, 23])
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_one_source_needs_no_schedule_and_draws_the_same_order(rows_per_epoch, shuffle):
+    """One source skips the blend schedule (O(rows) of index arrays) and gives the order the general blend
+    path gives, repeats (more rows per epoch than the source has) included."""
+    tokens = np.arange(1, 200, dtype=np.uint32)
+    corpus = TokenizedCorpus("c", tokens, np.array([0, 50, 120, 199]))
+    rows = pack_corpus(corpus, 16, eos_id=0)
+    fast = Blend([rows], [1.0], rows_per_epoch=rows_per_epoch)
+    general = Blend([rows], [1.0], rows_per_epoch=rows_per_epoch)
+    general._schedule = np.zeros(general.rows_per_epoch, np.uint8)  # what blend_schedule gives one source
+    assert fast._schedule is None and fast.rows_per_source() == general.rows_per_source()
+    for epoch in range(3):
+        np.testing.assert_array_equal(fast.epoch_order(9, epoch, shuffle), general.epoch_order(9, epoch, shuffle))

@@ -73,7 +73,10 @@ class Blend:
                                   f"data.seq_len")
         if self.rows_per_epoch <= 0:
             self.rows_per_epoch = sum(s.num_rows for s in self.sources)
-        self._schedule = blend_schedule(self.weights, self.rows_per_epoch)
+        # Source of each blended row, as the smallest integer type (a 1e12-token corpus has ~1e8 rows); one
+        # source needs no schedule at all (every row is its own).
+        self._schedule = (None if len(self.sources) == 1 else
+                          blend_schedule(self.weights, self.rows_per_epoch).astype(np.min_scalar_type(len(self.sources))))
         self._base = np.cumsum([0] + [s.num_rows for s in self.sources])
 
     @property
@@ -82,22 +85,32 @@ class Blend:
 
     def rows_per_source(self) -> list[int]:
         """How many rows of each source one epoch takes (more than the source has means repeats)."""
+        if self._schedule is None:
+            return [self.rows_per_epoch]
         return np.bincount(self._schedule, minlength=len(self.sources)).tolist()
 
     def epoch_order(self, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
         """Global row ids (source base + row) of one epoch, a pure function of (seed, epoch)."""
         gen = torch.Generator().manual_seed(_epoch_seed(seed, epoch))
+        if self._schedule is None:  # the same draws as the general case below, without its index arrays
+            return self._passes(self.sources[0].num_rows, self.rows_per_epoch, gen, shuffle)  # base 0
         order = np.empty(self.rows_per_epoch, np.int64)
         for i, src in enumerate(self.sources):
             where = np.flatnonzero(self._schedule == i)
-            passes = -(-len(where) // src.num_rows)
-            if shuffle:
-                perms = [torch.randperm(src.num_rows, generator=gen).numpy() for _ in range(passes)]
-            else:
-                perms = [np.arange(src.num_rows)] * passes
-            rows = np.concatenate(perms)[:len(where)] if passes else np.zeros(0, np.int64)
-            order[where] = self._base[i] + rows
+            order[where] = self._base[i] + self._passes(src.num_rows, len(where), gen, shuffle)
         return order
+
+    @staticmethod
+    def _passes(num_rows: int, count: int, gen: torch.Generator, shuffle: bool) -> np.ndarray:
+        """The first ``count`` rows of back-to-back passes over ``num_rows`` rows, each freshly shuffled."""
+        passes = -(-count // num_rows)
+        if not passes:
+            return np.zeros(0, np.int64)
+        if shuffle:
+            perms = [torch.randperm(num_rows, generator=gen).numpy() for _ in range(passes)]
+        else:
+            perms = [np.arange(num_rows)] * passes
+        return (perms[0] if passes == 1 else np.concatenate(perms))[:count].astype(np.int64, copy=False)
 
     def gather(self, ids: np.ndarray) -> dict[str, torch.Tensor]:
         """LongTensors [len(ids), seq_len] for every field of PackedRows, built by each source's gather()
