@@ -79,3 +79,11 @@ def test_valid_layouts_pass(compose):
                              [["parallel=pp2_interleaved"], 2], [["parallel=hsdp"], 4], [["parallel=fsdp"], 4]):
         cfg, dims = prepare(compose(*overrides), world)
         validate_layout(cfg, dims)
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_the_default_preset_fills_the_world_with_data_parallelism(compose, world):
+    """`torchrun --nproc_per_node N -m trainer` with no parallel= override runs FSDP over N ranks."""
+    _, dims = prepare(compose(), world)
+    assert (dims.dp_shard, dims.tp, dims.pp, dims.cp, dims.dp_replicate) == (world, 1, 1, 1, 1)
+    assert dims.is_single == (world == 1) and dims.fsdp_enabled == (world > 1)
