@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-import sys
+# First, before torch and Hydra load (seconds): a preemption signal during start-up only sets a flag.
+from trainer.signals import PreemptionSignals
 
-import hydra
-from omegaconf import DictConfig
+PreemptionSignals.install()
 
-from trainer.config import HYDRA_MAIN, ConfigError, to_config
+import sys  # noqa: E402
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from trainer.config import HYDRA_MAIN, ConfigError, to_config  # noqa: E402
 
 
 @hydra.main(**HYDRA_MAIN)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import signal
-import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -24,6 +22,7 @@ from trainer.loss import DocumentLoss
 from trainer.metrics import MetricsLogger, StepMeter, perplexity
 from trainer.checkpoint import EXIT_CHECKPOINT_FAILED, EXIT_NONFINITE, EXIT_PREEMPTED, Checkpointer, RunExit, find_resume
 from trainer.optim import StageOptimizers
+from trainer.signals import PreemptionSignals
 from trainer.step import batch_facts, evaluate, forward_backward, local_batch, step_totals
 
 
@@ -153,8 +152,9 @@ def train(cfg: Config, info: Optional[RankInfo] = None) -> Path:
         logger.write(note)
     logger.write(clock.line())
 
-    signals = PreemptionSignals()
+    signals, own_signals = PreemptionSignals.for_run()
     try:
+        stop_if_signalled_before_the_steps(signals, info, device, start)
         finished = _run_steps(cfg, info, pm, opt, ckpt, loader, logger, val, device, start, tokens, signals)
     except RunExit as stop:
         if stop.code != EXIT_CHECKPOINT_FAILED:
@@ -163,7 +163,8 @@ def train(cfg: Config, info: Optional[RankInfo] = None) -> Path:
     else:
         ckpt.close()
     finally:
-        signals.restore()
+        if own_signals:
+            signals.restore()
         logger.close()
         loader.close()
     if not finished:
@@ -264,27 +265,17 @@ def _run_steps(cfg: Config, info: RankInfo, pm, opt: StageOptimizers, ckpt: Chec
     return True
 
 
-class PreemptionSignals:
-    """SIGTERM / SIGUSR1 (Slurm's and torchrun's warnings) only set a flag; the loop acts on it at the
-    next step boundary, after all ranks agree (any rank signalled is enough: the flag is summed with the
-    step's other numbers in trainer/step.py step_totals)."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self):
-        self.name: Optional[str] = None
-        self._previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.name = signal.Signals(signum).name
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
+def stop_if_signalled_before_the_steps(signals: PreemptionSignals, info: RankInfo, device: torch.device,
+                                       start: int) -> None:
+    """A SIGTERM/SIGUSR1 that came during start-up (handlers are installed by the entry point's first lines)
+    ends the run before its first step, exit 75: nothing new to save. All ranks agree first (one collective
+    per run, not per step), so a signal to one rank stops every rank at the same place."""
+    flagged = ranks_where(signals.name is not None, info, device)
+    if not flagged:
+        return
+    saved = f"the checkpoint of step {start} stands" if start else "nothing to save yet"
+    raise RunExit(EXIT_PREEMPTED, f"preempted by {signals.name or 'a signal'} on rank(s) {flagged} during start-up, "
+                                  f"before step {start + 1}: {saved}; rerun the same command to resume")
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
