@@ -19,10 +19,8 @@ would grow it to the size of the checkpoint).
 from __future__ import annotations
 
 import dataclasses
-import itertools
-import json
+import math
 import shutil
-import struct
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -31,13 +29,14 @@ import torch
 from safetensors import safe_open
 from transformers import GenerationConfig
 
-from checkpoint_convert.hf import (DEFAULT_MAX_SHARD_BYTES, SAFE_INDEX, SAFE_WEIGHTS, _ignored, _SafetensorsDir,
-                                   byte_progress, check_out_dir, hf_config, pad_vocab_rows, read_hf_config,
-                                   staged_dir, write_config_files)
+from checkpoint_convert.hf import (_ignored, _SafetensorsDir, hf_config, pad_vocab_rows, read_hf_config,
+                                   write_config_files)
 from checkpoint_convert.mapping import Unit
 from checkpoint_convert.models.megatron_names import (COLUMN, EXTRA_STATE_MODULES, GATED_COLUMN, REPLICATED, ROW,
                                                       SPECS, VOCAB, layer_of, tp_split)
 from checkpoint_convert.models.registry import family
+from checkpoint_convert.safetensors_files import (DEFAULT_MAX_SHARD_BYTES, ST_DTYPES, PlannedShardWriter,
+                                                  byte_progress, check_out_dir, staged_dir)
 from checkpoint_convert.megatron_format import (CHECKPOINT_VERSION, CKPT_FILE, TRACKER, PathLike, config_from_args,
                                                 first_rank_args, load_rank_file, megatron_args, megatron_config,
                                                 rank_dir, rank_dirs, resolve_iteration_dir)
@@ -84,7 +83,7 @@ def hf_to_megatron(hf_dir: PathLike, out_dir: PathLike, tp: int, pp: int, spec: 
 
         def meta(name: str) -> torch.Tensor:
             sl = src.handles[src.files[name]].get_slice(name)
-            return torch.empty(sl.get_shape(), dtype=_ST_DTYPES[sl.get_dtype()], device="meta")
+            return torch.empty(sl.get_shape(), dtype=ST_DTYPES[sl.get_dtype()], device="meta")
 
         def read(name: str) -> torch.Tensor:
             # A mapping of its own per tensor: pages read through a long-lived one would stay resident and
@@ -132,12 +131,6 @@ def _check_hf_tensors(src: _SafetensorsDir, units: list[Unit], cfg: ModelConfig,
     unexpected = sorted(n for n in src.files if n not in used and not _ignored(n, cfg))
     if unexpected:
         raise KeyError(f"{where}: tensors the {cfg.family} model has no place for: {unexpected}")
-
-
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
-_ST_CODES = {dtype: code for code, dtype in _ST_DTYPES.items()}
 
 
 # ============================================================================ placement over TP x PP
@@ -404,59 +397,16 @@ def megatron_to_hf(megatron_dir: PathLike, out_dir: PathLike, hf_config_dir: Opt
         for unit in units:
             yield from unit.convert_to_theirs([ours.take(n) for n in unit.ours], cfg).items()
 
-    planned = list(hf_tensors(ckpt.meta))  # (name, meta tensor): every shape known before writing
-    shards = _plan_shards([(name, _nbytes([t])) for name, t in planned], max_shard_bytes)
-    total = _nbytes([t for _, t in planned])
+    planned = {name: (t.shape, t.dtype) for name, t in hf_tensors(ckpt.meta)}  # every shape before writing
+    total = sum(math.prod(shape) * dt.itemsize for shape, dt in planned.values())
     with staged_dir(out, overwrite) as tmp, byte_progress(total, progress, f"writing {out.name}") as bar:
-        # Shards are runs of consecutive tensors, each file streamed tensor by tensor.
-        for file, group in itertools.groupby(hf_tensors(ckpt.full), key=lambda item: shards[item[0]]):
-            entries = [(name, t) for name, t in planned if shards[name] == file]
-            with open(tmp / file, "wb") as f:
-                _write_safetensors_header(f, entries)
-                for (name, t), (want, meta) in zip(group, entries, strict=True):
-                    if (name, t.shape, t.dtype) != (want, meta.shape, meta.dtype):
-                        raise RuntimeError(f"{name} {list(t.shape)} {t.dtype} arrived where the dry run "
-                                           f"had {want} {list(meta.shape)} {meta.dtype}")
-                    t.contiguous().reshape(-1).view(torch.uint8).numpy().tofile(f)
-                    bar.update(_nbytes([t]))
-        if len(set(shards.values())) > 1:
-            index = {"metadata": {"total_size": total}, "weight_map": shards}
-            (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        _write_hf_config(tmp, cfg, hf_config_dir, _dtype_name({t.dtype for _, t in planned}))
+        writer = PlannedShardWriter(tmp, planned, max_shard_bytes)  # one tensor in memory, not a shard
+        for name, t in hf_tensors(ckpt.full):
+            writer.add(name, t)  # refuses a name, shape or dtype the dry run did not plan
+            bar.update(t.numel() * t.element_size())
+        writer.finish()
+        _write_hf_config(tmp, cfg, hf_config_dir, _dtype_name({dt for _, dt in planned.values()}))
     return out
-
-
-def _plan_shards(sizes: list[tuple[str, int]], max_shard_bytes: int) -> dict[str, str]:
-    """tensor name -> file, in transformers' naming (one model.safetensors when everything fits)."""
-    groups: list[list[str]] = [[]]
-    size = 0
-    for name, nbytes in sizes:
-        if groups[-1] and size + nbytes > max_shard_bytes:  # a tensor larger than a shard gets its own
-            groups.append([])
-            size = 0
-        groups[-1].append(name)
-        size += nbytes
-    if len(groups) == 1:
-        return dict.fromkeys(groups[0], SAFE_WEIGHTS)
-    return {name: f"model-{i:05d}-of-{len(groups):05d}.safetensors"
-            for i, group in enumerate(groups, start=1) for name in group}
-
-
-def _write_safetensors_header(f, entries: list[tuple[str, torch.Tensor]]) -> None:
-    """The safetensors header for tensors written next, in this order: a little-endian u64 length, then
-    JSON with each tensor's dtype, shape and byte range in the data that follows (padded to 8 bytes, as
-    safetensors' own writer does). Writing the data tensor by tensor keeps one tensor in memory, not a shard.
-    """
-    header: dict = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, t in entries:
-        n = _nbytes([t])
-        header[name] = {"dtype": _ST_CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    f.write(struct.pack("<Q", len(raw)))
-    f.write(raw)
 
 
 def _write_hf_config(tmp: Path, cfg: ModelConfig, hf_config_dir: Optional[PathLike], dtype: str) -> None:

@@ -27,9 +27,9 @@ import torch.distributed.checkpoint as dcp
 import yaml
 from omegaconf import OmegaConf
 
-from checkpoint_convert.hf import (DEFAULT_MAX_SHARD_BYTES, SAFE_INDEX, SAFE_WEIGHTS, ShardWriter, byte_progress,
-                                   check_out_dir, hf_config, model_config_from_hf, staged_dir, to_hf_state_dict,
-                                   write_config_files)
+from checkpoint_convert.hf import hf_config, model_config_from_hf, to_hf_state_dict, write_config_files
+from checkpoint_convert.safetensors_files import (DEFAULT_MAX_SHARD_BYTES, SAFE_INDEX, SAFE_WEIGHTS, ShardWriter,
+                                                  byte_progress, check_out_dir, staged_dir)
 from trainer.checkpoint import COMPLETE, LATEST
 from trainer.config import ConfigError, ModelConfig
 

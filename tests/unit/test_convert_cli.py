@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from checkpoint_convert.cli import build_parser, main as convert
-from checkpoint_convert.hf import ShardWriter
+from checkpoint_convert.safetensors_files import ShardWriter
 from checkpoint_convert.meshtron import groups, resolve_checkpoint
 from trainer.config import ConfigError
 

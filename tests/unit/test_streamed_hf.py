@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoint_convert.hf import (PlannedShardWriter, ShardWriter, hf_layout, load_hf_weights, save_hf,
-                                   save_hf_stream, to_hf_state_dict)
+from checkpoint_convert.hf import hf_layout, load_hf_weights, save_hf, save_hf_stream, to_hf_state_dict
+from checkpoint_convert.safetensors_files import PlannedShardWriter, ShardWriter
 from trainer.config import ModelConfig
 from trainer.model import GPTModel
 from trainer.model.gpt import VOCAB_PARAMS
