@@ -178,34 +178,12 @@ def _merge_counts(into: dict[str, int], more: dict[str, int]) -> None:
         into[path] = into.get(path, 0) + n
 
 
-def write_entry(stem: Path, parts: Sequence[Part], streams: Streams, work: PartWork, meta: dict,
-                progress: Progress = None) -> dict:
-    """Tokenize ``parts`` in order straight into the entry ``stem`` (one process); returns its meta."""
+def _publish(stem: Path, streams: Streams, meta: dict, fill: Callable[[list[IndexedWriter]], dict]) -> dict:
+    """One writer per stream for the entry ``stem``, filled by ``fill`` (which returns the bad-row counts),
+    then finalized and the meta written last (the entry is complete); on any failure nothing is published."""
     writers = [IndexedWriter(f"{stem}{suffix}", dtype) for suffix, dtype in streams]
-    bad: dict[str, int] = {}
     try:
-        for part in parts:
-            _merge_counts(bad, work(part, writers, progress))
-    except BaseException:
-        for w in writers:
-            w.abort()
-        raise
-    for w in writers:
-        w.finalize()
-    meta = {**meta, "bad_rows": bad}
-    write_json_atomic(meta_path(stem), meta)  # last: the entry is complete
-    return meta
-
-
-def merge_parts(stem: Path, part_stems: Sequence[Path], streams: Streams, meta: dict) -> dict:
-    """Concatenate finished parts, in order, into the entry ``stem``; returns its meta."""
-    writers = [IndexedWriter(f"{stem}{suffix}", dtype) for suffix, dtype in streams]
-    bad: dict[str, int] = {}
-    try:
-        for ps in part_stems:
-            for w, (suffix, _) in zip(writers, streams):
-                w.append_dataset(f"{ps}{suffix}")
-            _merge_counts(bad, read_meta(ps)["bad_rows"])
+        bad = fill(writers)
     except BaseException:
         for w in writers:
             w.abort()
@@ -215,6 +193,31 @@ def merge_parts(stem: Path, part_stems: Sequence[Path], streams: Streams, meta: 
     meta = {**meta, "bad_rows": bad}
     write_json_atomic(meta_path(stem), meta)
     return meta
+
+
+def write_entry(stem: Path, parts: Sequence[Part], streams: Streams, work: PartWork, meta: dict,
+                progress: Progress = None) -> dict:
+    """Tokenize ``parts`` in order straight into the entry ``stem`` (one process); returns its meta."""
+    def fill(writers: list[IndexedWriter]) -> dict:
+        bad: dict[str, int] = {}
+        for part in parts:
+            _merge_counts(bad, work(part, writers, progress))
+        return bad
+
+    return _publish(stem, streams, meta, fill)
+
+
+def merge_parts(stem: Path, part_stems: Sequence[Path], streams: Streams, meta: dict) -> dict:
+    """Concatenate finished parts, in order, into the entry ``stem``; returns its meta."""
+    def fill(writers: list[IndexedWriter]) -> dict:
+        bad: dict[str, int] = {}
+        for ps in part_stems:
+            for w, (suffix, _) in zip(writers, streams):
+                w.append_dataset(f"{ps}{suffix}")
+            _merge_counts(bad, read_meta(ps)["bad_rows"])
+        return bad
+
+    return _publish(stem, streams, meta, fill)
 
 
 def part_stem(parts_dir: Path, i: int) -> Path:
