@@ -27,10 +27,11 @@ import torch.distributed.checkpoint as dcp
 import yaml
 from omegaconf import OmegaConf
 
+from checkpoint_convert.integrity import (COMPLETE, LATEST, DamagedCheckpoint, check_files, recorded_files,
+                                          total_bytes)
 from checkpoint_convert.hf import hf_config, model_config_from_hf, to_hf_state_dict, write_config_files
 from checkpoint_convert.safetensors_files import (DEFAULT_MAX_SHARD_BYTES, SAFE_INDEX, SAFE_WEIGHTS, ShardWriter,
                                                   byte_progress, check_out_dir, staged_dir)
-from trainer.checkpoint import COMPLETE, LATEST
 from trainer.config import ConfigError, ModelConfig
 
 MODEL_PREFIX = "model."
@@ -63,6 +64,19 @@ def resolve_checkpoint(path: Union[str, Path]) -> Path:
                                   f"or incomplete; pass a complete step_<N> directory instead")
             return step
     raise ConfigError(f"--checkpoint {path}: not a meshtron checkpoint; {expected}")
+
+
+def verify_checkpoint(step: Path, progress: bool = False) -> None:
+    """Every file COMPLETE lists, with its size and CRC-32 (the run wrote them); DamagedCheckpoint (exit 2)
+    naming the damaged files. A checkpoint from before file lists existed passes unchecked."""
+    files = recorded_files(step)
+    if files is None:
+        return
+    with byte_progress(total_bytes(files), progress, f"verify {step.name}") as bar:
+        problems = check_files(step, files, checksums=True, on_bytes=bar.update)
+    if problems:
+        raise DamagedCheckpoint(f"checkpoint {step} is damaged: " + "; ".join(problems[:10])
+                                + "; convert another step_<N>, or restore the files from a copy")
 
 
 def checkpoint_config(step: Path) -> tuple[ModelConfig, dict]:
@@ -128,6 +142,7 @@ def groups(names: Iterable[str]) -> Iterator[list[str]]:
 def load_meshtron_checkpoint(path: Union[str, Path]) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """(config, the whole model state dict as saved: meshtron names, vocabulary rows still padded)."""
     step = resolve_checkpoint(path)
+    verify_checkpoint(step)
     cfg, _ = checkpoint_config(step)
     meta = model_tensor_meta(step)
     return cfg, read_tensors(step, meta, meta)
@@ -142,9 +157,10 @@ def meshtron_to_hf(checkpoint: Union[str, Path], out_dir: Union[str, Path], dtyp
     HF directory: safetensors (in the saved dtype unless `dtype`), config.json, generation_config.json and
     the tokenizer and chat template stored with the checkpoint. Returns `out_dir`."""
     step = resolve_checkpoint(checkpoint)
-    cfg, ids = checkpoint_config(step)
     out = Path(out_dir)
     check_out_dir(out)
+    verify_checkpoint(step, progress)
+    cfg, ids = checkpoint_config(step)
     meta = model_tensor_meta(step)
     if cfg.tie_word_embeddings and "output_layer.weight" in meta:
         raise ConfigError(f"checkpoint {step} has output_layer.weight but its config has tie_word_embeddings=true")

@@ -7,16 +7,25 @@ One directory per step, ``<output_dir>/checkpoints/step_<N>/``:
     rng/rank_<r>.pt           python / numpy / torch RNG states of rank r, as tensors and primitives
     config.yaml               the resolved run config (secrets redacted)
     hf/                       HF config.json, tokenizer files and chat template: an HF export needs nothing else
-    COMPLETE                  written last, by rank 0, after every rank has finished
+    COMPLETE                  written last, by rank 0, after every rank has finished: every file of the
+                              checkpoint with its size and CRC-32 (checkpoint_convert/integrity.py)
 
 Model and optimizer tensors are saved as DTensors keyed by the original model's FQNs, so a checkpoint
 loads on any mesh. The last pipeline stage's copy of tied embeddings (``output_layer.weight``) is saved
 and loaded as ``embedding.word_embeddings.weight``: both copies are kept bitwise equal, optimizer state
 included, so one key serves both.
 
-Atomicity: everything is written to ``.tmp_step_<N>``; after a barrier rank 0 writes ``COMPLETE``, renames
-the directory to ``step_<N>`` and only then moves the ``latest`` pointer and deletes checkpoints beyond
-``keep_last``. A directory without ``COMPLETE`` is never resumed from.
+Atomicity: everything is written to ``.tmp_step_<N>``; when every rank has written its part (and described
+its files in ``.manifest/``), rank 0 writes ``COMPLETE``, renames the directory to ``step_<N>`` and only then
+moves the ``latest`` pointer and deletes checkpoints beyond ``keep_last``. A directory without ``COMPLETE`` is
+never resumed from. A synchronous save commits at once (two barriers); an async save commits at the first step
+boundary where every rank's background write has finished: the ranks agree through the step's own reduction
+(trainer.step.step_totals), so committing costs no collective. Preemption and the end of training wait for a
+pending save and commit it.
+
+Integrity: a resume checks the size of every file COMPLETE lists, and with ``trainer.checkpoint.verify=full``
+every checksum too (the reads split between ranks); a damaged checkpoint is reported by file and the newest
+intact one is used instead.
 
 Trust: the non-DCP files are read with ``torch.load(weights_only=True)``. DCP's own ``.metadata`` file is a
 pickle that torch reads without that protection: only load checkpoints you (or your cluster) wrote.
@@ -28,7 +37,8 @@ import json
 import os
 import random
 import shutil
-import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any, Optional
 
@@ -45,10 +55,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from checkpoint_convert.integrity import (COMPLETE, LATEST, DamagedCheckpoint, check_files, recorded_files,
+                                          total_bytes, write_complete, write_rank_manifest)
 from trainer.config import Config, ConfigError, resolved_yaml
 
-COMPLETE = "COMPLETE"
-LATEST = "latest"
 TMP_PREFIX = ".tmp_step_"
 
 # Exit codes of a run that stopped on purpose (documented in README, "Checkpoints and resume").
@@ -95,25 +105,26 @@ def scan(root: Path) -> tuple[list[Path], list[Path]]:
     return sorted(complete, key=step_of), sorted(incomplete)
 
 
-def find_resume(cfg: Config, out: Path) -> tuple[Optional[Path], list[str]]:
-    """The checkpoint to resume from (or None) and notes for the log (incomplete directories ignored)."""
+def find_resume(cfg: Config, out: Path) -> tuple[list[Path], list[str]]:
+    """The checkpoints a resume may use, newest first (the first intact one is taken: Checkpointer.pick),
+    and notes for the log (incomplete directories ignored)."""
     ck = cfg.trainer.checkpoint
     notes: list[str] = []
     if ck.load_from:
         path = Path(ck.load_from).expanduser()
         if (path / COMPLETE).is_file():
-            return path, notes
+            return [path], notes  # named by the user: no fallback to another step
         complete, _ = scan(path)
         if not complete:
             raise CheckpointError(f"trainer.checkpoint.load_from={ck.load_from!r} is neither a complete checkpoint "
                                   f"(a step_<N> directory with a {COMPLETE} file) nor a directory holding one")
-        return complete[-1], notes
+        return complete[::-1], notes
     if ck.resume == "never":
-        return None, notes
+        return [], notes
     complete, incomplete = scan(out / "checkpoints")
     for d in incomplete:
         notes.append(f"checkpoint: ignoring incomplete {d} (no {COMPLETE} file: its save was interrupted)")
-    return (complete[-1] if complete else None), notes
+    return complete[::-1], notes
 
 
 def load_untrusted(path: Path) -> Any:
@@ -207,25 +218,20 @@ def _describe(e: BaseException) -> str:
     return f"rank {dist.get_rank() if dist.is_initialized() else 0}: {type(e).__name__}: {e}"
 
 
-class _FailingWriter(dcp.FileSystemWriter):
-    """trainer.testing.fail_save_step: a storage failure in the middle of writing shards."""
-
-    def write_data(self, plan, planner):
-        raise OSError("simulated storage failure (trainer.testing.fail_save_step)")
-
-
 class Checkpointer:
     """Saves and loads this run's checkpoints; every rank constructs one and calls save/load together."""
 
     def __init__(self, cfg: Config, out: Path, rank: int, world_size: int, tokenizer=None):
-        self.cfg, self.ck, self.testing = cfg, cfg.trainer.checkpoint, cfg.trainer.testing
+        self.cfg, self.ck = cfg, cfg.trainer.checkpoint
+        self.timeout_s = cfg.trainer.dist_timeout_s
         self.root = out / "checkpoints"
         self.rank, self.world_size = rank, world_size
         self.tokenizer = tokenizer
-        self.pending: Optional[tuple[Any, int, Path]] = None  # (future, step, tmp dir) of an async save
+        self.pending: Optional[tuple[Future, int, Path]] = None  # (this rank's write, step, tmp dir) of an async save
         self.last_saved = -1
         # Async saves run collectives from a background thread: give them their own gloo group (torch's advice).
         self.group = dist.new_group(backend="gloo") if self.ck.async_save and world_size > 1 else None
+        self._background = ThreadPoolExecutor(1, thread_name_prefix="checkpoint") if self.ck.async_save else None
 
     @property
     def distributed(self) -> bool:
@@ -251,16 +257,38 @@ class Checkpointer:
             self._write_run_files(tmp, step, opt, loader, tokens)
         state = _merge(_stage_states(pm, opt))
         self.last_saved = step
-        writer = (_FailingWriter if self.testing.fail_save_step == step else dcp.FileSystemWriter)(str(tmp))
+        writer = self._writer(step, tmp)
         if self.ck.async_save:
             result = dcp.async_save(state, storage_writer=writer, process_group=self.group)
-            self.pending = (getattr(result, "upload_completion", result), step, tmp)
+            written = getattr(result, "upload_completion", result)
+            self.pending = (self._background.submit(self._describe_when_written, written, tmp), step, tmp)
             return
         try:
             dcp.save(state, storage_writer=writer, no_dist=not self.distributed)
+            self._describe_files(tmp)
         except (Exception, CheckpointException) as e:
             raise RunExit(EXIT_CHECKPOINT_FAILED, f"checkpoint of step {step} failed: {_describe(e)}") from e
         self._commit(step, tmp)
+
+    def _writer(self, step: int, tmp: Path) -> dcp.FileSystemWriter:
+        return dcp.FileSystemWriter(str(tmp))
+
+    def _rank_files(self, tmp: Path) -> list[str]:
+        """What this rank wrote: its RNG state and DCP shards (FileSystemWriter names them __<rank>_<i>.distcp);
+        rank 0 also the DCP metadata and the run files."""
+        files = [f"rng/rank_{self.rank:05d}.pt"] + sorted(p.name for p in tmp.glob(f"__{self.rank}_*.distcp"))
+        if self.rank == 0:
+            files += [".metadata", "trainer_state.pt", "config.yaml"]
+            files += sorted(str(p.relative_to(tmp)) for p in (tmp / "hf").rglob("*") if p.is_file())
+        return files
+
+    def _describe_files(self, tmp: Path) -> None:
+        # Right after writing, so the bytes come from the page cache; each rank its own files.
+        write_rank_manifest(tmp, self.rank, self._rank_files(tmp))
+
+    def _describe_when_written(self, written: Future, tmp: Path) -> None:
+        written.result()
+        self._describe_files(tmp)
 
     def _write_run_files(self, tmp: Path, step: int, opt, loader, tokens: int) -> None:
         torch.save({"step": step, "tokens": tokens, "world_size": self.world_size, "loader": loader.state_dict(),
@@ -279,30 +307,55 @@ class Checkpointer:
         if template and Path(template).is_file():
             shutil.copyfile(template, hf / "chat_template.jinja")
 
+    def save_flags(self) -> tuple[bool, bool]:
+        """(still writing, failed) of this rank's pending async save, for the step's reduction."""
+        if self.pending is None or not self.pending[0].done():
+            return self.pending is not None, False
+        return False, self.pending[0].exception() is not None
+
+    def at_step_boundary(self, writing_ranks: int, failed_ranks: int) -> None:
+        """Commit a pending async save once no rank is still writing it (the counts come from the step's
+        reduction, so every rank decides alike); a failed one stops the run with EXIT_CHECKPOINT_FAILED."""
+        if self.pending is None or writing_ranks:
+            return
+        future, step, tmp = self.pending
+        if failed_ranks:
+            self.pending = None
+            mine = f": {_describe(future.exception())}" if future.exception() is not None else ""
+            raise RunExit(EXIT_CHECKPOINT_FAILED, f"checkpoint of step {step} failed in the background on "
+                                                  f"{failed_ranks} rank(s){mine}")
+        self.pending = None
+        self._commit(step, tmp, agreed=True)
+
     def wait(self) -> None:
         """Finish (and commit) a pending async save; a failed one stops the run with EXIT_CHECKPOINT_FAILED."""
         if self.pending is None:
             return
         future, step, tmp = self.pending
         self.pending = None
+        if not future.done() and self.rank == 0:
+            print(f"checkpoint: waiting for every rank's background write of step {step} (at most "
+                  f"trainer.dist_timeout_s={self.timeout_s:g}s)", flush=True)
         try:
-            future.result()
+            future.result(timeout=self.timeout_s)
+        except FutureTimeout as e:
+            raise RunExit(EXIT_CHECKPOINT_FAILED, f"checkpoint of step {step} still writing after "
+                                                  f"trainer.dist_timeout_s={self.timeout_s:g}s") from e
         except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
             raise RunExit(EXIT_CHECKPOINT_FAILED, f"checkpoint of step {step} failed in the background: "
                                                   f"{_describe(e)}") from e
         self._commit(step, tmp)
 
-    def _commit(self, step: int, tmp: Path) -> None:
-        t = self.testing
-        if t.pause_at_save_step == step and t.pause_seconds > 0:
-            print(f"checkpoint: test hook pausing {t.pause_seconds}s before commit of step {step}", flush=True)
-            time.sleep(t.pause_seconds)
-        self._barrier()  # every rank's shards and files are written
+    def _commit(self, step: int, tmp: Path, agreed: bool = False) -> None:
+        """COMPLETE, rename, `latest`, prune (rank 0). `agreed`: every rank has already said (in the step's
+        reduction) that its part is written, so no barrier is needed before or after."""
+        if not agreed:
+            self._barrier()  # every rank's shards and file manifest are written
         if self.rank == 0:
-            with open(tmp / COMPLETE, "w") as f:
-                json.dump({"step": step, "world_size": self.world_size, "time": time.time()}, f)
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                write_complete(tmp, step, self.world_size)
+            except OSError as e:
+                raise RunExit(EXIT_CHECKPOINT_FAILED, f"checkpoint of step {step} failed: {e}") from e
             final = self.root / f"step_{step}"
             if final.exists():
                 shutil.rmtree(final)
@@ -311,7 +364,8 @@ class Checkpointer:
             pointer.write_text(final.name + "\n")
             os.replace(pointer, self.root / LATEST)
             self._prune()
-        self._barrier()
+        if not agreed:
+            self._barrier()
 
     def _prune(self) -> None:
         if self.ck.keep_last <= 0:
@@ -319,6 +373,50 @@ class Checkpointer:
         complete, _ = scan(self.root)
         for old in complete[:-self.ck.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+
+    # -------------------------------------------------------------------------------------- verify
+
+    def pick(self, candidates: list[Path]) -> tuple[Optional[Path], list[str]]:
+        """The newest intact checkpoint among `candidates` (newest first) and notes for the log. Every rank
+        checks its share (sizes: rank 0, a stat per file; checksums with verify=full: every rank a part), and
+        all agree on the outcome; none intact -> DamagedCheckpoint (exit 2) naming the files."""
+        notes: list[str] = []
+        damaged: list[str] = []
+        for path in candidates:
+            problems = self._check(path)
+            if not problems:
+                if damaged:
+                    notes.append(f"checkpoint: using {path}, the newest intact checkpoint")
+                return path, notes
+            damaged += problems
+            notes.append(f"checkpoint: {path} is damaged, not resuming from it: " + "; ".join(problems[:5])
+                         + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
+        if damaged:
+            raise DamagedCheckpoint("no intact checkpoint to resume from: " + "; ".join(damaged[:10])
+                                    + "; restore the files, point trainer.checkpoint.load_from at another "
+                                      "checkpoint, or set trainer.checkpoint.resume=never to start afresh")
+        return None, notes
+
+    def _check(self, path: Path) -> list[str]:
+        full = self.ck.verify == "full"
+        try:
+            files = recorded_files(path)
+            if files is None:
+                problems = []
+            else:
+                from checkpoint_convert.safetensors_files import byte_progress
+
+                share = (self.rank, self.world_size)
+                desc = f"verifying {path.name}" + (" (rank 0's share)" if self.world_size > 1 else "")
+                with byte_progress(total_bytes(files, share), full and self.rank == 0, desc) as bar:
+                    problems = check_files(path, files, full, share, bar.update)
+        except DamagedCheckpoint as e:
+            problems = [str(e)]
+        if self.distributed:
+            gathered: list[Optional[list[str]]] = [None] * self.world_size
+            dist.all_gather_object(gathered, problems)
+            problems = [p for part in gathered for p in (part or [])]
+        return problems
 
     # ---------------------------------------------------------------------------------------- load
 
@@ -348,6 +446,8 @@ class Checkpointer:
 
     def close(self) -> None:
         self.wait()
+        if self._background is not None:
+            self._background.shutdown()
         if self.group is not None:
             dist.destroy_process_group(self.group)
             self.group = None

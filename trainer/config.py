@@ -281,29 +281,15 @@ class CheckpointConfig:
     load_from: Optional[str] = None
     # auto: resume from the latest complete checkpoint in output_dir, if any; never: always start afresh.
     resume: str = "auto"
+    # What a resume checks against the file list in COMPLETE: sizes (a stat per file), or full (sizes and
+    # CRC-32 checksums: reads the whole checkpoint once, split between ranks).
+    verify: str = "sizes"
 
     def validate(self) -> None:
         _one_of("trainer.checkpoint.resume", self.resume, ("auto", "never"))
+        _one_of("trainer.checkpoint.verify", self.verify, ("sizes", "full"))
         _require(self.every_steps >= 0, f"trainer.checkpoint.every_steps={self.every_steps} must be >= 0")
         _require(self.keep_last >= 0, f"trainer.checkpoint.keep_last={self.keep_last} must be >= 0")
-
-
-@dataclass
-class FaultInjectionConfig:
-    """Test-only hooks that make faults happen on purpose. Leave at their defaults in real runs."""
-
-    # Save a checkpoint and exit 0 after this step (0: off): a restart without a signal.
-    stop_after_step: int = 0
-    # Sleep this long between the shard write and the commit of the checkpoint of step pause_at_save_step.
-    pause_at_save_step: int = 0
-    pause_seconds: float = 0.0
-    # Make the loss and gradients of these steps NaN on rank nan_rank.
-    nan_loss_steps: list[int] = field(default_factory=list)
-    nan_rank: int = 0
-    # Make the checkpoint save of this step fail while writing shards (0: off).
-    fail_save_step: int = 0
-    # Sleep this long after every step, so a test can signal a run in the middle of it.
-    step_sleep_s: float = 0.0
 
 
 @dataclass
@@ -337,7 +323,6 @@ class TrainerConfig:
     # row, then stops); stop exits at once without saving anything newer.
     nonfinite: str = "stop"
     max_consecutive_skips: int = 5
-    testing: FaultInjectionConfig = field(default_factory=FaultInjectionConfig)
 
     def validate(self) -> None:
         self.checkpoint.validate()

@@ -126,10 +126,11 @@ def train(cfg: Config, info: Optional[RankInfo] = None) -> Path:
     ckpt = Checkpointer(cfg, out, info.rank, info.world_size, tokenizer)
     clock.mark("model init")
     clock.move(pm.weights_s, "model init", "weights")  # initial or HF weights, filled inside the build
-    resume, notes = find_resume(cfg, out)
-    if info.world_size > 1:  # every rank resumes from the checkpoint rank 0 found
-        resume = broadcast_str(str(resume) if resume else "")
-        resume = Path(resume) if resume else None
+    candidates, notes = find_resume(cfg, out)
+    if info.world_size > 1:  # every rank considers the checkpoints rank 0 found
+        candidates = [Path(p) for p in json.loads(broadcast_str(json.dumps([str(p) for p in candidates])))]
+    resume, more = ckpt.pick(candidates)
+    notes += more
     start, tokens = 0, 0
     if resume is not None:
         start, tokens, more = ckpt.load(resume, pm, opt, loader)
@@ -155,7 +156,7 @@ def train(cfg: Config, info: Optional[RankInfo] = None) -> Path:
     signals, own_signals = PreemptionSignals.for_run()
     try:
         stop_if_signalled_before_the_steps(signals, info, device, start)
-        finished = _run_steps(cfg, info, pm, opt, ckpt, loader, logger, val, device, start, tokens, signals)
+        _run_steps(cfg, info, pm, opt, ckpt, loader, logger, val, device, start, tokens, signals)
     except RunExit as stop:
         if stop.code != EXIT_CHECKPOINT_FAILED:
             ckpt.wait()  # an earlier async save holds good state: commit it before exiting
@@ -167,8 +168,6 @@ def train(cfg: Config, info: Optional[RankInfo] = None) -> Path:
             signals.restore()
         logger.close()
         loader.close()
-    if not finished:
-        return out
 
     if cfg.trainer.export_hf:
         from trainer.export import export_hf
@@ -183,8 +182,8 @@ def train(cfg: Config, info: Optional[RankInfo] = None) -> Path:
 
 
 def _run_steps(cfg: Config, info: RankInfo, pm, opt: StageOptimizers, ckpt: Checkpointer, loader, logger, val,
-               device: torch.device, start: int, tokens: int, signals: "PreemptionSignals") -> bool:
-    """Steps start+1 .. max_steps; False when a test hook stopped the run early (after a checkpoint).
+               device: torch.device, start: int, tokens: int, signals: "PreemptionSignals") -> None:
+    """Steps start+1 .. max_steps.
 
     A step moves data from device to host once: step_totals' single tensor (loss, grad norm, flags,
     per-document sums), which is also the step's only sync point and so the boundary its time is measured at.
@@ -200,16 +199,12 @@ def _run_steps(cfg: Config, info: RankInfo, pm, opt: StageOptimizers, ckpt: Chec
         facts = batch_facts(batch, cfg, padded)
         doc_loss = DocumentLoss(batch["sample_ids"], device)
         local_sum = forward_backward(pm, local_batch(batch, pm), facts.normalizer, cfg, device, doc_loss)
-        if step in t.testing.nan_loss_steps and info.rank == t.testing.nan_rank:
-            local_sum = inject_nan(local_sum, pm)
         if dims.pp_enabled:  # every pp rank takes part, holder of a tied copy or not
             from parallel.pipeline import tied_embedding_grad_sync
 
             tied_embedding_grad_sync(pm.stages, mesh["pp"])
         grad_norm = clip_grad_norm_(pm.parameters(), max_norm, mesh, pm.duplicates)
-        if t.testing.step_sleep_s:  # before the flags are read, so a signal during the sleep counts for this step
-            time.sleep(t.testing.step_sleep_s)
-        totals = step_totals(local_sum, grad_norm, doc_loss, signals.name is not None, pm)
+        totals = step_totals(local_sum, grad_norm, doc_loss, signals.name is not None, pm, ckpt.save_flags())
         now = time.perf_counter()
         seconds, boundary = now - boundary, now
         loss, grad_norm, lr = totals.loss_sum / facts.normalizer, totals.grad_norm, opt.lr
@@ -245,24 +240,21 @@ def _run_steps(cfg: Config, info: RankInfo, pm, opt: StageOptimizers, ckpt: Chec
         if step % t.log_every == 0 or "val_loss" in record or step == t.max_steps:
             logger.log({**record, **meter.memory()})
 
-        # Step boundary: every rank agreed on preemption in step_totals, before anyone saves.
+        # Step boundary: every rank agreed in step_totals on preemption and on whether a background save is
+        # written, before anyone commits or saves.
+        ckpt.at_step_boundary(totals.writing_ranks, totals.failed_save_ranks)
         preempted = totals.preempted
         if preempted and signals.name is None:
             signals.name = "a signal to another rank"
-        stop_here = t.testing.stop_after_step == step
-        saving = preempted or stop_here or (every and (step % every == 0 or step == t.max_steps))
+        saving = preempted or (every and (step % every == 0 or step == t.max_steps))
         if saving:
             ckpt.save(step, pm, opt, loader, tokens)
-        if preempted or stop_here:
+        if preempted:
             ckpt.wait()
-            if preempted:
-                raise RunExit(EXIT_PREEMPTED, f"preempted by {signals.name} at step {step}: checkpoint "
-                                              f"saved under {ckpt.root}; rerun the same command to resume")
-            logger.write(f"stopping after step {step} (trainer.testing.stop_after_step); checkpoint saved")
-            return False
+            raise RunExit(EXIT_PREEMPTED, f"preempted by {signals.name} at step {step}: checkpoint "
+                                          f"saved under {ckpt.root}; rerun the same command to resume")
         if saving or "val_loss" in record:  # their time is not the next step's
             boundary = time.perf_counter()
-    return True
 
 
 def stop_if_signalled_before_the_steps(signals: PreemptionSignals, info: RankInfo, device: torch.device,
@@ -301,14 +293,6 @@ def ranks_where(flag: bool, info: RankInfo, device: torch.device) -> list[int]:
     v[info.rank] = float(flag)
     dist.all_reduce(v)
     return [r for r, bad in enumerate(v.tolist()) if bad > 0]
-
-
-@torch.no_grad()
-def inject_nan(local_sum: torch.Tensor, pm) -> torch.Tensor:
-    """trainer.testing.nan_loss_steps: this rank's loss and first gradient become NaN."""
-    grad = next(p.grad for p in pm.parameters() if p.grad is not None)
-    _local(grad).fill_(float("nan"))
-    return local_sum * float("nan")
 
 
 def truncate_metrics(path: Path, step: int) -> None:

@@ -149,23 +149,27 @@ class StepTotals:
     nonfinite_loss_ranks: int  # ranks whose own loss sum was not finite
     preempted: bool  # some rank was signalled
     doc_totals: torch.Tensor  # host [2, documents]: per-document loss sums and token counts over all ranks
+    writing_ranks: int = 0  # ranks still writing a pending async checkpoint
+    failed_save_ranks: int = 0  # ranks whose pending async checkpoint write failed
 
 
 def step_totals(local_sum: torch.Tensor, grad_norm: torch.Tensor, doc_loss: Optional[DocumentLoss],
-                signalled: bool, pm: ParallelModel) -> StepTotals:
+                signalled: bool, pm: ParallelModel, save_flags: tuple[bool, bool] = (False, False)) -> StepTotals:
     """The step's one collective and its one device->host transfer: [loss sum, per-document sums and counts,
-    non-finite flag, preemption flag] summed over the mesh, with the (already global) grad norm appended."""
+    non-finite flag, preemption flag, async-save flags (still writing, failed)] summed over the mesh, with the
+    (already global) grad norm appended."""
     device, f64 = local_sum.device, torch.float64
     sums = [doc_loss.sums, doc_loss.counts] if doc_loss is not None else []
     token_part = torch.cat([local_sum.detach().to(f64).view(1), *sums])
-    rank_part = torch.stack([(~torch.isfinite(local_sum.detach())).to(f64),
-                             torch.full((), float(signalled), dtype=f64, device=device)])
+    host_flags = torch.tensor([float(signalled), *map(float, save_flags)], dtype=f64).to(device, non_blocking=True)
+    rank_part = torch.cat([(~torch.isfinite(local_sum.detach())).to(f64).view(1), host_flags])
     reduced = sum_tokens_and_ranks(token_part, rank_part, pm.mesh)
     host = torch.cat([reduced, grad_norm.detach().to(device=device, dtype=f64).view(1)]).cpu()
     k = len(doc_loss.keys) if doc_loss is not None else 0
     values = host.tolist()
-    return StepTotals(loss_sum=values[0], grad_norm=values[-1], nonfinite_loss_ranks=int(values[-3]),
-                      preempted=values[-2] > 0, doc_totals=host[1:1 + 2 * k].view(2, k))
+    return StepTotals(loss_sum=values[0], grad_norm=values[-1], nonfinite_loss_ranks=int(values[-5]),
+                      preempted=values[-4] > 0, doc_totals=host[1:1 + 2 * k].view(2, k),
+                      writing_ranks=int(values[-3]), failed_save_ranks=int(values[-2]))
 
 
 @torch.no_grad()

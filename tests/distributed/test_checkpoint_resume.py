@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests import faults
 from tests.distributed.launcher import free_port
 
 MODEL = ["model.hidden_size=64", "model.ffn_hidden_size=128", "model.num_layers=4", "model.num_attention_heads=4",
@@ -27,9 +28,11 @@ STEPS = ["trainer.max_steps=8"]
 pytestmark = pytest.mark.distributed
 
 
-def launch(tmp: Path, out: str, nproc: int, overrides: list[str]) -> list[subprocess.Popen]:
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp / "cache"), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(nproc)}
+def launch(tmp: Path, out: str, nproc: int, overrides: list[str], **fault) -> list[subprocess.Popen]:
+    """N ranks of `python -m trainer`; `fault` (tests/faults.py) makes faults happen in them."""
+    env = faults.env({**os.environ, "XDG_CACHE_HOME": str(tmp / "cache"), "WANDB_MODE": "disabled",
+                      "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+                      "WORLD_SIZE": str(nproc)}, **fault)
     procs = []
     for r in range(nproc):
         log = open(tmp / f"{out}.rank{r}.log", "a")
@@ -52,8 +55,8 @@ def wait(procs: list[subprocess.Popen], timeout: float = 600) -> list[int]:
     return codes
 
 
-def run(tmp: Path, out: str, nproc: int, overrides: list[str], expect: int = 0) -> str:
-    codes = wait(launch(tmp, out, nproc, overrides))
+def run(tmp: Path, out: str, nproc: int, overrides: list[str], expect: int = 0, **fault) -> str:
+    codes = wait(launch(tmp, out, nproc, overrides, **fault))
     log = "\n".join((tmp / f"{out}.rank{r}.log").read_text() for r in range(nproc))
     assert codes == [expect] * nproc, f"{out}: exit codes {codes}\n{log[-6000:]}"
     return log
@@ -76,7 +79,7 @@ def fsdp_straight(tmp_path_factory):
 
 def test_fsdp2_resume_is_bitwise_equal(fsdp_straight):
     tmp, ref = fsdp_straight
-    run(tmp, "halves", 2, [*FSDP2, *STEPS, "trainer.testing.stop_after_step=4"])
+    run(tmp, "halves", 2, [*FSDP2, *STEPS], expect=75, stop_after_step=4)
     log = run(tmp, "halves", 2, [*FSDP2, *STEPS])
     assert "resumed from" in log and "at step 4" in log
     got = metrics(tmp / "halves")
@@ -88,11 +91,10 @@ def test_fsdp2_resume_is_bitwise_equal(fsdp_straight):
 def test_rank_killed_during_save_resumes_from_previous_checkpoint(fsdp_straight):
     tmp, ref = fsdp_straight
     args = [*FSDP2, *STEPS, "trainer.checkpoint.every_steps=2"]
-    procs = launch(tmp, "killed", 2, [*args, "trainer.testing.pause_at_save_step=4",
-                                       "trainer.testing.pause_seconds=120"])
+    procs = launch(tmp, "killed", 2, args, pause_at_save_step=4, pause_seconds=120)
     partial = tmp / "killed" / "checkpoints" / ".tmp_step_4"
     deadline = time.time() + 300
-    while not ((partial / ".metadata").is_file() and "pausing" in (tmp / "killed.rank0.log").read_text()):
+    while not ((partial / ".metadata").is_file() and "faults: pausing" in (tmp / "killed.rank0.log").read_text()):
         assert time.time() < deadline and all(p.poll() is None for p in procs), "never reached the pause"
         time.sleep(0.2)
     procs[1].send_signal(signal.SIGKILL)  # a node lost between shard write and commit
@@ -111,8 +113,7 @@ def test_rank_killed_during_save_resumes_from_previous_checkpoint(fsdp_straight)
 
 def test_sigusr1_to_one_rank_checkpoints_and_exits(fsdp_straight):
     tmp, ref = fsdp_straight
-    args = [*FSDP2, *STEPS, "trainer.testing.step_sleep_s=0.5"]
-    procs = launch(tmp, "preempted", 2, args)
+    procs = launch(tmp, "preempted", 2, [*FSDP2, *STEPS], step_sleep_s=0.5)
     deadline = time.time() + 300
     m = tmp / "preempted" / "metrics.jsonl"
     while not (m.is_file() and len(m.read_text().splitlines()) >= 2):
@@ -134,8 +135,7 @@ def test_sigusr1_to_one_rank_checkpoints_and_exits(fsdp_straight):
 
 
 def test_nan_on_one_rank_stops_naming_step_and_rank(tmp_path):
-    log = run(tmp_path, "nan", 2, [*FSDP2, "trainer.max_steps=3", "trainer.testing.nan_loss_steps=[2]",
-                                   "trainer.testing.nan_rank=1"], expect=3)
+    log = run(tmp_path, "nan", 2, [*FSDP2, "trainer.max_steps=3"], expect=3, nan_loss_steps=[2], nan_rank=1)
     assert "non-finite loss at step 2" in log and "rank(s) [1]" in log
 
 
@@ -149,8 +149,9 @@ def test_resharding_fsdp2_tp2_to_tp2_pp2_single_and_dp4(tmp_path):
     saved = tmp_path / "orig" / "checkpoints"
     for name, nproc, parallel in [("tp2_pp2", 4, ["parallel=tp2_pp2"]), ("single", 1, []),
                                   ("dp4", 4, ["parallel=fsdp"])]:
-        log = run(tmp_path, name, nproc, [*parallel, "trainer.max_steps=6", "trainer.testing.stop_after_step=4",
-                                          f"trainer.checkpoint.load_from={saved / 'step_3'}"])
+        log = run(tmp_path, name, nproc, [*parallel, "trainer.max_steps=6",
+                                          f"trainer.checkpoint.load_from={saved / 'step_3'}"],
+                  expect=75, stop_after_step=4)
         assert "at step 3" in log
         got = metrics(tmp_path / name)
         assert list(got) == [4]
@@ -165,3 +166,23 @@ def test_resharding_fsdp2_tp2_to_tp2_pp2_single_and_dp4(tmp_path):
     keys = dcp.FileSystemReader(str(tmp_path / "tp2_pp2" / "checkpoints" / "step_4")).read_metadata().state_dict_metadata
     assert "model.embedding.word_embeddings.weight" in keys
     assert not [k for k in keys if "output_layer" in k]
+
+
+def test_async_commit_waits_for_every_rank_and_survives_sigkill(fsdp_straight):
+    """Rank 1's background write is slowed: rank 0, done early, must not commit alone (the ranks agree in the
+    step's reduction). The commit still comes before the next save, so SIGKILL after it resumes from step 4."""
+    tmp, ref = fsdp_straight
+    args = [*FSDP2, *STEPS, "trainer.checkpoint.every_steps=4", "trainer.checkpoint.async_save=true"]
+    codes = wait(launch(tmp, "async", 2, args, write_delay_s=0.8, write_delay_rank=1, step_sleep_s=0.5,
+                        kill_after_commit=4))
+    log = "\n".join((tmp / f"async.rank{r}.log").read_text() for r in range(2))
+    assert codes == [-9, -9], f"exit codes {codes}\n{log[-6000:]}"
+    killed_at = {int(part.split(",")[0]) for part in log.split("faults: SIGKILL at step ")[1:]}
+    assert len(killed_at) == 1 and 5 <= min(killed_at) < 8, killed_at
+    step4 = tmp / "async" / "checkpoints" / "step_4"
+    files = json.loads((step4 / "COMPLETE").read_text())["files"]
+    assert {"__0_0.distcp", "__1_0.distcp", "rng/rank_00000.pt", "rng/rank_00001.pt"} <= set(files)
+    log = run(tmp, "async", 2, args)
+    assert "at step 4" in log
+    got = metrics(tmp / "async")
+    assert [got[s]["loss"] for s in range(1, 9)] == [ref[s]["loss"] for s in range(1, 9)]

@@ -14,6 +14,7 @@ import pytest
 
 from tests.distributed.test_mesh_matrix import MODEL, RUN, _losses, _run
 from tests.slurm.conftest import ENDED
+from tests import faults
 
 pytestmark = pytest.mark.slurm
 
@@ -90,8 +91,9 @@ def test_usr1_checkpoints_requeues_and_resumes_in_one_wandb_run(slurm, reference
     out = tmp / "preempted"
     (tmp / "logs").mkdir(exist_ok=True)
     # A pause after each step, so the signal lands mid-run; wandb offline, so the run id can be checked.
-    overrides = [*PREEMPT, "trainer.testing.step_sleep_s=1.0", "logging.wandb=true", f"trainer.output_dir={out}"]
-    env = job_env(tmp, NPROC_PER_NODE="2", WANDB_MODE="offline", WANDB_API_KEY="", WANDB_SILENT="true")
+    overrides = [*PREEMPT, "logging.wandb=true", f"trainer.output_dir={out}"]
+    env = faults.env(job_env(tmp, NPROC_PER_NODE="2", WANDB_MODE="offline", WANDB_API_KEY="", WANDB_SILENT="true"),
+                     step_sleep_s=1.0)
     job = slurm.sbatch([*CPU_JOB, "--nodes=1", "--requeue", str(SCRIPT), *overrides], cwd=tmp, env=env)
 
     metrics = out / "metrics.jsonl"

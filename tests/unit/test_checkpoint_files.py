@@ -39,7 +39,7 @@ def test_malicious_pickle_in_trainer_state_is_refused(tmp_path):
         pickle.dump({"step": 3, "payload": _Evil(str(marker))}, f)
     cfg = Config()
     cfg.trainer.checkpoint.load_from = str(ck)
-    path, _ = find_resume(cfg, tmp_path)
+    [path], _ = find_resume(cfg, tmp_path)
     with pytest.raises(CheckpointError, match="refusing to load .*trainer_state.pt"):
         load_untrusted(path / "trainer_state.pt")
     # torch.save's zip format with the same object is refused as well.
@@ -58,12 +58,12 @@ def test_incomplete_directories_are_ignored_and_reported(tmp_path):
     complete, incomplete = scan(root)
     assert [p.name for p in complete] == ["step_2", "step_4"]
     assert sorted(p.name for p in incomplete) == [".tmp_step_6", "step_8"]
-    path, notes = find_resume(Config(), tmp_path)
-    assert path.name == "step_4"
+    paths, notes = find_resume(Config(), tmp_path)
+    assert [p.name for p in paths] == ["step_4", "step_2"]  # newest first: the first intact one is used
     assert len(notes) == 2 and all("incomplete" in n for n in notes)
     cfg = Config()
     cfg.trainer.checkpoint.resume = "never"
-    assert find_resume(cfg, tmp_path)[0] is None
+    assert find_resume(cfg, tmp_path)[0] == []
     cfg.trainer.checkpoint.load_from = str(root / "step_8")
     with pytest.raises(CheckpointError, match="step_8"):
         find_resume(cfg, tmp_path)
@@ -87,3 +87,39 @@ def test_rng_state_roundtrips_weights_only(tmp_path):
     expected = (random.random(), np.random.rand(), torch.rand(1))
     set_rng_state(load_untrusted(tmp_path / "rng.pt"))
     assert (random.random(), np.random.rand(), torch.rand(1)) == expected
+
+
+def test_file_list_checks_sizes_always_and_checksums_split_between_ranks(tmp_path):
+    from checkpoint_convert.integrity import (DamagedCheckpoint, check_files, recorded_files, write_complete,
+                                              write_rank_manifest)
+
+    for r in range(3):
+        (tmp_path / f"__{r}_0.distcp").write_bytes(bytes([r]) * (1000 + r))
+        write_rank_manifest(tmp_path, r, [f"__{r}_0.distcp"])
+    with pytest.raises(OSError, match="rank 3 left no file manifest"):
+        write_complete(tmp_path, 7, world_size=4)  # a rank that did not finish: no COMPLETE
+    assert not (tmp_path / COMPLETE).exists()
+    write_complete(tmp_path, 7, world_size=3)
+    files = recorded_files(tmp_path)
+    assert sorted(files) == ["__0_0.distcp", "__1_0.distcp", "__2_0.distcp"] and not (tmp_path / ".manifest").exists()
+    assert all(check_files(tmp_path, files, True, (r, 2)) == [] for r in range(2))
+
+    (tmp_path / "__1_0.distcp").write_bytes(b"\x09" * 1001)  # same size, other bytes
+    with open(tmp_path / "__2_0.distcp", "r+b") as f:
+        f.truncate(10)
+    assert [p.split(": ")[1].split(" ")[0] for p in check_files(tmp_path, files, False)] == ["10"]  # sizes only
+    found = [check_files(tmp_path, files, True, (r, 2)) for r in range(2)]
+    assert len(found[0]) == 1 and "truncated" in found[0][0] and "__2_0" in found[0][0]  # share 0: every size
+    assert len(found[1]) == 1 and "__1_0.distcp: CRC-32" in found[1][0]  # the checksum of file 1 is share 1's
+    (tmp_path / COMPLETE).write_text("{not json")
+    with pytest.raises(DamagedCheckpoint, match="unreadable"):
+        recorded_files(tmp_path)
+
+
+def test_verify_setting_is_checked():
+    from trainer.config import ConfigError
+
+    cfg = Config()
+    cfg.trainer.checkpoint.verify = "fast"
+    with pytest.raises(ConfigError, match="trainer.checkpoint.verify.*'fast'"):
+        cfg.trainer.checkpoint.validate()

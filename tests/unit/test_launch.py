@@ -17,6 +17,7 @@ import pytest
 
 from trainer.config import LauncherConfig, ParallelConfig
 from trainer.launch import check_world, log_file, render
+from tests import faults
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "slurm" / "train.sbatch"
@@ -200,7 +201,7 @@ esac""")
            "SLURM_JOB_ID": "777", "PATH": f"{bindir}:{os.environ['PATH']}"}
     cmd = [sys.executable, "-m", "trainer", f"trainer.output_dir={tmp_path / 'run'}", *SMALL]
     with open(tmp_path / "first.log", "w") as log:
-        proc = subprocess.Popen([*cmd, "trainer.testing.step_sleep_s=0.5"], cwd=tmp_path, env=env, stdout=log,
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=faults.env(env, step_sleep_s=0.5), stdout=log,
                                 stderr=subprocess.STDOUT)
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 120

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests import faults
 from tests.sync_counter import count_transfers, counted_train
 from trainer.config import ModelConfig
 from trainer.loss import IGNORE_INDEX, count_valid
@@ -29,8 +30,9 @@ def test_one_transfer_per_step(tmp_path, compose):
 def test_nonfinite_step_may_spend_more(tmp_path, compose, capsys):
     """Only the (rare) non-finite step reads more: which ranks went bad."""
     cfg = compose(*TINY, f"trainer.output_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}",
-                  "trainer.nonfinite=skip", "trainer.testing.nan_loss_steps=[2]")
-    transfers = counted_train(cfg)
+                  "trainer.nonfinite=skip")
+    with faults.installed(faults.Faults(nan_loss_steps=[2])):
+        transfers = counted_train(cfg)
     assert [t.what for t in transfers if "step_totals" in t.stack] == ["Tensor.cpu"] * 3
     extra = [t for t in transfers if "step_totals" not in t.stack]
     assert len(extra) == 1 and "locally_finite" in extra[0].stack
