@@ -99,7 +99,7 @@ def the_batches(cfg, steps: int) -> list[dict[str, torch.Tensor]]:
 
 
 def bare_model(cfg):
-    from parallel.dims import padded_vocab_size
+    from trainer.model.shapes import padded_vocab_size
     from trainer.model import GPTModel
 
     padded = padded_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by, 1)

@@ -40,8 +40,7 @@ from checkpoint_convert.safetensors_files import (DEFAULT_MAX_SHARD_BYTES, ST_DT
 from checkpoint_convert.megatron_format import (CHECKPOINT_VERSION, CKPT_FILE, TRACKER, PathLike, config_from_args,
                                                 first_rank_args, load_rank_file, megatron_args, megatron_config,
                                                 rank_dir, rank_dirs, resolve_iteration_dir)
-from parallel.dims import padded_vocab_size
-from parallel.tensor_parallel import check_tp_divisibility
+from trainer.model.shapes import check_tp_divisibility, padded_vocab_size
 from trainer.config import ConfigError, ModelConfig
 from trainer.model import GPTModel
 

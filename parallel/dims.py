@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from trainer.config import Config, ConfigError, ParallelConfig
+from trainer.model.shapes import padded_vocab_size  # noqa: F401 (the layouts' name for it)
 
 # Mesh axis order, outermost first. tp is innermost so its collectives stay inside a node; pp outermost
 # since its point-to-point traffic is the lightest.
@@ -20,12 +21,6 @@ FLAT_VIEWS = {
     "dp_shard_cp": ("dp_shard", "cp"),
     "loss": ("dp_replicate", "dp_shard", "cp"),
 }
-
-
-def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
-    """Megatron's rule: round the vocabulary up to a multiple of divisible_by x tp."""
-    multiple = divisible_by * tp
-    return -(-vocab_size // multiple) * multiple
 
 
 @dataclass(frozen=True)
@@ -129,7 +124,7 @@ def group_options(device_type: str, timeout_s: float):
 def validate_layout(cfg: Config, dims: ParallelDims, tokenizer_vocab: Optional[int] = None) -> None:
     """Rules between the mesh and the model, data and batch; each error names the values involved."""
     from parallel.pipeline import check_pp_divisibility
-    from parallel.tensor_parallel import check_tp_divisibility
+    from trainer.model.shapes import check_tp_divisibility
 
     p, m = cfg.parallel, cfg.model
     check_tp_divisibility(m, dims.tp)

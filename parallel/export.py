@@ -17,10 +17,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from parallel.dims import ParallelDims, padded_vocab_size
+from parallel.dims import ParallelDims
 from trainer.config import Config
 from trainer.model import GPTModel
 from trainer.model.init import clean_fqn
+from trainer.model.shapes import padded_vocab_size
 
 Layout = dict[str, tuple[torch.Size, torch.dtype]]
 

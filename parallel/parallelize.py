@@ -1,5 +1,6 @@
 """Builds the model as this rank holds it: split into pipeline stages, then per stage, in a fixed order,
-TP(+SP) -> CP -> activation checkpointing -> compile -> FSDP/HSDP, then materialised and initialised.
+TP(+SP) -> CP -> activation checkpointing -> compile -> FSDP/HSDP, then materialised and initialised (from trainer.seed, or by the caller's weight loader: the trainer
+passes its HF loader, so this package never reads checkpoint formats).
 
 The model is first built on the meta device (no memory), so every parallelism only ever allocates this
 rank's part. Initial weights do not depend on the layout (trainer/model/init.py), which is what lets every
@@ -10,16 +11,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from parallel.dims import ParallelDims, padded_vocab_size
+from parallel.dims import ParallelDims
 from trainer.config import Config
 from trainer.model import GPTModel
 from trainer.model.init import clean_fqn
+from trainer.model.shapes import padded_vocab_size
 
 
 @dataclass
@@ -51,7 +53,12 @@ class ParallelModel:
             m.train(mode)
 
 
-def build_parallel_model(cfg: Config, dims: ParallelDims, mesh, device: torch.device) -> ParallelModel:
+# Fills one stage's parameters from a checkpoint: (stage module, partial: the stage holds only part of the model).
+WeightLoader = Callable[[GPTModel, bool], None]
+
+
+def build_parallel_model(cfg: Config, dims: ParallelDims, mesh, device: torch.device,
+                         load_weights: Optional[WeightLoader] = None) -> ParallelModel:
     p = cfg.parallel
     padded = padded_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by, dims.tp)
     with torch.device("meta"):
@@ -70,7 +77,7 @@ def build_parallel_model(cfg: Config, dims: ParallelDims, mesh, device: torch.de
         _parallelize_one(module, cfg, dims, mesh)
         module.to_empty(device=device)
         started = time.perf_counter()
-        _initialise(module, cfg)
+        _initialise(module, cfg, load_weights)
         weights_s += time.perf_counter() - started
 
     pm = ParallelModel(stages, dims, mesh, weights_s=weights_s)
@@ -111,15 +118,16 @@ def _parallelize_one(module: nn.Module, cfg: Config, dims: ParallelDims, mesh) -
 
 
 @torch.no_grad()
-def _initialise(module: GPTModel, cfg: Config) -> None:
-    if not cfg.model.hf_path:
+def _initialise(module: GPTModel, cfg: Config, load_weights: Optional[WeightLoader]) -> None:
+    if load_weights is None:
+        if cfg.model.hf_path:  # a caller's mistake, not the user's: the trainer passes its HF loader
+            raise ValueError(f"model.hf_path={cfg.model.hf_path!r} is set but build_parallel_model got no "
+                             "load_weights (trainer.loop.hf_weight_loader gives one)")
         module.init_weights(cfg.trainer.seed)
         return
-    from checkpoint_convert.hf import load_hf_weights
-
     module.rotary_pos_emb.reset_parameters()
-    load_hf_weights(module, cfg.model.hf_path, partial=len(module.decoder.layers) < cfg.model.num_layers
-                    or module.embedding is None or module.decoder.final_layernorm is None)
+    load_weights(module, len(module.decoder.layers) < cfg.model.num_layers or module.embedding is None
+                 or module.decoder.final_layernorm is None)
 
 
 def full_state_dict(pm: ParallelModel) -> Optional[dict[str, torch.Tensor]]:

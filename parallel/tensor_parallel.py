@@ -34,7 +34,6 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from trainer.config import ConfigError, ModelConfig
 
 # Set on a model by apply_tensor_parallel; read by loss_context. An attribute (not a parameter or buffer),
 # so it never reaches state_dict, and it survives torch.compile/FSDP wrapping (they keep the module object).
@@ -42,23 +41,6 @@ _LOSS_PARALLEL_ATTR = "_tp_loss_parallel"
 
 
 # ------------------------------------------------------------------------------ config-time checks
-
-
-def check_tp_divisibility(model_cfg: ModelConfig, tp: int, tp_name: str = "parallel.tp",
-                          field_prefix: str = "model.") -> None:
-    """Refuse a tp degree that cannot split the heads, query groups or MLP width evenly.
-
-    The fused QKV is sharded by whole query groups (each rank must own whole groups with all their query
-    heads), and colwise/rowwise shards of fc1/fc2 must be equal for the rowwise matmul to line up. The same
-    holds for a Megatron-LM checkpoint's shards (the converter names its values `tp=` and the bare fields).
-    """
-    for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size"):
-        value = getattr(model_cfg, name)
-        if value % tp:
-            raise ConfigError(
-                f"{field_prefix}{name}={value} is not divisible by {tp_name}={tp}; tensor parallelism gives "
-                f"every rank an equal share of it"
-            )
 
 
 # ------------------------------------------------------------------------------------------ styles

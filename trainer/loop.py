@@ -12,13 +12,14 @@ from typing import Optional
 import torch
 
 from parallel.collectives import clip_grad_norm_
-from parallel.dims import ParallelDims, padded_vocab_size, validate_layout
+from parallel.dims import ParallelDims, validate_layout
 from parallel.parallelize import build_parallel_model
 from trainer.config import Config, ConfigError, device_type, resolved_yaml, validate_config
 from trainer.distributed import RankInfo, broadcast_str, init_distributed, rank_info
 from trainer.data.build import batches_in_order
 from trainer.data.loader import GlobalBatchLoader
 from trainer.loss import DocumentLoss
+from trainer.model.shapes import padded_vocab_size
 from trainer.metrics import MetricsLogger, StepMeter, perplexity
 from trainer.checkpoint import EXIT_CHECKPOINT_FAILED, EXIT_NONFINITE, EXIT_PREEMPTED, Checkpointer, RunExit, find_resume
 from trainer.optim import StageOptimizers
@@ -34,6 +35,15 @@ def resolve_model(cfg: Config) -> Config:
 
     hf = read_hf_config(cfg.model.hf_path, base=cfg.model)
     return dataclasses.replace(cfg, model=hf)
+
+
+def hf_weight_loader(cfg: Config):
+    """With model.hf_path set, what fills each stage from the HF checkpoint (only the slices it holds)."""
+    if not cfg.model.hf_path:
+        return None
+    from checkpoint_convert.hf import load_hf_weights
+
+    return lambda module, partial: load_hf_weights(module, cfg.model.hf_path, partial=partial)
 
 
 def prepare(cfg: Config, world_size: int) -> tuple[Config, ParallelDims]:
@@ -121,7 +131,7 @@ def train(cfg: Config, info: Optional[RankInfo] = None) -> Path:
     loader = GlobalBatchLoader(train_data.rows, G, seed=cfg.trainer.seed, pin_memory=device.type == "cuda")
     clock.mark("data index")
 
-    pm = build_parallel_model(cfg, dims, mesh, device)
+    pm = build_parallel_model(cfg, dims, mesh, device, hf_weight_loader(cfg))
     opt = StageOptimizers(pm.modules, cfg.optim, device, cfg.trainer.max_steps)
     ckpt = Checkpointer(cfg, out, info.rank, info.world_size, tokenizer)
     clock.mark("model init")

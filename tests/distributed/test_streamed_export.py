@@ -51,10 +51,11 @@ def _config(overrides: list[str], world_size: int):
 
 def _build(overrides: list[str], world_size: int):
     from parallel.parallelize import build_parallel_model
+    from trainer.loop import hf_weight_loader
 
     cfg, dims = _config(overrides, world_size)
     mesh = None if dims.is_single else dims.build_mesh("cpu", cfg.trainer.dist_timeout_s)
-    return cfg, build_parallel_model(cfg, dims, mesh, torch.device("cpu"))
+    return cfg, build_parallel_model(cfg, dims, mesh, torch.device("cpu"), hf_weight_loader(cfg))
 
 
 class _Tokenizer:

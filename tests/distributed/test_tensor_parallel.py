@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from parallel.dims import padded_vocab_size
-from parallel.tensor_parallel import check_tp_divisibility
+from trainer.model.shapes import check_tp_divisibility, padded_vocab_size
 from tests.distributed.launcher import run_ranks
 from trainer.config import ConfigError, ModelConfig
 from trainer.loss import IGNORE_INDEX, count_valid, cross_entropy_sum
