@@ -20,7 +20,8 @@ import tempfile
 from pathlib import Path
 
 # preset -> processes it runs on
-PRESETS = {"fsdp": 2, "hsdp": 4, "tp2": 2, "tp2_pp2": 4, "tp2_cp2": 4, "pp2_interleaved": 2, "4d_8ranks": 8}
+PRESETS = {"fsdp": 2, "hsdp": 4, "tp2": 2, "tp2_pp2": 4, "tp2_cp2": 4, "pp2_interleaved": 2,
+           "pp2_fsdp2_tp2": 8, "4d_16ranks": 16}
 
 
 def run(preset: str, nproc: int, steps: int, extra: list[str], tmp: Path) -> float:

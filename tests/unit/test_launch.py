@@ -22,7 +22,7 @@ from tests import faults
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "slurm" / "train.sbatch"
 # 32 ranks: pp 2 x dp_shard 8 x tp 2; 4 micro-batches per step (64 / (8 x 2)).
-MESH_32 = ["parallel=4d_8ranks", "parallel.dp_shard=8", "trainer.global_batch_size=64"]
+MESH_32 = ["parallel=pp2_fsdp2_tp2", "parallel.dp_shard=8", "trainer.global_batch_size=64"]
 SETUP = "source /opt/venvs/meshtron/bin/activate"
 BASH = shutil.which("bash") or "/bin/bash"  # found before tests narrow PATH
 
@@ -70,7 +70,7 @@ def test_dry_run_renders_the_real_template_for_4_nodes_x_8_gpus(tmp_path):
     assert setup == f"{SETUP}\nexport MESHTRON_HOME=${{MESHTRON_HOME:-{ROOT}}}\n"  # finds slurm/env.sh
     block = script.split("# >>> meshtron overrides\n")[1].split("# <<< meshtron overrides")[0]
     assert "launcher." not in block
-    assert block == ("set -- \\\n  parallel=4d_8ranks \\\n  parallel.dp_shard=8 \\\n  trainer.global_batch_size=64 \\\n"
+    assert block == ("set -- \\\n  parallel=pp2_fsdp2_tp2 \\\n  parallel.dp_shard=8 \\\n  trainer.global_batch_size=64 \\\n"
                      "  trainer.max_steps=1000 \\\n  'data.path=/data/my corpus.jsonl' \\\n"
                      f"  trainer.output_dir={tmp_path / 'runs/big'} \\\n  \"$@\"\n")
     (tmp_path / "job.sbatch").write_text(script)
@@ -86,7 +86,7 @@ def test_dry_run_renders_the_real_template_for_4_nodes_x_8_gpus(tmp_path):
 def test_mesh_mismatch_exits_2_naming_both_numbers_before_writing(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PATH", str(fake_bin(tmp_path, "sbatch", "echo 1")))
-    code, out, err = launch_here(capsys, monkeypatch, "launcher.nodes=4", "launcher.gpus_per_node=8", "parallel=4d_8ranks",
+    code, out, err = launch_here(capsys, monkeypatch, "launcher.nodes=4", "launcher.gpus_per_node=8", "parallel=pp2_fsdp2_tp2",
                                  "trainer.output_dir=run")
     assert code == 2 and out == ""
     assert "launcher.nodes=4 x launcher.gpus_per_node=8 = 32 GPUs" in err and "mesh has 8 ranks" in err

@@ -45,6 +45,10 @@ ERRORS = [
      ["global_batch_size=18", "dp_shard=4", "microbatch_size=3", "12"]),
     (["parallel.pp=2", "parallel.dp_shard=1", "parallel.microbatch_size=8"], 2, ["trainer.global_batch_size=8"],
      ["1f1b", "n_microbatches=1", "pp=2"]),
+    (["parallel=4d_16ranks"], 8, [], ["multiply to 16", "world size is 8", "cp=2"]),
+    (["parallel=4d_16ranks"], 16, ["data.seq_len=36"], ["data.seq_len=36", "8", "cp=2", "tp=2"]),
+    (["parallel=4d_16ranks"], 16, ["trainer.global_batch_size=6"],
+     ["global_batch_size=6", "dp_shard=2", "microbatch_size=2", "4"]),
     (["parallel.pp_schedule=chimera"], 1, [], ["pp_schedule='chimera'", "zbv"]),
     (["parallel.activation_checkpoint=some"], 1, [], ["activation_checkpoint='some'", "selective"]),
 ]
@@ -75,10 +79,23 @@ def test_train_refuses_before_starting_the_process_group(compose, monkeypatch):
 
 
 def test_valid_layouts_pass(compose):
-    for overrides, world in ([["parallel=tp2_pp2"], 4], [["parallel=4d_8ranks"], 8], [["parallel=tp2_cp2"], 8],
-                             [["parallel=pp2_interleaved"], 2], [["parallel=hsdp"], 4], [["parallel=fsdp"], 4]):
+    for overrides, world in ([["parallel=tp2_pp2"], 4], [["parallel=pp2_fsdp2_tp2"], 8], [["parallel=tp2_cp2"], 8],
+                             [["parallel=pp2_interleaved"], 2], [["parallel=hsdp"], 4], [["parallel=fsdp"], 4],
+                             [["parallel=4d_16ranks"], 16]):
         cfg, dims = prepare(compose(*overrides), world)
         validate_layout(cfg, dims)
+
+
+@pytest.mark.parametrize("preset,world,degrees", [
+    ("4d_16ranks", 16, {"pp": 2, "dp_replicate": 1, "dp_shard": 2, "cp": 2, "tp": 2}),
+    ("pp2_fsdp2_tp2", 8, {"pp": 2, "dp_replicate": 1, "dp_shard": 2, "cp": 1, "tp": 2}),
+])
+def test_mesh_presets_are_what_their_names_say(compose, preset, world, degrees):
+    """4d_16ranks uses all four axes (data, pipeline, context, tensor); the 8-rank preset three."""
+    cfg, dims = prepare(compose(f"parallel={preset}"), world)
+    validate_layout(cfg, dims)
+    assert dims.degrees() == degrees
+    assert dims.fsdp_enabled and dims.pp_enabled and dims.tp_enabled and dims.cp_enabled == (degrees["cp"] > 1)
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
