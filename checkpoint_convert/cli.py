@@ -2,8 +2,8 @@
 and a numerical check of any of them. HF -> meshtron needs no command: train with ``model.hf_path=DIR``.
 
 Exit codes: 0 done (verify: within tolerance); 1 verify found the logits differ beyond tolerance;
-2 a usage error (bad flag, missing or non-empty directory, unsupported model, TP/PP that do not divide it),
-reported in one line before anything is written.
+2 a usage error (bad flag, missing or non-empty directory, unsupported model, TP/PP that do not divide it) or
+an unusable input (a damaged safetensors file or config.json), reported in one line before anything is written.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ PROG = "meshtron-convert"
 EXIT_USAGE = 2
 
 _EPILOG = """exit codes: 0 done (verify: logits within tolerance); 1 verify: logits differ beyond tolerance;
-2 usage error (message on stderr; nothing written).
+2 usage error or damaged input (one line on stderr; nothing written).
 
 HF -> meshtron needs no conversion: train with model.hf_path=DIR at any mesh.
 examples:
@@ -177,7 +177,10 @@ def _run(args: argparse.Namespace) -> int:
             _input_dir("--megatron", args.megatron, _MEGATRON)
         else:
             _input_dir("--checkpoint", args.checkpoint, _MESHTRON)
+        from checkpoint_convert.hf import check_hf_checkpoint
         from checkpoint_convert.verify import verify
+
+        check_hf_checkpoint(args.hf)  # transformers would fail on a damaged file with its own traceback
 
         return verify(args.hf, megatron=args.megatron, checkpoint=args.checkpoint, iteration=args.iteration,
                       tolerance=args.tolerance)

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
-from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, GenerationConfig, PreTrainedConfig
 
@@ -22,8 +21,8 @@ from checkpoint_convert.mapping import Unit, rename
 from checkpoint_convert.models.registry import family, family_for_hf
 from checkpoint_convert.safetensors_files import (DEFAULT_MAX_SHARD_BYTES, SAFE_INDEX, SAFE_WEIGHTS,
                                                   PlannedShardWriter, ShardWriter, byte_progress, check_out_dir,
-                                                  staged_dir)
-from trainer.config import ConfigError, ModelConfig, RopeScalingConfig
+                                                  open_safetensors, read_index, staged_dir)
+from trainer.config import ConfigError, DamagedFileError, ModelConfig, RopeScalingConfig
 from trainer.model.gpt import VOCAB_PARAMS
 from trainer.model.init import assign_full, clean_fqn, local_region
 
@@ -41,10 +40,29 @@ def read_hf_config(path: Union[str, Path], base: Optional[ModelConfig] = None) -
     Shape fields come from the file; everything else (name, ...) from `base`. hf_path is set to `path`.
     """
     path = Path(path)
-    with open(path / "config.json") as f:
-        raw = json.load(f)
+    raw = _read_config_json(path)
     base = base or ModelConfig(name=path.name)
     return dataclasses.replace(model_config_from_hf(raw, base), hf_path=str(path))
+
+
+def _read_config_json(path: Path) -> dict:
+    """An HF directory's config.json as a dict, or a ConfigError / DamagedFileError saying what is wrong."""
+    if not path.is_dir():
+        raise ConfigError(f"{path} is not a directory; expected an HF checkpoint directory (config.json + "
+                          f"*.safetensors)")
+    file = path / "config.json"
+    if not file.is_file():
+        raise ConfigError(f"{path} has no config.json; expected an HF checkpoint directory (config.json + "
+                          f"*.safetensors)")
+    try:
+        raw = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as err:  # json.JSONDecodeError is a ValueError
+        raise DamagedFileError(file, f"not valid JSON ({' '.join(str(err).split())})",
+                               "it is truncated or corrupt: copy or download it again") from None
+    if not isinstance(raw, dict):
+        raise DamagedFileError(file, f"holds a JSON {type(raw).__name__}, not an object",
+                               "expected transformers' config.json; copy or download it again")
+    return raw
 
 
 def model_config_from_hf(raw: Mapping[str, Any], base: Optional[ModelConfig] = None) -> ModelConfig:
@@ -196,15 +214,15 @@ class _SafetensorsDir:
     def __init__(self, path: Path, stack: ExitStack):
         index = path / SAFE_INDEX
         if index.exists():
-            with open(index) as f:
-                files = {name: path / file for name, file in json.load(f)["weight_map"].items()}
+            files = {name: path / file for name, file in read_index(index).items()}
         elif (path / SAFE_WEIGHTS).exists():
             files = None
         else:
-            raise FileNotFoundError(f"{path} has neither {SAFE_WEIGHTS} nor {SAFE_INDEX}")
+            raise ConfigError(f"{path} has neither {SAFE_WEIGHTS} nor {SAFE_INDEX}; expected an HF checkpoint "
+                              f"with safetensors weights (pytorch_model.bin is not read: it is a pickle)")
         handles = {}
         for file in sorted(set(files.values()) if files else [path / SAFE_WEIGHTS]):
-            handles[file] = stack.enter_context(safe_open(str(file), framework="pt"))
+            handles[file] = open_safetensors(file, stack)  # every header checked before any tensor is read
         if files is None:
             files = {name: path / SAFE_WEIGHTS for name in handles[path / SAFE_WEIGHTS].keys()}
         self.files, self.handles = files, handles
@@ -218,6 +236,14 @@ class _SafetensorsDir:
     def get_slice(self, name: str):
         """safetensors' lazy view of one tensor: its shape, and only the indexed part read from the file."""
         return self.handles[self.files[name]].get_slice(name)
+
+
+def check_hf_checkpoint(path: Union[str, Path]) -> None:
+    """What loading an HF directory would refuse, found without loading it: config.json, and every safetensors
+    file's header (a truncated or corrupt file fails there). For commands whose loading is transformers'."""
+    read_hf_config(path)
+    with ExitStack() as stack:
+        _SafetensorsDir(Path(path), stack)
 
 
 def _ignored(name: str, cfg: ModelConfig) -> bool:

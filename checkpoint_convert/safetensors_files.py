@@ -12,13 +12,16 @@ import json
 import math
 import os
 import shutil
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
+
+from trainer.config import DamagedFileError
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -140,6 +143,47 @@ def _name_shards(out: Path, files: list[tuple[Path, list[str]]], total: int) -> 
     with open(out / SAFE_INDEX, "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
         f.write("\n")
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+# What a repository cloned without git-lfs holds instead of the weights.
+_LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
+def open_safetensors(path: Path, stack: ExitStack):
+    """safe_open of one file, entered on ``stack``. Opening reads only the header, and safetensors checks there
+    that the tensors' offsets cover the file exactly, so a truncated, padded or foreign file fails here,
+    before any tensor is read: as a DamagedFileError naming the file, what is wrong and what to do."""
+    if not path.is_file():
+        raise DamagedFileError(path, "does not exist" if not path.exists() else "is not a file",
+                               "the checkpoint is incomplete: copy or download it again")
+    try:
+        return stack.enter_context(safe_open(str(path), framework="pt"))
+    except (SafetensorError, OSError) as err:
+        with open(path, "rb") as f:
+            head = f.read(len(_LFS_POINTER))
+        if head == _LFS_POINTER:
+            raise DamagedFileError(path, "is a Git LFS pointer, not the weights",
+                                   f"run `git lfs pull` in {path.parent} (or download the files again)") from None
+        why = str(err).removeprefix("Error while deserializing header: ")
+        raise DamagedFileError(path, f"not a readable safetensors file ({path.stat().st_size} bytes: {why})",
+                               "it is truncated or corrupt: copy, download or export it again") from None
+
+
+def read_index(path: Path) -> dict[str, str]:
+    """tensor name -> shard file name from a model.safetensors.index.json."""
+    try:
+        with open(path) as f:
+            weight_map = json.load(f)["weight_map"]
+        if isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values()):
+            return weight_map
+        problem = "its weight_map is not an object of tensor name -> file name"
+    except (ValueError, UnicodeDecodeError) as err:  # json.JSONDecodeError is a ValueError
+        problem = f"not valid JSON ({' '.join(str(err).split())})"
+    except (KeyError, TypeError):
+        problem = "has no weight_map"
+    raise DamagedFileError(path, problem, "it is truncated or corrupt: copy or download it again")
 
 
 # ------------------------------------------------------------------------------- output directories

@@ -13,6 +13,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from trainer.config import HYDRA_MAIN, ConfigError, to_config  # noqa: E402
+from trainer.entry import exit_config_error, run_hydra  # noqa: E402
 
 
 @hydra.main(**HYDRA_MAIN)
@@ -41,16 +42,15 @@ def _run(cfg: DictConfig) -> None:
                 print(f"meshtron: {line}", file=sys.stderr, flush=True)
         sys.exit(stop.code)
     except ConfigError as err:
-        # A configuration mistake, found before anything ran: say what to change, without a traceback.
-        print(f"meshtron: configuration error: {err}", file=sys.stderr)
-        sys.exit(2)
+        # A configuration mistake or an unusable input file: say what to change, once, without a traceback.
+        exit_config_error(err)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
 def main() -> None:
-    _run()
+    run_hydra(_run)  # Hydra's own override errors exit 2 in one line too
 
 
 if __name__ == "__main__":

@@ -14,11 +14,21 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 
 class ConfigError(ValueError):
     """A configuration that cannot run. The message names the values involved and what was expected."""
+
+
+class DamagedFileError(ConfigError):
+    """An input file that is not what its name says (truncated, corrupt, a Git LFS pointer): one message naming
+    the file, what is wrong and what to do. Every format's reader raises it, so every entry point treats it
+    like any other unusable input (exit 2, one line)."""
+
+    def __init__(self, path: Any, problem: str, remedy: str):
+        super().__init__(f"{path}: {problem}; {remedy}")
+        self.path = str(path)
 
 
 def _require(ok: bool, msg: str) -> None:
@@ -475,10 +485,27 @@ def to_config(cfg: DictConfig | Config) -> Config:
     if isinstance(cfg, Config):
         return cfg
     try:
+        # A '???' left in the composed config would be merged over by the schema's default without a word.
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:
+            raise ConfigError(f"{', '.join(missing)} {'has' if len(missing) == 1 else 'have'} no value ('???' in "
+                              f"the config); give {'it' if len(missing) == 1 else 'each'} on the command line, e.g. "
+                              f"{missing[0]}=..., or in a YAML file")
         plain = OmegaConf.to_container(cfg, resolve=False)
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), plain))
     except OmegaConfBaseException as err:
-        raise ConfigError(f"{err}".strip()) from err
+        raise ConfigError(omegaconf_error_line(err)) from err
+
+
+def omegaconf_error_line(err: OmegaConfBaseException) -> str:
+    """OmegaConf's error in one line: the key and the first line of its message (the lines after it repeat the
+    key and name the schema's classes)."""
+    lines = str(getattr(err, "msg", None) or err).strip().splitlines()
+    first = lines[0] if lines else type(err).__name__
+    key = getattr(err, "full_key", None)
+    if isinstance(err, (ConfigKeyError, ConfigAttributeError)) and key:
+        return f"{key} is not a config key ({first}); `python -m trainer --cfg job` prints every key"
+    return f"{key}: {first}" if key and key not in first else first
 
 
 def validate_config(cfg: Config) -> None:

@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 
 from trainer.config import (HYDRA_MAIN, Config, ConfigError, LauncherConfig, ParallelConfig, is_secret_key,
                             to_config)
+from trainer.entry import exit_config_error, run_hydra
 
 SETUP_MARKERS = ("# >>> meshtron setup", "# <<< meshtron setup")
 OVERRIDES_MARKERS = ("# >>> meshtron overrides", "# <<< meshtron overrides")
@@ -256,8 +257,7 @@ def _run(cfg: DictConfig) -> None:
     try:
         sys.exit(launch(to_config(cfg), overrides))
     except ConfigError as err:
-        print(f"meshtron: configuration error: {err}", file=sys.stderr)
-        sys.exit(2)
+        exit_config_error(err)
     except LaunchError as err:
         print(f"meshtron: {err}", file=sys.stderr)
         sys.exit(err.code)
@@ -266,7 +266,7 @@ def _run(cfg: DictConfig) -> None:
 def main() -> None:
     # `--dry-run` is short for the override launcher.dry_run=true.
     sys.argv = [("launcher.dry_run=true" if a == "--dry-run" else a) for a in sys.argv]
-    _run()
+    run_hydra(_run)  # Hydra's own override errors exit 2 in one line too, before anything is submitted
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 from parallel.dims import ParallelDims
 from trainer.config import HYDRA_MAIN, Config, ConfigError, ModelConfig, ParallelConfig, to_config
 from trainer.distributed import RankInfo, broadcast_str, rank_info
+from trainer.entry import exit_config_error, run_hydra
 
 HEAD_DIM = 16
 
@@ -125,10 +126,13 @@ def _main(cfg: DictConfig) -> None:
     try:
         code = run(to_config(cfg))
     except ConfigError as err:
-        print(f"meshtron verify: configuration error: {err}", file=sys.stderr)
-        code = 2
+        exit_config_error(err, prog="meshtron verify")  # once, exit 2 on every rank
     sys.exit(code)
 
 
+def main() -> None:
+    run_hydra(_main, prog="meshtron verify")  # Hydra's own override errors exit 2 in one line too
+
+
 if __name__ == "__main__":
-    _main()
+    main()

@@ -98,9 +98,9 @@ def test_rank_killed_during_save_resumes_from_previous_checkpoint(fsdp_straight)
         assert time.time() < deadline and all(p.poll() is None for p in procs), "never reached the pause"
         time.sleep(0.2)
     procs[1].send_signal(signal.SIGKILL)  # a node lost between shard write and commit
-    procs[1].wait()
+    procs[1].wait(timeout=60)
     procs[0].send_signal(signal.SIGKILL)
-    procs[0].wait()
+    procs[0].wait(timeout=60)
     root = tmp / "killed" / "checkpoints"
     assert (root / "latest").read_text().strip() == "step_2"
     assert not (partial / "COMPLETE").exists() and not (root / "step_4").exists()

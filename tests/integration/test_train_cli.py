@@ -95,8 +95,10 @@ def test_config_error_exits_before_writing(tmp_path):
 
 
 def test_unknown_key_fails_naming_it(tmp_path):
+    """Hydra's own override errors are configuration errors too: exit 2, one line naming the override."""
     proc = run_trainer(tmp_path, "trainer.maxsteps=3", check=False)
-    assert proc.returncode != 0 and "trainer.maxsteps" in proc.stderr
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("meshtron: configuration error: override 'trainer.maxsteps=3'")
 
 
 def test_bf16_autocast_trains(tmp_path):

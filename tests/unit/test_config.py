@@ -114,6 +114,26 @@ def test_validation_runs_per_group():
         validate_config(bad)
 
 
+@pytest.mark.parametrize("overrides,keys", [
+    (["trainer.max_steps=???"], "trainer.max_steps has no value"),
+    (["model.hf_path=???", "data.tokenizer=???"], "data.tokenizer, model.hf_path have no value"),
+    (["data.sources=[{weight: 2}]"], "data.sources[0].path has no value"),
+])
+def test_missing_values_are_errors_naming_the_keys(compose, overrides, keys):
+    """A '???' left in the composed config used to become the schema's default (or None) without a word."""
+    with pytest.raises(ConfigError) as err:
+        compose(*overrides)
+    assert keys in str(err.value) and "'???'" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_schema_errors_of_to_config_are_one_line(compose):
+    with pytest.raises(ConfigError) as err:
+        compose("+model.bogus=1")
+    assert str(err.value).startswith("model.bogus is not a config key") and "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"^model.hidden_size: Interpolation key 'oops' not found$"):
+        compose("model.hidden_size=${oops}")
+
+
 def test_checkpoint_defaults(compose):
     ck = compose().trainer.checkpoint
     assert (ck.every_steps, ck.keep_last, ck.async_save, ck.load_from, ck.resume) == (0, 2, False, None, "auto")

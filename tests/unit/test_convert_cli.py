@@ -201,3 +201,47 @@ def test_module_entry_point_help_documents_exit_codes():
     assert proc.returncode == 0
     for cmd in ("hf-to-megatron", "megatron-to-hf", "meshtron-to-hf", "verify", "exit codes", "model.hf_path"):
         assert cmd in proc.stdout, cmd
+
+
+def _damaged_copy(src: Path, dst: Path, how: str) -> Path:
+    """A copy of an HF directory whose model.safetensors is cut in half or replaced by a Git LFS pointer."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    weights = dst / "model.safetensors"
+    raw = weights.read_bytes()
+    weights.write_bytes(raw[:len(raw) // 2] if how == "truncated" else
+                        b"version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 123\n")
+    return dst
+
+
+@pytest.mark.parametrize("how,needles", [
+    ("truncated", ["model.safetensors: not a readable safetensors file", "file not fully covered", "again"]),
+    ("lfs", ["model.safetensors: is a Git LFS pointer", "git lfs pull"]),
+])
+def test_damaged_safetensors_exit_2_in_one_line(hf_dir, tmp_path, capsys, how, needles):
+    """hf-to-megatron reads the weights itself; verify hands them to transformers, so it checks them first."""
+    pytest.importorskip("checkpoint_convert.megatron")
+    bad = _damaged_copy(hf_dir, tmp_path / "bad", how)
+    out = tmp_path / "o"
+    code, _, err = run(["hf-to-megatron", "--hf", str(bad), "--out", str(out), "--tp", "1", "--pp", "1",
+                        "--no-progress"], capsys)
+    assert_usage_error(code, err, str(bad / "model.safetensors"), *needles)
+    assert not out.exists()
+
+    code, _, _ = run(["hf-to-megatron", "--hf", str(hf_dir), "--out", str(out), "--tp", "1", "--pp", "1",
+                      "--no-progress"], capsys)
+    assert code == 0
+    code, _, err = run(["verify", "--hf", str(bad), "--megatron", str(out)], capsys)
+    assert_usage_error(code, err, str(bad / "model.safetensors"), *needles)
+
+
+def test_damaged_config_json_exits_2_naming_it(hf_dir, tmp_path, capsys):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(hf_dir, bad)
+    (bad / "config.json").write_text((hf_dir / "config.json").read_text()[:40])
+    code, _, err = run(["hf-to-megatron", "--hf", str(bad), "--out", str(tmp_path / "o"), "--tp", "1", "--pp", "1"],
+                       capsys)
+    assert_usage_error(code, err, f"{bad / 'config.json'}: not valid JSON", "truncated or corrupt")

@@ -187,3 +187,23 @@ def test_more_local_ranks_than_visible_gpus_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     with pytest.raises(ConfigError, match="local rank 5 but only 4 CUDA devices"):
         pick_device("auto", 5)
+
+
+@pytest.mark.distributed
+def test_srun_style_tasks_print_a_configuration_error_once(tmp_path):
+    """Without torchrun nobody gathers the tasks' output: task 0 prints the error, and every task exits 2."""
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_ERROR_FILE")}
+    base |= {"XDG_CACHE_HOME": str(tmp_path / "cache"), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    procs = []
+    for rank in range(2):
+        env = {**base, "SLURM_JOB_ID": _job_id_with_free_port(), "SLURM_STEP_ID": "0", "SLURM_PROCID": str(rank),
+               "SLURM_NTASKS": "2", "SLURM_LOCALID": str(rank), "SLURM_JOB_NODELIST": "localhost"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "trainer", f"trainer.output_dir={tmp_path / 'run'}",
+                                       *MODEL, *RUN, "parallel.tp=3"], cwd=tmp_path, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], outs
+    line = "meshtron: configuration error: cannot infer parallel.dp_shard: world size 2 is not divisible"
+    assert outs[0][1].startswith(line) and outs[0][1].count("\n") == 1, outs[0][1]
+    assert outs[1][1] == "", outs[1][1]

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.config import ConfigError
-from trainer.data.megatron_indexed import prefix_paths, read_megatron
+from trainer.config import ConfigError, DamagedFileError
+from trainer.data.megatron_indexed import REMEDY, prefix_paths, read_megatron
 
 with warnings.catch_warnings():  # megatron-core warns about missing Transformer Engine / Apex on import
     warnings.simplefilter("ignore")
@@ -102,3 +102,25 @@ def test_errors_name_the_file_and_values(tmp_path):
     bin_.write_bytes(bin_.read_bytes()[:-4])
     with pytest.raises(ConfigError, match=r"c\.bin: 12 bytes.*do not match"):
         read_megatron(prefix)
+
+
+def test_damaged_pairs_say_what_to_do(tmp_path):
+    """Every damaged .idx/.bin is a DamagedFileError (exit 2 in the trainer) that names the file and the fix;
+    the sizes are checked when the pair is opened, without reading the tokens."""
+    prefix = str(tmp_path / "d")
+    build(prefix, [[np.arange(10)], [np.arange(5)]], np.uint16)
+    idx, bin_ = prefix_paths(prefix)
+    raw, tokens = idx.read_bytes(), bin_.read_bytes()
+    damages = [(idx, raw[:10], "too short for a Megatron index header"),
+               (idx, b"GARBAGE!!" + raw[9:], "not a Megatron indexed dataset index"),
+               (idx, raw[:-3], "truncated or corrupt"),
+               (bin_, tokens[:6], "the .bin is truncated")]
+    for path, data, needle in damages:
+        path.write_bytes(data)
+        with pytest.raises(DamagedFileError) as err:
+            read_megatron(prefix)
+        assert err.value.path == str(path) and needle in str(err.value)
+        assert str(err.value).endswith(REMEDY) and "meshtron-preprocess" in REMEDY
+        idx.write_bytes(raw)
+        bin_.write_bytes(tokens)
+    assert read_megatron(prefix).num_docs == 2

@@ -16,7 +16,7 @@ from trainer.startup import PHASES, StartupClock, process_start_time
 def test_process_start_time_matches_ps():
     started = process_start_time()
     elapsed = int(subprocess.run(["ps", "-o", "etimes=", "-p", str(os.getpid())], capture_output=True,
-                                 text=True, check=True).stdout)
+                                 text=True, check=True, timeout=30).stdout)
     assert started is not None and abs((time.time() - started) - elapsed) <= 2
 
 

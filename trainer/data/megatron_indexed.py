@@ -27,7 +27,7 @@ from typing import BinaryIO, Optional
 
 import numpy as np
 
-from trainer.config import ConfigError
+from trainer.config import ConfigError, DamagedFileError
 from trainer.data.corpus import TokenizedCorpus
 
 MAGIC = b"MMIDIDX\x00\x00"
@@ -39,6 +39,9 @@ CODES = {np.dtype(t): c for c, t in DTYPES.items()}
 _HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequence count, document count
 _SCAN_BYTES = 1 << 24  # the vocabulary scan's read buffer
 _COPY_BYTES = 1 << 22
+# What to do about a damaged pair; a token cache (meshtron's own files) is rebuilt when it is missing.
+REMEDY = ("re-create the .bin/.idx pair (Megatron's preprocess_data.py or meshtron-preprocess); a token cache "
+          "under data.cache_dir can simply be deleted and is rebuilt")
 
 
 def token_dtype(vocab_size: int) -> type:
@@ -58,31 +61,36 @@ def _read_index(idx_path: Path) -> tuple[type, np.ndarray, np.ndarray, np.ndarra
     """(token dtype, sequence lengths, sequence pointers, document indices) from an .idx file."""
     raw = np.memmap(idx_path, dtype=np.uint8, mode="r") if idx_path.stat().st_size else np.zeros(0, np.uint8)
     if len(raw) < _HEADER.size:
-        raise ConfigError(f"{idx_path}: {len(raw)} bytes, too short for a Megatron index header "
-                          f"({_HEADER.size} bytes)")
+        raise DamagedFileError(idx_path, f"{len(raw)} bytes, too short for a Megatron index header "
+                                         f"({_HEADER.size} bytes)", REMEDY)
     magic, version, code, n_seq, n_doc = _HEADER.unpack(raw[:_HEADER.size].tobytes())
     if magic != MAGIC:
-        raise ConfigError(f"{idx_path}: not a Megatron indexed dataset index (magic {magic!r}, expected {MAGIC!r})")
+        raise DamagedFileError(idx_path, f"not a Megatron indexed dataset index (magic {magic!r}, expected "
+                                         f"{MAGIC!r})", REMEDY)
     if version != VERSION:
         raise ConfigError(f"{idx_path}: index version {version} is not supported (expected {VERSION})")
     if code not in DTYPES:
-        raise ConfigError(f"{idx_path}: unknown token dtype code {code}; expected one of {sorted(DTYPES)}")
+        raise DamagedFileError(idx_path, f"unknown token dtype code {code} (expected one of {sorted(DTYPES)})",
+                               REMEDY)
     dtype = DTYPES[code]
     if not np.issubdtype(dtype, np.integer):
         raise ConfigError(f"{idx_path}: token dtype {np.dtype(dtype).name} is not an integer type")
     body = _HEADER.size + 12 * n_seq + 8 * n_doc
     # The optional int8 sequence modes (multimodal datasets) follow; they do not affect token ids.
     if len(raw) not in (body, body + n_seq):
-        raise ConfigError(f"{idx_path}: {len(raw)} bytes, but {n_seq} sequences and {n_doc} document indices "
-                          f"need {body} (or {body + n_seq} with sequence modes); the file is truncated or corrupt")
+        raise DamagedFileError(idx_path, f"{len(raw)} bytes, but {n_seq} sequences and {n_doc} document indices "
+                                         f"need {body} (or {body + n_seq} with sequence modes): the file is "
+                                         f"truncated or corrupt", REMEDY)
     off = _HEADER.size
     lengths = np.frombuffer(raw, dtype="<i4", count=n_seq, offset=off)
     pointers = np.frombuffer(raw, dtype="<i8", count=n_seq, offset=off + 4 * n_seq)
     doc_idx = np.frombuffer(raw, dtype="<i8", count=n_doc, offset=off + 12 * n_seq)
     if n_doc == 0 or doc_idx[0] != 0 or doc_idx[-1] != n_seq or np.any(np.diff(doc_idx) < 0):
-        raise ConfigError(f"{idx_path}: document indices must rise from 0 to the sequence count {n_seq}")
+        raise DamagedFileError(idx_path, f"document indices do not rise from 0 to the sequence count {n_seq}",
+                               REMEDY)
     if np.any(lengths < 0):
-        raise ConfigError(f"{idx_path}: negative sequence length at sequence {int(np.argmax(lengths < 0))}")
+        raise DamagedFileError(idx_path, f"negative sequence length at sequence {int(np.argmax(lengths < 0))}",
+                               REMEDY)
     return dtype, lengths, pointers, doc_idx
 
 
@@ -106,8 +114,9 @@ def read_megatron(path: str | Path, vocab_size: Optional[int] = None, name: Opti
     bin_size = bin_path.stat().st_size
     ends = pointers + lengths.astype(np.int64) * itemsize
     if len(lengths) and (pointers.min() < 0 or ends.max() > bin_size or np.any(pointers % itemsize)):
-        raise ConfigError(f"{bin_path}: {bin_size} bytes, but {idx_path} points at sequences up to byte "
-                          f"{int(ends.max())} (or at unaligned/negative offsets); the .bin and .idx do not match")
+        raise DamagedFileError(bin_path, f"{bin_size} bytes, but {idx_path.name} points at sequences up to byte "
+                                         f"{int(ends.max())} (or at unaligned/negative offsets): the .bin is "
+                                         f"truncated or the .bin and .idx do not match", REMEDY)
     bin_map = (np.memmap(bin_path, dtype=np.dtype(dtype).newbyteorder("<"), mode="r") if bin_size >= itemsize
                else np.zeros(0, dtype=dtype))
 
@@ -175,7 +184,8 @@ def scan_vocab(bin_path: Path, dtype: type, offsets: np.ndarray, vocab_size: int
                 want = min(len(buf), total - done)
                 got = f.readinto(memoryview(buf[:want]).cast("B")) // dt.itemsize
                 if got <= 0:
-                    raise ConfigError(f"{bin_path}: ends after {done} of the {total} tokens its index lists")
+                    raise DamagedFileError(bin_path, f"ends after {done} of the {total} tokens its index lists",
+                                           REMEDY)
                 check(buf[:got], done)
                 done += got
     if bad is not None:

@@ -11,7 +11,7 @@ from typing import Optional
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from trainer.assets import BUNDLED_TOKENIZER
-from trainer.config import ConfigError, DataConfig
+from trainer.config import ConfigError, DamagedFileError, DataConfig
 
 # Either file marks a directory as an HF tokenizer (slow tokenizers ship only tokenizer_config.json + vocab).
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -46,11 +46,25 @@ def load_tokenizer(data_cfg: DataConfig, hf_path: Optional[str]) -> PreTrainedTo
         # local_files_only: a typo must not turn into a hub lookup (compute nodes are often offline).
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as e:  # transformers raises OSError, ValueError, JSON errors... all mean "unusable"
-        raise ConfigError(f"could not load the tokenizer in {path} (from {source}): {type(e).__name__}: {e}") from e
+        _check_json_files(path, source)  # a damaged file is named as such
+        reason = " ".join(f"{type(e).__name__}: {e}".split())
+        raise ConfigError(f"could not load the tokenizer in {path} (from {source}): {reason}") from e
     if tok.eos_token_id is None:
         raise ConfigError(f"the tokenizer in {path} (from {source}) has no EOS token; set eos_token in its "
                           f"tokenizer_config.json (documents are joined with it)")
     return tok
+
+
+def _check_json_files(path: Path, source: str) -> None:
+    """After a failed load only (a large tokenizer.json takes a while to parse): the first JSON file of the
+    directory that does not parse, as a DamagedFileError. transformers' own error does not name the file."""
+    for file in sorted(path.glob("*.json")):
+        try:
+            json.loads(file.read_bytes())
+        except (ValueError, UnicodeDecodeError) as err:  # json.JSONDecodeError is a ValueError
+            raise DamagedFileError(file, f"not valid JSON ({' '.join(str(err).split())}; {file.stat().st_size} "
+                                         f"bytes), so the tokenizer chosen by {source} cannot load",
+                                   "it is truncated or corrupt: copy or download the tokenizer files again") from None
 
 
 def check_vocab_fits(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> None:
