@@ -121,7 +121,7 @@ print(json.dumps({"wall": time.perf_counter() - t0, "anon": anon, "code": proc.r
 
 def timed(cmd: list[str]) -> tuple[float, int, int]:
     """(wall seconds, peak RSS, peak anonymous RSS in bytes; 0 where /proc is missing) of one child alone."""
-    proc = subprocess.run([sys.executable, "-c", _MEASURE, *cmd], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", _MEASURE, *cmd], capture_output=True, text=True, timeout=3600)
     result = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.stdout.strip() else {"code": proc.returncode}
     if result["code"] != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({result['code']}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")

@@ -73,7 +73,7 @@ def run(chunk: int, args: argparse.Namespace, extra: list[str]) -> dict:
     def cap() -> None:  # in the child, before it imports anything
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, preexec_fn=cap)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, preexec_fn=cap, timeout=1800)
     if proc.returncode != 0:
         return {"chunk": chunk, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else
                 f"exit status {proc.returncode}"}

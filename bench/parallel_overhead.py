@@ -34,7 +34,7 @@ def run(preset: str, nproc: int, steps: int, extra: list[str], tmp: Path) -> flo
         cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", str(nproc),
                "-m", "trainer", *args]
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
         raise SystemExit(f"{preset} failed:\n{proc.stderr[-4000:]}")
     rates = [json.loads(line)["tokens_per_s"] for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -14,8 +14,10 @@
 # Logging when a collective hangs or the fabric is not found: INFO, or WARN for less.
 # export NCCL_DEBUG=INFO
 # export NCCL_DEBUG_SUBSYS=INIT,NET
-# Let a hung collective fail with an error instead of waiting forever (PyTorch's NCCL watchdog).
-# export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
+# A collective that hangs past trainer.dist_timeout_s already ends the process (torch's NCCL watchdog, default
+# TORCH_NCCL_ASYNC_ERROR_HANDLING=3). To see where every rank was, dump torch's flight recorder on timeout
+# (README, "When a GPU job hangs"); the directory must exist:
+# export TORCH_FR_BUFFER_SIZE=2000 TORCH_NCCL_DUMP_ON_TIMEOUT=1 TORCH_FR_DUMP_TEMP_FILE=$PWD/fr/rank_
 
 # Caches on fast local or shared storage instead of $HOME (tokenized data, HF downloads).
 # export XDG_CACHE_HOME=/path/to/scratch/cache

@@ -223,7 +223,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
                     p.wait(timeout=15)
                 except subprocess.TimeoutExpired:
                     p.kill()
-                    p.wait()
+                    p.wait(timeout=30)
             if name == "slurmctld":
                 self._kill_leftovers()  # slurmstepd and job processes: after slurmd, before munged
 

@@ -74,11 +74,11 @@ def test_dry_run_renders_the_real_template_for_4_nodes_x_8_gpus(tmp_path):
                      "  trainer.max_steps=1000 \\\n  'data.path=/data/my corpus.jsonl' \\\n"
                      f"  trainer.output_dir={tmp_path / 'runs/big'} \\\n  \"$@\"\n")
     (tmp_path / "job.sbatch").write_text(script)
-    assert subprocess.run([BASH, "-n", str(tmp_path / "job.sbatch")]).returncode == 0
+    assert subprocess.run([BASH, "-n", str(tmp_path / "job.sbatch")], timeout=60).returncode == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["job.sbatch"]  # a dry run writes nothing
     # The overrides block hands the trainer exactly these arguments, plus any given to sbatch.
     args = subprocess.run([BASH, "-c", block + 'printf "%s\\n" "$@"', "x", "extra=1"],
-                          capture_output=True, text=True).stdout.splitlines()
+                          capture_output=True, text=True, timeout=60).stdout.splitlines()
     assert args[3:] == ["trainer.max_steps=1000", "data.path=/data/my corpus.jsonl",
                         f"trainer.output_dir={tmp_path / 'runs/big'}", "extra=1"]
 
@@ -126,7 +126,7 @@ def test_submit_with_fake_sbatch_prints_job_id_and_log_path(tmp_path, capsys, mo
                  "#SBATCH --partition=gpu", "#SBATCH --time=02:00:00", f"export PYTHON={sys.executable}",
                  f"export MESHTRON_HOME=${{MESHTRON_HOME:-{ROOT}}}"):
         assert line + "\n" in text, line
-    assert subprocess.run([BASH, "-n", str(script)]).returncode == 0
+    assert subprocess.run([BASH, "-n", str(script)], timeout=60).returncode == 0
 
 
 def test_missing_sbatch_is_a_clear_error(tmp_path, capsys, monkeypatch):
