@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import shutil
+import sys
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -29,6 +30,7 @@ import torch
 from safetensors import safe_open
 from transformers import GenerationConfig
 
+from checkpoint_convert.detect import HF, HF_CONFIG, MEGATRON_LEGACY, refuse_other_kinds
 from checkpoint_convert.hf import (_ignored, _SafetensorsDir, hf_config, pad_vocab_rows, read_hf_config,
                                    write_config_files)
 from checkpoint_convert.mapping import Unit
@@ -37,9 +39,10 @@ from checkpoint_convert.models.megatron_names import (COLUMN, EXTRA_STATE_MODULE
 from checkpoint_convert.models.registry import family
 from checkpoint_convert.safetensors_files import (DEFAULT_MAX_SHARD_BYTES, ST_DTYPES, PlannedShardWriter,
                                                   byte_progress, check_out_dir, staged_dir)
-from checkpoint_convert.megatron_format import (CHECKPOINT_VERSION, CKPT_FILE, TRACKER, PathLike, config_from_args,
-                                                first_rank_args, load_rank_file, megatron_args, megatron_config,
-                                                rank_dir, rank_dirs, resolve_iteration_dir)
+from checkpoint_convert.megatron_format import (CHECKPOINT_VERSION, CKPT_FILE, MODEL_KEY, TRACKER, PathLike,
+                                                config_from_args, first_rank_args, load_rank_file, megatron_args,
+                                                megatron_config, rank_dir, rank_dirs, resolve_iteration_dir,
+                                                vocab_from_args, vocab_note)
 from trainer.model.shapes import check_tp_divisibility, padded_vocab_size
 from trainer.config import ConfigError, ModelConfig
 from trainer.model import GPTModel
@@ -65,6 +68,7 @@ def hf_to_megatron(hf_dir: PathLike, out_dir: PathLike, tp: int, pp: int, spec: 
     embeddings), ValueError for tensors of the wrong shape, FileExistsError for a non-empty out_dir.
     """
     hf_dir, out = Path(hf_dir), Path(out_dir)
+    refuse_other_kinds(hf_dir, HF, HF_CONFIG)  # HF_CONFIG: the safetensors reader says what is missing
     cfg = read_hf_config(hf_dir)
     _check_layout(cfg, tp, pp, spec, vocab_divisible_by)
     check_out_dir(out, overwrite)
@@ -259,10 +263,16 @@ def _shapes(names, tensors) -> str:
 
 
 class _MegatronCheckpoint:
-    """One iteration of a Megatron checkpoint, all rank files memory-mapped, indexed by global name."""
+    """One iteration of a Megatron checkpoint, all rank files memory-mapped, indexed by global name.
+
+    Its model chunks in model order: one per pipeline stage ("model"), or V per stage with virtual pipeline
+    stages ("model0" .. "model<V-1>"), chunk c of stage s holding the (c x PP + s)-th run of layers
+    (megatron-core's get_transformer_layer_offset): each chunk is numbered from layer 0 like a stage.
+    """
 
     def __init__(self, megatron_dir: PathLike, iteration: Optional[int]):
         root = Path(megatron_dir)
+        refuse_other_kinds(root, MEGATRON_LEGACY)
         self.dir, self.iteration = resolve_iteration_dir(root, iteration)
         self.args = first_rank_args(self.dir)
         self.tp = getattr(self.args, "tensor_model_parallel_size", 1)
@@ -278,16 +288,38 @@ class _MegatronCheckpoint:
         self.paths = paths
         # Only names, shapes and dtypes are kept (as meta tensors); `full` maps the files again for each
         # tensor, so pages read never stay resident and memory does not grow with the checkpoint.
-        self.files = [[{k: _meta_like(v) for k, v in load_rank_file(p)["model"].items()} for p in row] for row in paths]
-        for s, row in enumerate(self.files):
+        models = [[self._model_entries(p) for p in row] for row in paths]
+        self.chunks = [(s, key) for key in models[0][0] for s in range(self.pp)]
+        self.files = [[models[s][r][key] for r in range(self.tp)] for s, key in self.chunks]
+        for v, row in enumerate(self.files):
             keys = [{k for k in f if not k.endswith("._extra_state")} for f in row]
             if any(k != keys[0] for k in keys):
-                raise KeyError(f"{self.dir}: the TP ranks of pipeline stage {s} hold different tensor names")
+                raise KeyError(f"{self.dir}: the TP ranks of {self._chunk(v)} hold different tensor names")
         self.cfg = config_from_args(self.args, name=root.name)
         self.shapes = _meshtron_shapes(self.cfg)
         # TE fuses the pre-attention/pre-MLP norms into the next linear: its names say which spec saved this.
         self.spec = "te" if any(k.endswith(".layer_norm_weight") for row in self.files for k in row[0]) else "local"
         self._index()
+
+    def _model_entries(self, path: Path) -> dict[str, dict[str, torch.Tensor]]:
+        """{"model" or "model<c>": {name: meta tensor}} of one rank file; its keys must be what the args say."""
+        found = {k: v for k, v in load_rank_file(path).items() if MODEL_KEY.fullmatch(k)}
+        keys = sorted(found, key=lambda k: int(k[5:] or 0))
+        vpp = getattr(self.args, "virtual_pipeline_model_parallel_size", None) or 1
+        want = ["model"] if vpp == 1 else [f"model{c}" for c in range(vpp)]
+        if keys != want or not all(isinstance(found[k], dict) for k in keys):
+            raise KeyError(f"{path}: holds model entries {keys}, but args say virtual_pipeline_model_parallel_size="
+                           f"{vpp}: expected {want}, each a state dict")
+        return {k: {n: _meta_like(t) for n, t in found[k].items()} for k in keys}
+
+    def _chunk(self, v: int) -> str:
+        s, key = self.chunks[v]
+        return f"pipeline stage {s}" + ("" if key == "model" else f" ({key})")
+
+    def padded_rows(self) -> int:
+        """Vocabulary rows the checkpoint holds (padding included), over all TP ranks."""
+        v, local = self.where["embedding.word_embeddings.weight"]
+        return sum(f[local].shape[0] for f in self.files[v])
 
     def _index(self) -> None:
         """global Megatron name -> (stage, local name); checks the names against the model the args describe."""
@@ -304,7 +336,7 @@ class _MegatronCheckpoint:
                 raise KeyError(f"{self.dir}: output_layer.weight is missing on the last pipeline stage but args "
                                f"say untie_embeddings_and_output_weights=True")
             if missing or unexpected:
-                raise KeyError(f"{self.dir}: pipeline stage {s} ({self.spec} spec) is missing {missing} and has "
+                raise KeyError(f"{self.dir}: {self._chunk(s)} ({self.spec} spec) is missing {missing} and has "
                                f"unexpected {unexpected}")
             for p in placed:
                 for name, local in p.names.items():
@@ -312,8 +344,9 @@ class _MegatronCheckpoint:
 
     def full(self, name: str) -> torch.Tensor:
         """The full Megatron tensor (TP shards merged, vocabulary un-padded)."""
-        s, local = self.where[name]
-        shards = [load_rank_file(p)["model"][local] for p in self.paths[s]]
+        v, local = self.where[name]
+        stage, key = self.chunks[v]
+        shards = [load_rank_file(p)[key][local] for p in self.paths[stage]]
         t = _merge(name, shards)
         t = t[:self.cfg.vocab_size] if tp_split(name) == VOCAB else t
         if len(shards) == 1 or tp_split(name) == REPLICATED:  # still a view into the mapped file
@@ -342,9 +375,11 @@ def _checkpoint(megatron_dir: PathLike, iteration: Optional[int],
     """The checkpoint, with every name and shape checked by a dry run on meta tensors."""
     ckpt = _MegatronCheckpoint(megatron_dir, iteration)
     if hf_config_dir is not None:
+        refuse_other_kinds(Path(hf_config_dir), HF, HF_CONFIG)
         cfg = read_hf_config(hf_config_dir)
         _check_same_model(cfg, ckpt, hf_config_dir)
         ckpt.cfg, ckpt.shapes = cfg, _meshtron_shapes(cfg)
+    ckpt.vocab_note = vocab_note(ckpt.args, ckpt.cfg.vocab_size, ckpt.padded_rows(), hf_config_dir)
     ours = ckpt.meshtron(ckpt.meta)
     for name in ckpt.shapes:
         ours.take(name)
@@ -354,7 +389,7 @@ def _checkpoint(megatron_dir: PathLike, iteration: Optional[int],
 def _check_same_model(hf: ModelConfig, ckpt: _MegatronCheckpoint, where: PathLike) -> None:
     fields = ("hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads", "num_query_groups",
               "head_dim", "tie_word_embeddings", "add_qkv_bias", "qk_layernorm")
-    if getattr(ckpt.args, "vocab_size", None):  # Megatron-LM itself often records only the padded size
+    if vocab_from_args(ckpt.args)[0] is not None:  # else only the padded size is known: the HF config says
         fields += ("vocab_size",)
     diff = [f"{f}: config.json {getattr(hf, f)} vs checkpoint {getattr(ckpt.cfg, f)}" for f in fields
             if getattr(hf, f) != getattr(ckpt.cfg, f)]
@@ -388,6 +423,7 @@ def megatron_to_hf(megatron_dir: PathLike, out_dir: PathLike, hf_config_dir: Opt
     out = Path(out_dir)
     check_out_dir(out, overwrite)
     ckpt = _checkpoint(megatron_dir, iteration, hf_config_dir)
+    print(ckpt.vocab_note, file=sys.stderr, flush=True)
     cfg = ckpt.cfg
     units = family(cfg.family).table.units(ckpt.shapes)
 

@@ -1,13 +1,16 @@
-"""Megatron-LM's legacy (`torch` format) checkpoint files: where they are and what their `args` say.
+"""Megatron-LM's legacy (`torch` format) checkpoint files: where they are, what their `args` say, and reading them.
 
     latest_checkpointed_iteration.txt          "release" or an iteration number
     release/ or iter_0000100/
         mp_rank_00/model_optim_rng.pt          PP = 1: mp_rank_<tp:02d>
         mp_rank_00_000/model_optim_rng.pt      PP > 1: mp_rank_<tp:02d>_<pp:03d>
 
-The `args` namespace <-> meshtron's ModelConfig, the tracker and iteration directories, and reading one rank
-file (memory-mapped, weights_only=True with argparse.Namespace allowed). Tensors and their placement over
-TP x PP are `checkpoint_convert.megatron`'s business.
+Each rank file is what Megatron-LM's save_checkpoint writes (megatron/training/checkpointing.py,
+generate_state_dict): {"args": argparse.Namespace, "checkpoint_version": 3.0, "iteration", "model" (or "model0",
+"model1", ... one per virtual pipeline stage), "optimizer", "opt_param_scheduler", "rng_state" (numpy arrays
+among them), "num_floating_point_operations_so_far", ...}. Only args, iteration, checkpoint_version and the
+model entries are kept. The args namespace <-> meshtron's ModelConfig and the real vocabulary size are here;
+tensors and their placement over TP x PP are `checkpoint_convert.megatron`'s business.
 """
 
 from __future__ import annotations
@@ -16,12 +19,15 @@ import argparse
 import dataclasses
 import pickle
 import re
-from pathlib import Path
+import signal
+import types
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
 from typing import Optional, Union
 
 import torch
 
-from trainer.config import ConfigError, ModelConfig, RopeScalingConfig
+from trainer.config import ConfigError, DamagedFileError, ModelConfig, RopeScalingConfig
 
 PathLike = Union[str, Path]
 
@@ -70,7 +76,10 @@ def megatron_args(cfg: ModelConfig, tp: int, pp: int, spec: str, padded_vocab: i
 
 
 def config_from_args(args: argparse.Namespace, name: str = "megatron") -> ModelConfig:
-    """ModelConfig from a Megatron checkpoint's args; ConfigError for architectures meshtron lacks."""
+    """ModelConfig from a Megatron checkpoint's args; ConfigError for architectures meshtron lacks.
+
+    vocab_size is the real vocabulary when the args imply it (:func:`vocab_from_args`), else every padded row.
+    """
     def arg(key, default=None):
         return getattr(args, key, default)
 
@@ -99,7 +108,7 @@ def config_from_args(args: argparse.Namespace, name: str = "megatron") -> ModelC
                                        **(arg("meshtron_rope_scaling") or {})})
     cfg = ModelConfig(
         name=arg("meshtron_name") or name, family=fam,
-        vocab_size=arg("vocab_size") or args.padded_vocab_size,
+        vocab_size=vocab_from_args(args)[0] or args.padded_vocab_size,
         hidden_size=hidden, ffn_hidden_size=args.ffn_hidden_size, num_layers=args.num_layers,
         num_attention_heads=heads, num_query_groups=groups,
         kv_channels=kv if kv and kv * heads != hidden else None,
@@ -113,6 +122,47 @@ def config_from_args(args: argparse.Namespace, name: str = "megatron") -> ModelC
     )
     cfg.validate()
     return cfg
+
+
+# Megatron-LM's tokenizers (megatron/training/tokenizer/tokenizer.py, megatron/core/tokenizers/) and what the
+# args say about the real vocabulary: NullTokenizer and NullMultimodalTokenizer report vocab_size + 1 (the EOD
+# token is id vocab_size); TikTokenizer reports vocab_size (2**17 when unset); every other tokenizer reads its
+# size from the files args only name (args.vocab_size is unused by them). Megatron then pads the embedding to
+# padded_vocab_size = ceil(size / (make_vocab_size_divisible_by x TP)) x that, trained rows and padding alike.
+NULL_TOKENIZERS = ("NullTokenizer", "NullMultimodalTokenizer")
+TIKTOKEN_DEFAULT_VOCAB = 2**17
+
+
+def vocab_from_args(args: argparse.Namespace) -> tuple[Optional[int], str]:
+    """(the real vocabulary size, why) as a checkpoint's args imply it; (None, why not) when only the
+    tokenizer's own files know it."""
+    tok, size = getattr(args, "tokenizer_type", None), getattr(args, "vocab_size", None)
+    if getattr(args, "meshtron_family", None) and size:  # written by hf_to_megatron, from the HF config
+        return size, f"vocab_size={size} that meshtron's hf-to-megatron recorded from the HF config"
+    if tok in NULL_TOKENIZERS and size is not None:
+        return size + 1, f"tokenizer_type={tok}: vocab_size={size} + 1 EOD token"
+    if tok == "TikTokenizer":
+        default = "" if size else f" (unset: TikTokenizer's default {TIKTOKEN_DEFAULT_VOCAB})"
+        return (size or TIKTOKEN_DEFAULT_VOCAB), f"tokenizer_type=TikTokenizer: vocab_size={size}{default}"
+    return None, f"tokenizer_type={tok!r} keeps the vocabulary size in its tokenizer files, not in the args"
+
+
+def vocab_note(args: argparse.Namespace, rows: int, padded: int, hf_config_dir: Optional[PathLike] = None) -> str:
+    """One line: how many of the checkpoint's `padded` vocabulary rows are kept (`rows`), and why.
+
+    Without an HF config and with a tokenizer whose size the args do not record (GPT2BPE, HuggingFace,
+    SentencePiece, ...), every row is kept, padding included, with a warning rather than a refusal: that is the
+    model Megatron-LM itself runs (its output layer scores padded_vocab_size tokens), nothing is lost, and HF
+    models whose embedding is larger than their tokenizer are common (Qwen2: 151936 rows, 151665 tokens). A
+    Megatron-Bridge export always starts from an HF config and trims to its vocab_size; --hf-config does so.
+    """
+    if hf_config_dir is not None:
+        return f"vocabulary: {rows} of the checkpoint's {padded} rows (vocab_size of {hf_config_dir}/config.json)"
+    size, why = vocab_from_args(args)
+    if size is not None:
+        return f"vocabulary: {rows} of the checkpoint's {padded} rows ({why})"
+    return (f"warning: vocabulary: keeping all {padded} rows, padding included: {why}; pass --hf-config DIR (the "
+            f"model's HF config.json, whose vocab_size is the tokenizer's) to drop the padding rows")
 
 
 # ======================================================================================= files
@@ -140,14 +190,176 @@ def resolve_iteration_dir(root: Path, iteration: Optional[int]) -> tuple[Path, i
     return root / f"iter_{int(text):07d}", int(text)
 
 
+# ======================================================================================= unpickling
+#
+# torch.load(weights_only=True) walks the whole pickle: to reach "model" it must rebuild every object of the
+# file, optimizer and rng state included, so every global a Megatron-LM file may hold has to be allowed. This
+# is exactly the list Megatron-LM allows when it loads its own files (megatron/core/safe_globals.py,
+# SAFE_GLOBALS; 0.12 and 0.13 loaded with weights_only=False, their files hold AttnBackend and ModelType in
+# args and numpy arrays in rng_state), spelled as pickles name them (defining module + qualified name):
+#   core 0.14, 0.15   SimpleNamespace, PosixPath, numpy _reconstruct/ndarray/dtype/UInt32DType, Namespace,
+#                     AttnBackend, ModelType, RerunDiagnostic, RerunMode, RerunState
+#   core 0.16, 0.17   + CudaGraphScope, OptimizerConfig, io.BytesIO, signal.Signals
+#   core 0.18, 0.19   + CudaGraphModule, InferenceCudaGraphScope, torch._C.Generator
+# Namespace (args) and SimpleNamespace are rebuilt as themselves, PosixPath as a PurePosixPath; everything
+# else becomes an inert stand-in whether or not megatron, numpy or a GPU is here: nothing the converter reads
+# depends on it, and no library code runs on the file's bytes.
+
+
+class _StandIn:
+    """An allowed global the converter never needs: keeps the arguments (REDUCE, NEWOBJ) and the state (BUILD)
+    the pickle hands it, and does nothing else."""
+
+    qualified = ""
+
+    def __new__(cls, *args):
+        self = object.__new__(cls)
+        self.args = args
+        return self
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<stand-in for {self.qualified}{self.args!r}>"
+
+
+class _EnumStandIn(_StandIn):
+    """An Enum member (pickled as `Class(value)`): keeps .value, and .name where the value's name is known."""
+
+    names: dict = {}
+
+    def __new__(cls, value):
+        self = super().__new__(cls, value)
+        self.value, self.name = value, cls.names.get(value)
+        return self
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}.{self.name if self.name else repr(self.value)}"
+
+
+def _stand_in(qualified: str, names: Optional[dict] = None) -> tuple[type, str]:
+    base = _StandIn if names is None else _EnumStandIn
+    cls = type(qualified.rsplit(".", 1)[1], (base,), {"qualified": qualified, "names": names or {}})
+    return cls, qualified
+
+
+def _enum(*names: str) -> dict:
+    return dict(enumerate(names, start=1))  # Megatron's enums number their members from 1
+
+
+_CORE, _ENUMS = "megatron.core.", "megatron.core.transformer.enums."
+SAFE_GLOBALS: list[tuple[object, str]] = [
+    (argparse.Namespace, "argparse.Namespace"),
+    (types.SimpleNamespace, "types.SimpleNamespace"),
+    (PurePosixPath, "pathlib.PosixPath"),  # pure: builds on any OS, touches no file system
+    (PurePosixPath, "pathlib._local.PosixPath"),  # the same class, pickled by Python >= 3.13
+    _stand_in("_io.BytesIO"),  # TE's _extra_state
+    _stand_in("signal.Signals", {s.value: s.name for s in signal.Signals}),  # names as numbered here
+    *(_stand_in(f"{m}.multiarray._reconstruct") for m in ("numpy.core", "numpy._core")),  # numpy 1.x, 2.x
+    _stand_in("numpy.ndarray"), _stand_in("numpy.dtype"), _stand_in("numpy.dtypes.UInt32DType"),
+    _stand_in("torch._C.Generator"),  # rebuilding a CUDA generator would need a GPU
+    _stand_in(_ENUMS + "AttnBackend", _enum("flash", "fused", "unfused", "local", "auto")),
+    _stand_in(_ENUMS + "CudaGraphScope", _enum("full_iteration", "attn", "mlp", "moe", "moe_router",
+                                               "moe_preprocess", "mamba", "full_iteration_inference")),
+    _stand_in(_ENUMS + "CudaGraphModule", _enum("attn", "mlp", "moe", "moe_router", "moe_preprocess", "mamba")),
+    _stand_in(_ENUMS + "InferenceCudaGraphScope", _enum("none", "layer", "block")),
+    _stand_in(_CORE + "enums.ModelType", _enum("encoder_or_decoder")),  # 2 and 3 were renamed in 0.14
+    _stand_in(_CORE + "optimizer.optimizer_config.OptimizerConfig"),
+    _stand_in(_CORE + "rerun_state_machine.RerunDiagnostic",
+              {"correct_result": "CORRECT_RESULT", "transient_error": "TRANSIENT_ERROR",
+               "persistent_error": "PERSISTENT_ERROR"}),
+    _stand_in(_CORE + "rerun_state_machine.RerunMode",
+              {"disabled": "DISABLED", "validate_results": "VALIDATE_RESULTS",
+               "report_determinism_stats": "REPORT_DETERMINISM_STATS"}),
+    _stand_in(_CORE + "rerun_state_machine.RerunState",
+              {0: "NOT_RUNNING_YET", 1: "INITIAL_RUN", 2: "RERUNNING_IN_PLACE", 3: "WILL_RERUN_FROM_CHECKPOINT",
+               4: "RERUNNING_FROM_CHECKPOINT", 5: "RERUNNING_AGAIN_FROM_CHECKPOINT"}),
+]
+ALLOWED_NAMES = frozenset(name for _, name in SAFE_GLOBALS)
+_KEEP = ("args", "iteration", "checkpoint_version")
+MODEL_KEY = re.compile(r"model\d*")  # "model", or "model0", "model1", ... with virtual pipeline stages
+
+
 def load_rank_file(path: Path) -> dict:
-    """A rank file, memory-mapped, through the weights-only unpickler (Namespace allowed for args)."""
+    """args, iteration, checkpoint_version and the model entries of one rank file, tensors memory-mapped.
+
+    torch.load(weights_only=True) with Megatron-LM's own allow-list (above) for this load only, so
+    nothing in the file can run code; a global outside it -> ConfigError naming it; a file that is not a
+    readable torch.save zip (truncated, empty, a Git LFS pointer) -> DamagedFileError."""
+    with megatron_safe_globals():
+        try:
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise ConfigError(refusal_message(path, str(e))) from None
+        except RuntimeError as e:
+            raise _damaged(path, str(e)) from None
+    if not isinstance(state, dict):
+        raise DamagedFileError(path, f"holds a {type(state).__name__}, not Megatron-LM's checkpoint dict",
+                               "expected a model_optim_rng.pt written by Megatron-LM's save_checkpoint")
+    return {k: v for k, v in state.items() if k in _KEEP or MODEL_KEY.fullmatch(k)}
+
+
+@contextmanager
+def megatron_safe_globals():
+    """SAFE_GLOBALS allowed for the loads inside this context: use it, not torch's safe_globals, for them.
+
+    torch keeps one process-wide set, looked up by name, and importing megatron.core adds Megatron's real
+    classes under the same names (megatron/core/__init__.py calls register_safe_globals): which of two entries
+    of one name wins would be arbitrary (numpy's real ndarray meeting a stand-in _reconstruct fails), so
+    entries of these names are set aside inside and everything registered before is restored after."""
+    before = torch.serialization.get_safe_globals()
+    others = [g for g in before if (g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}")
+              not in ALLOWED_NAMES]
+    torch.serialization.clear_safe_globals()
+    torch.serialization.add_safe_globals(others + SAFE_GLOBALS)
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{path}: refusing to unpickle anything but tensors and plain values "
-                         f"(weights_only=True): {e}") from e
+        yield
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(before)
+
+
+def refusal_message(source, error: str, where: Optional[str] = None) -> str:
+    """One line naming the global(s) torch refused in `source` (a torch.save file: path or file object); call
+    it inside :func:`megatron_safe_globals`. `where` names the source in the message (default: the path)."""
+    where = where or str(source)
+    named = re.findall(r"GLOBAL (\S+?)(?: was not an allowed global| whose module)", error)
+    try:  # a static scan of the pickle (nothing rebuilt): every other global still blocked, not only the first
+        if hasattr(source, "seek"):
+            source.seek(0)
+        blocked = sorted(set(named) | set(torch.serialization.get_unsafe_globals_in_checkpoint(source)))
+    except (RuntimeError, ValueError, OSError):
+        blocked = named
+    if not blocked:  # an allowed global used in a way weights_only forbids: torch's own words
+        lines = [ln.strip().removeprefix("WeightsUnpickler error: ") for ln in error.splitlines()]
+        why = " ".join(ln for ln in lines if ln and not ln.startswith(("Weights only load failed", "(1)", "(2)",
+                                                                        "Check the documentation")))
+        return f"{where}: refusing to unpickle it (weights_only=True): {why}"
+    return (f"{where}: refusing to unpickle {', '.join(blocked)}: not among the types Megatron-LM itself allows "
+            f"in its checkpoints (megatron/core/safe_globals.py), and unpickling it could run code from the file "
+            f"(nothing was run); if the file comes from a Megatron-LM you trust, load it there and save the model "
+            f"without that object, else do not use it")
+
+
+_LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+_ZIP = b"PK\x03\x04"
+
+
+def _damaged(path: Path, error: str) -> DamagedFileError:
+    with open(path, "rb") as f:
+        head = f.read(len(_LFS_POINTER))
+    size = path.stat().st_size
+    if head == _LFS_POINTER:
+        return DamagedFileError(path, "is a Git LFS pointer, not the checkpoint",
+                                "run `git lfs pull` in the repository holding it (or copy the files again)")
+    if size and not head.startswith(_ZIP):
+        return DamagedFileError(path, f"is not a torch.save zip archive ({size} bytes)",
+                                "expected Megatron-LM's model_optim_rng.pt; copy it again, or re-save it with "
+                                "torch.save from a torch >= 1.6 if it predates the zip format")
+    first = error.splitlines()[0] if error else "unreadable"
+    return DamagedFileError(path, f"is truncated or corrupt ({size} bytes: {first})",
+                            "copy it again from where Megatron-LM wrote it")
 
 
 def rank_dirs(path: Path) -> list[Path]:

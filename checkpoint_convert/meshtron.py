@@ -45,25 +45,35 @@ _TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 def resolve_checkpoint(path: Union[str, Path]) -> Path:
     """The step directory to export: `path` itself (a complete ``step_<N>``), or the one a run's
-    ``checkpoints/`` directory (or the run directory above it) points to with ``latest``."""
+    ``checkpoints/`` directory (or the run directory above it) points to with ``latest``. A directory of
+    another kind (Megatron-LM, HF) is refused naming what it is and which command reads it."""
+    from checkpoint_convert.detect import (MESHTRON_CHECKPOINTS, MESHTRON_INCOMPLETE, MESHTRON_STEP, MISSING,
+                                           detect)
+
     p = Path(path).expanduser()
     expected = ("expected a complete checkpoint directory (checkpoints/step_<N>/ with a COMPLETE file) or a "
                 "run's checkpoints/ directory with a 'latest' file")
-    if not p.is_dir():
+    kind = detect(p)
+    if kind.name == MISSING:
         raise ConfigError(f"--checkpoint {path}: no such directory; {expected}")
-    if (p / ".metadata").is_file():
-        if not (p / COMPLETE).is_file():
-            raise ConfigError(f"--checkpoint {path}: checkpoint is incomplete (no {COMPLETE} file: its save was "
-                              "interrupted); export an earlier step_<N> instead")
+    if kind.name == MESHTRON_STEP:
         return p
-    for root in (p, p / "checkpoints"):
-        if (root / LATEST).is_file():
-            step = root / (root / LATEST).read_text().strip()
-            if not (step / COMPLETE).is_file():
-                raise ConfigError(f"--checkpoint {path}: {root / LATEST} points to {step.name}, which is missing "
-                                  f"or incomplete; pass a complete step_<N> directory instead")
-            return step
-    raise ConfigError(f"--checkpoint {path}: not a meshtron checkpoint; {expected}")
+    if kind.name == MESHTRON_INCOMPLETE:
+        raise ConfigError(f"--checkpoint {path}: checkpoint is incomplete (no {COMPLETE} file: its save was "
+                          "interrupted); export an earlier step_<N> instead")
+    if kind.name == MESHTRON_CHECKPOINTS:
+        for root in (p, p / "checkpoints"):
+            if (root / LATEST).is_file():
+                step = root / (root / LATEST).read_text().strip()
+                if not (step / COMPLETE).is_file():
+                    raise ConfigError(f"--checkpoint {path}: {root / LATEST} points to {step.name}, which is "
+                                      f"missing or incomplete; pass a complete step_<N> directory instead")
+                return step
+        raise ConfigError(f"--checkpoint {path}: {kind.description} without a '{LATEST}' file: no save has "
+                          f"completed; {expected}")
+    if kind.command:  # a Megatron-LM or HF directory
+        raise ConfigError(f"--checkpoint {kind.sentence()}")
+    raise ConfigError(f"--checkpoint {path}: not a meshtron checkpoint ({kind.description}); {expected}")
 
 
 def verify_checkpoint(step: Path, progress: bool = False) -> None:

@@ -72,13 +72,15 @@ def test_round_trip_is_bitwise(hf_dirs, tmp_path, name, spec, tp, pp):
     assert not list(tmp_path.glob(".*")), "temporary directory left behind"
 
 
-def test_bf16_round_trip_keeps_dtype_and_args(tmp_path):
+def test_bf16_round_trip_keeps_dtype_and_args(tmp_path, capfd):
     src = tmp_path / "hf"
     save_tiny_hf("qwen2-tied-bias", src, dtype=torch.bfloat16)
     meg = hf_to_megatron(src, tmp_path / "meg", tp=2, pp=2, progress=False)
     args = _load_rank(meg / "release/mp_rank_00_000/model_optim_rng.pt")["args"]
     assert args.params_dtype == torch.bfloat16 and args.bf16 and not args.fp16
     back = megatron_to_hf(meg, tmp_path / "back", progress=False)
+    assert ("vocabulary: 96 of the checkpoint's 256 rows (vocab_size=96 that meshtron's hf-to-megatron recorded "
+            "from the HF config)") in capfd.readouterr().err
     original, returned = _read_safetensors_dir(src), _read_safetensors_dir(back)
     assert all(returned[k].dtype == torch.bfloat16 and torch.equal(returned[k], t) for k, t in original.items())
     assert json.loads((back / "config.json").read_text())["dtype"] == "bfloat16"
