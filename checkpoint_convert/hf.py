@@ -15,8 +15,10 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import AutoConfig, GenerationConfig, PreTrainedConfig
 
+from checkpoint_convert.hf_moe import moe_from_hf, moe_to_hf
 from checkpoint_convert.mapping import Unit, rename
 from checkpoint_convert.models.registry import family, family_for_hf
 from checkpoint_convert.safetensors_files import (DEFAULT_MAX_SHARD_BYTES, SAFE_INDEX, SAFE_WEIGHTS,
@@ -69,7 +71,7 @@ def model_config_from_hf(raw: Mapping[str, Any], base: Optional[ModelConfig] = N
     fam = family_for_hf(raw.get("model_type"), raw.get("architectures"))
     defaults = AutoConfig.for_model(fam.hf_model_type)
     hf = {**{k: getattr(defaults, k) for k in _DEFAULTED_KEYS if hasattr(defaults, k)}, **raw}
-    _check_supported(hf, fam.name)
+    _check_supported(hf, fam.attention)
 
     hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
     head_dim = hf.get("head_dim")
@@ -90,11 +92,13 @@ def model_config_from_hf(raw: Mapping[str, Any], base: Optional[ModelConfig] = N
         rope_scaling=scaling,
         norm_epsilon=hf["rms_norm_eps"],
         tie_word_embeddings=bool(hf["tie_word_embeddings"]),
-        # Qwen2 hard-codes bias=True on q/k/v; older configs do not even have an attention_bias key.
-        add_qkv_bias=fam.name == "qwen2",
-        qk_layernorm=fam.name == "qwen3",
-        sliding_window=_sliding_window(hf, fam.name),
+        # Qwen2 hard-codes bias=True on q/k/v (Qwen2-MoE has a qkv_bias key); older configs do not even have an
+        # attention_bias key.
+        add_qkv_bias=fam.attention == "qwen2" and bool(hf.get("qkv_bias", True)),
+        qk_layernorm=fam.attention == "qwen3",
+        sliding_window=_sliding_window(hf, fam.name, fam.attention),
         init_std=hf["initializer_range"],
+        moe=moe_from_hf(hf, defaults, fam.name, (base or ModelConfig()).moe, hf["num_hidden_layers"]),
     )
     cfg.validate()
     return cfg
@@ -142,9 +146,13 @@ def _rope(hf: Mapping[str, Any]) -> tuple[float, Optional[RopeScalingConfig]]:
     return theta, scaling
 
 
-def _sliding_window(hf: Mapping[str, Any], fam: str) -> Optional[int]:
+def _sliding_window(hf: Mapping[str, Any], name: str, fam: str) -> Optional[int]:
     if fam == "mistral":
         return hf.get("sliding_window") or None
+    if name == "qwen3_moe":  # one window for every layer when switched on
+        return (hf.get("sliding_window") or None) if hf.get("use_sliding_window") else None
+    if name == "qwen2_moe" and hf.get("use_sliding_window") and not hf.get("layer_types"):
+        raise ConfigError("HF qwen2_moe use_sliding_window=true (alternate layers windowed) is not supported")
     if fam not in ("qwen2", "qwen3") or not hf.get("use_sliding_window"):
         return None  # Qwen configs carry a sliding_window value even when it is switched off
     window = hf.get("sliding_window") or None
@@ -179,15 +187,20 @@ def hf_config(cfg: ModelConfig, **overrides: Any) -> PreTrainedConfig:
         initializer_range=cfg.init_std,
         rope_parameters=_rope_parameters(cfg),
     )
-    if fam.name == "mistral":
+    kwargs.update(moe_to_hf(cfg, fam.name))  # Mixtral's intermediate_size is its experts' width
+    if fam.attention == "mistral":
         kwargs["sliding_window"] = cfg.sliding_window or None
-    elif fam.name in ("qwen2", "qwen3"):
+    elif fam.name == "qwen3_moe":
+        kwargs.update(use_sliding_window=bool(cfg.sliding_window), sliding_window=cfg.sliding_window or None)
+    elif fam.attention in ("qwen2", "qwen3") and not (fam.name == "qwen2_moe" and cfg.sliding_window):
         kwargs.update(use_sliding_window=bool(cfg.sliding_window), sliding_window=cfg.sliding_window or None,
                       max_window_layers=0 if cfg.sliding_window else cfg.num_layers)
     elif cfg.sliding_window:
         raise ConfigError(f"model.sliding_window={cfg.sliding_window} cannot be written as an HF "
                           f"{fam.name} config; use family mistral")
-    if (cfg.add_qkv_bias, cfg.qk_layernorm) != (fam.name == "qwen2", fam.name == "qwen3"):
+    if fam.name == "qwen2_moe":  # its q/k/v biases are a config key
+        kwargs["qkv_bias"] = cfg.add_qkv_bias
+    elif cfg.add_qkv_bias != (fam.attention == "qwen2") or cfg.qk_layernorm != (fam.attention == "qwen3"):
         raise ConfigError(f"model.add_qkv_bias={cfg.add_qkv_bias} / qk_layernorm={cfg.qk_layernorm} do not "
                           f"match HF family {fam.name!r} (qwen2 has qkv bias, qwen3 has q/k norms)")
     kwargs.update(overrides)
@@ -268,7 +281,7 @@ def load_hf_weights(model: nn.Module, path: Union[str, Path], partial: bool = Fa
     used: set[str] = set()
     with ExitStack() as stack:
         ckpt = _SafetensorsDir(Path(path), stack)
-        for unit in family(cfg.family).table.units(params):
+        for unit in family(cfg.family).table.units(params, cfg):
             missing = [n for n in unit.theirs if n not in ckpt]
             if "lm_head.weight" in missing:
                 raise KeyError(f"{path}: lm_head.weight is missing but the config has tie_word_embeddings=false")
@@ -276,6 +289,8 @@ def load_hf_weights(model: nn.Module, path: Union[str, Path], partial: bool = Fa
                 raise KeyError(f"{path}: tensors {missing} are missing (needed for {list(unit.ours)})")
             if _is_rename(unit):
                 _load_renamed(ckpt, unit.theirs[0], unit.ours[0], params[unit.ours[0]], cfg, path)
+            elif unit.rule.per_expert:
+                _load_stacked(ckpt, unit, params[unit.ours[0]], path)
             else:
                 _load_converted(ckpt, unit, params, cfg, path)
             used.update(unit.theirs)
@@ -307,6 +322,23 @@ def _load_renamed(ckpt: _SafetensorsDir, theirs: str, ours: str, param: torch.Te
         index = (slice(r0, r0 + stored), *(slice(a, b) for a, b in rest))
         target[:stored].copy_(view[index])
     target[stored:].zero_()
+
+
+def _load_stacked(ckpt: _SafetensorsDir, unit: Unit, param: torch.Tensor, path) -> None:
+    """Experts stacked on dim 0 from one tensor per expert: only this rank's experts (dim 0 of its part) are
+    opened, and of each only the rows and columns of the part are read, so a rank holding some experts (or an
+    FSDP shard of them) never reads the others."""
+    full = tuple(param.shape)
+    region = local_region(param) or [(0, n) for n in full]
+    target = param.to_local() if isinstance(param, DTensor) else param
+    (e0, e1), rest = region[0], region[1:]
+    for e in range(e0, e1):
+        view = ckpt.get_slice(unit.theirs[e])
+        shape = tuple(view.get_shape())
+        if shape != full[1:]:
+            raise ValueError(f"{path}: {unit.theirs[e]} {list(shape)} does not fit expert {e} of {unit.ours[0]}: "
+                             f"the model's experts are {list(full[1:])}")
+        target[e - e0].copy_(view[tuple(slice(a, b) for a, b in rest)])
 
 
 def _load_converted(ckpt: _SafetensorsDir, unit: Unit, params: Mapping[str, torch.Tensor], cfg: ModelConfig,
@@ -345,7 +377,7 @@ def to_hf_state_dict(state: Mapping[str, torch.Tensor], cfg: ModelConfig,
     if cfg.tie_word_embeddings and "output_layer.weight" in state:
         raise ValueError("state dict has output_layer.weight but the config has tie_word_embeddings=true")
     out = {}
-    for unit in family(cfg.family).table.units(state):
+    for unit in family(cfg.family).table.units(state, cfg):
         out.update(_unit_to_hf(unit, [state[n] for n in unit.ours], cfg, dtype))
     return out
 
@@ -421,7 +453,7 @@ def save_hf_stream(
     plan = hf_layout(layout, cfg, dtype)
     config = hf_config(cfg, **(config_overrides or {}))
     config.dtype = _dtype_name({n: torch.empty(0, dtype=dt) for n, (_, dt) in plan.items()})
-    units = {n: u for u in family(cfg.family).table.units(layout) for n in u.ours}
+    units = {n: u for u in family(cfg.family).table.units(layout, cfg) for n in u.ours}
     with staged_dir(out, overwrite) as tmp:
         writer = PlannedShardWriter(tmp, plan, max_shard_bytes)
         pending: dict[str, torch.Tensor] = {}

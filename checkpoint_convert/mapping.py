@@ -7,7 +7,9 @@ tensor transforms between the two sides:
     rename("decoder.layers.*.mlp.linear_fc2.weight", "model.layers.*.mlp.down_proj.weight")
     fuse_qkv("decoder.layers.*.self_attention.linear_qkv.weight",
              "model.layers.*.self_attn.q_proj.weight", "...k_proj.weight", "...v_proj.weight")
+    stack_experts("decoder.layers.*.mlp.experts.linear_fc2.weight", "model.layers.*.mlp.experts.#.down_proj.weight")
 
+`#` stands for an expert index: the rule binds one name per expert (model.moe.num_moe_experts of them).
 Everything here works on full (unsharded) tensors and names; placing them on TP/PP ranks is elsewhere.
 """
 
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -73,11 +75,16 @@ class Rule:
     theirs: tuple[str, ...]
     to_theirs: Transform
     to_ours: Transform
+    # `theirs` holds one name with `#`, expanded to one name per expert when the rule is bound.
+    per_expert: bool = False
 
     def __post_init__(self):
         stars = {n.count("*") for n in self.ours + self.theirs}
         if len(stars) != 1:
             raise ValueError(f"rule {self.ours} <-> {self.theirs}: every name needs the same number of '*'")
+        if self.per_expert != any("#" in n for n in self.theirs) or any("#" in n for n in self.ours):
+            raise ValueError(f"rule {self.ours} <-> {self.theirs}: '#' (the expert index) belongs in the other "
+                             f"format's names of a per-expert rule only")
 
 
 def _identity(tensors, cfg):
@@ -94,6 +101,15 @@ def fuse_qkv(ours: str, q: str, k: str, v: str) -> Rule:
         (ours,), (q, k, v),
         to_theirs=lambda t, cfg: split_qkv(t[0], cfg.num_query_groups, cfg.head_dim),
         to_ours=lambda t, cfg: (interleave_qkv(*t, cfg.num_query_groups, cfg.head_dim),),
+    )
+
+
+def stack_experts(ours: str, theirs: str) -> Rule:
+    """Our experts stacked on dim 0 ([E, ...]) <-> their one tensor per expert (`#` in `theirs`)."""
+    return Rule(
+        (ours,), (theirs,), per_expert=True,
+        to_theirs=lambda t, cfg: tuple(e.clone(memory_format=torch.contiguous_format) for e in t[0].unbind(0)),
+        to_ours=lambda t, cfg: (torch.stack(tuple(t)),),
     )
 
 
@@ -122,6 +138,15 @@ def _bind(name: str, values: tuple[str, ...]) -> str:
     return name
 
 
+def _expand_experts(rule: Rule, theirs: tuple[str, ...], cfg: Optional[ModelConfig], name: str) -> tuple[str, ...]:
+    if not rule.per_expert:
+        return theirs
+    if cfg is None or not cfg.moe.enabled:
+        raise ValueError(f"{name!r} is converted per expert: the conversion needs a model config with "
+                         f"model.moe.num_moe_experts set")
+    return tuple(n.replace("#", str(e)) for n in theirs for e in range(cfg.moe.num_moe_experts))
+
+
 @dataclass(frozen=True)
 class MappingTable:
     rules: tuple[Rule, ...]
@@ -132,8 +157,9 @@ class MappingTable:
         kept = tuple(r for r in self.rules if not replaced.intersection(r.ours))
         return MappingTable(kept + tuple(rules))
 
-    def units(self, our_names: Iterable[str]) -> list[Unit]:
-        """Group our parameter names into conversion units, in the order the names come.
+    def units(self, our_names: Iterable[str], cfg: Optional[ModelConfig] = None) -> list[Unit]:
+        """Group our parameter names into conversion units, in the order the names come. Per-expert rules
+        need `cfg` (the number of experts).
 
         Raises KeyError for a name no rule covers, and for a unit whose other `ours` names are absent
         (e.g. linear_fc1_gate without linear_fc1_up when a Megatron rule fuses the two).
@@ -148,7 +174,7 @@ class MappingTable:
                 if match:
                     values = match.groups()
                     unit = Unit(rule, tuple(_bind(n, values) for n in rule.ours),
-                                tuple(_bind(n, values) for n in rule.theirs))
+                                _expand_experts(rule, tuple(_bind(n, values) for n in rule.theirs), cfg, name))
                     break
             if unit is None:
                 raise KeyError(f"no conversion rule covers parameter {name!r}")

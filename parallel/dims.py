@@ -127,6 +127,7 @@ def validate_layout(cfg: Config, dims: ParallelDims, tokenizer_vocab: Optional[i
     from trainer.model.shapes import check_tp_divisibility
 
     p, m = cfg.parallel, cfg.model
+    check_moe_layout(cfg, dims)
     check_tp_divisibility(m, dims.tp)
     from parallel.compile import check_compile
 
@@ -152,3 +153,26 @@ def validate_layout(cfg: Config, dims: ParallelDims, tokenizer_vocab: Optional[i
     if dims.pp > 1:
         # Micro-batches per step = global batch / (dp x microbatch_size); the schedules have their own needs.
         check_pp_divisibility(m.num_layers, dims.pp, p.pp_virtual_stages, p.pp_schedule, n_microbatches=accum)
+
+
+def check_moe_layout(cfg: Config, dims: ParallelDims) -> None:
+    """MoE models train on one process or under data parallelism (FSDP/HSDP shard the stacked experts like any
+    parameter) for now: tensor parallelism has no plan for the router and experts yet, context parallelism would
+    need each row's router counts all-reduced over cp, and the pipeline's shape-inference forward would count
+    into the step's router totals (see trainer/model/moe.py)."""
+    moe = cfg.model.moe
+    if not moe.enabled:
+        return
+    refused = {name: getattr(dims, name) for name in ("tp", "pp", "cp") if getattr(dims, name) > 1}
+    if refused:
+        given = ", ".join(f"parallel.{k}={v}" for k, v in refused.items())
+        raise ConfigError(f"MoE models (model.moe.num_moe_experts={moe.num_moe_experts}) run on one process or "
+                          f"with data parallelism (parallel.dp_shard / dp_replicate) for now, not with {given}")
+    widths = (cfg.model.hidden_size, moe.expert_ffn(cfg.model.ffn_hidden_size))
+    bf16_grouped = cfg.trainer.precision == "bf16" and moe.moe_grouped_gemm and not any(w % 8 for w in widths)
+    if cfg.parallel.compile and not bf16_grouped:
+        # The loop over experts reads group sizes on the host (a graph break), and torch 2.13 traces
+        # torch._grouped_mm for bf16 only (its meta function refuses fp32; the eager CPU kernel does not).
+        raise ConfigError(f"parallel.compile=true with an MoE model needs trainer.precision=bf16 (got "
+                          f"{cfg.trainer.precision}), model.moe.moe_grouped_gemm=true (got {moe.moe_grouped_gemm}) "
+                          f"and hidden/expert widths {widths} that are multiples of 8")

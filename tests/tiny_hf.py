@@ -27,8 +27,27 @@ VARIANTS = {
 }
 
 
+# Mixtures of experts, apart from VARIANTS (whose every entry the Megatron conversion tests take). Widths are
+# multiples of 16 bytes in fp32 and bf16 (hidden 64, experts 32 / 112), so torch._grouped_mm can run them.
+MOE = dict(num_experts_per_tok=2, router_aux_loss_coef=0.01)
+MOE_VARIANTS = {
+    # Layer 1 MoE, layers 0, 2, 3 dense (decoder_sparse_step 2 gives 1 and 3, mlp_only_layers takes 3 back).
+    "qwen3-moe-mixed": lambda: (T.Qwen3MoeForCausalLM, T.Qwen3MoeConfig(
+        **SHAPE, **MOE, num_experts=4, moe_intermediate_size=32, decoder_sparse_step=2, mlp_only_layers=[3],
+        norm_topk_prob=True)),
+    "qwen3-moe": lambda: (T.Qwen3MoeForCausalLM, T.Qwen3MoeConfig(
+        **{**SHAPE, "num_hidden_layers": 2}, **MOE, num_experts=8, moe_intermediate_size=32, norm_topk_prob=False,
+        head_dim=24)),
+    "mixtral": lambda: (T.MixtralForCausalLM, T.MixtralConfig(**{**SHAPE, "num_hidden_layers": 2}, **MOE,
+                                                             num_local_experts=4)),
+    "qwen2-moe-shared": lambda: (T.Qwen2MoeForCausalLM, T.Qwen2MoeConfig(
+        **{**SHAPE, "num_hidden_layers": 2}, **MOE, num_experts=4, moe_intermediate_size=32,
+        shared_expert_intermediate_size=48, norm_topk_prob=False)),
+}
+
+
 def tiny_hf_model(name: str, dtype: torch.dtype = torch.float32):
-    return randomized(*VARIANTS[name]()).to(dtype)
+    return randomized(*{**VARIANTS, **MOE_VARIANTS}[name]()).to(dtype)
 
 
 def randomized(cls, config):

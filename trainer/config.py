@@ -16,6 +16,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
+from trainer.moe_config import MoEConfig
+
 
 class ConfigError(ValueError):
     """A configuration that cannot run. The message names the values involved and what was expected."""
@@ -63,7 +65,7 @@ class RopeScalingConfig:
         )
 
 
-MODEL_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+MODEL_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "qwen2_moe")
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "varlen")
 
 
@@ -99,6 +101,8 @@ class ModelConfig:
     # The attention kernel (see trainer/model/attention.py): auto picks per micro-batch and device; sdpa
     # (causal when every row is one document, else the dense-mask reference); flex and varlen are CUDA-only.
     attention_backend: str = "auto"
+    # Mixture of experts (trainer/moe_config.py); the default is a dense model.
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
     @property
     def head_dim(self) -> int:
@@ -128,6 +132,7 @@ class ModelConfig:
             _require(self.sliding_window >= 0, f"model.sliding_window={self.sliding_window} must be >= 0")
         if self.rope_scaling is not None:
             self.rope_scaling.validate()
+        self.moe.validate(self.num_layers)
 
 
 # ------------------------------------------------------------------------------------------ parallel

@@ -7,7 +7,9 @@ activation recompute, no padding slots, no elementwise work. For one optimizer s
 
 - N, the matmul parameters a token goes through: per layer the fused QKV projection
   (hidden * (heads + 2 * query_groups) * head_dim), the attention output projection
-  (heads * head_dim * hidden) and the SwiGLU MLP (gate, up and down: 3 * hidden * ffn_hidden); plus the
+  (heads * head_dim * hidden) and the SwiGLU MLP (gate, up and down: 3 * hidden * ffn_hidden) or, in an MoE
+  layer, the active parameters: the router (hidden * experts), top_k routed experts and the shared expert
+  (3 * hidden * their widths, plus the shared expert's gate row); plus the
   output layer (hidden * padded_vocab, the matmul that actually runs; counted also when tied to the
   embedding). The embedding lookup is a gather, not a matmul, and is not counted. 6 = 2 FLOPs per
   multiply-add x (forward + backward, the backward being two matmuls: input and weight gradients).
@@ -52,8 +54,16 @@ def matmul_params_per_token(cfg: ModelConfig, padded_vocab: Optional[int] = None
     h, hd = cfg.hidden_size, cfg.head_dim
     qkv = h * (cfg.num_attention_heads + 2 * cfg.num_query_groups) * hd
     proj = cfg.num_attention_heads * hd * h
-    mlp = 3 * h * cfg.ffn_hidden_size
-    return cfg.num_layers * (qkv + proj + mlp) + h * (padded_vocab or cfg.vocab_size)
+    dense = 3 * h * cfg.ffn_hidden_size
+    m = cfg.moe
+    moe_layers = len(m.moe_layers(cfg.num_layers)) if m.enabled else 0
+    moe = 0
+    if moe_layers:
+        shared = m.moe_shared_expert_intermediate_size or 0
+        moe = (h * m.num_moe_experts + 3 * h * (m.moe_router_topk * m.expert_ffn(cfg.ffn_hidden_size) + shared)
+               + (h if m.moe_shared_expert_gate else 0))
+    return (cfg.num_layers * (qkv + proj) + (cfg.num_layers - moe_layers) * dense + moe_layers * moe
+            + h * (padded_vocab or cfg.vocab_size))
 
 
 def document_lengths(document_ids: np.ndarray) -> np.ndarray:

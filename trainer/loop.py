@@ -241,7 +241,7 @@ def _run_steps(cfg: Config, info: RankInfo, pm, opt: StageOptimizers, ckpt: Chec
         record = {"step": step, "loss": loss, "loss_per_doc": doc_loss.value(lambda _: totals.doc_totals),
                   "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                   "tokens_per_s": facts.real_tokens / seconds, "packing_efficiency": facts.packing_efficiency,
-                  **meter.throughput(facts.flops, seconds)}
+                  **meter.throughput(facts.flops, seconds), **totals.moe}
         if skipped:
             record["skipped"] = True
         if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):

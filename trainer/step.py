@@ -9,7 +9,7 @@ which every rank computes from the global batch without communication.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -20,6 +20,7 @@ from parallel.parallelize import ParallelModel
 from trainer.config import Config
 from trainer.flops import real_tokens, step_flops
 from trainer.loss import IGNORE_INDEX, DocumentLoss, count_valid
+from trainer.model.moe import router_metrics, start_router_step, step_router_totals
 
 
 def local_batch(batch: dict[str, torch.Tensor], pm: ParallelModel) -> dict[str, torch.Tensor]:
@@ -85,8 +86,10 @@ def forward_backward(pm: ParallelModel, batch: dict[str, torch.Tensor], normaliz
                      device: torch.device, doc_loss: Optional[DocumentLoss] = None) -> torch.Tensor:
     """Runs every micro-batch of this rank's batch; returns this rank's summed cross-entropy.
 
-    With `doc_loss` and `sample_ids` in the batch, per-document losses are recorded on the way.
+    With `doc_loss` and `sample_ids` in the batch, per-document losses are recorded on the way. An MoE model's
+    auxiliary losses join the gradients inside its forward (trainer/model/moe.py), averaged over the step's rows.
     """
+    start_router_step(pm.modules, cfg.trainer.global_batch_size)
     if pm.runner is not None:
         inputs = {k: to_device(v, device) for k, v in batch.items()}
         # The schedule interleaves forwards and backwards, so here autocast also covers the backwards.
@@ -151,15 +154,18 @@ class StepTotals:
     doc_totals: torch.Tensor  # host [2, documents]: per-document loss sums and token counts over all ranks
     writing_ranks: int = 0  # ranks still writing a pending async checkpoint
     failed_save_ranks: int = 0  # ranks whose pending async checkpoint write failed
+    moe: dict = field(default_factory=dict)  # MoE models: aux/z losses and expert load (trainer.model.moe)
 
 
 def step_totals(local_sum: torch.Tensor, grad_norm: torch.Tensor, doc_loss: Optional[DocumentLoss],
                 signalled: bool, pm: ParallelModel, save_flags: tuple[bool, bool] = (False, False)) -> StepTotals:
     """The step's one collective and its one device->host transfer: [loss sum, per-document sums and counts,
-    non-finite flag, preemption flag, async-save flags (still writing, failed)] summed over the mesh, with the
-    (already global) grad norm appended."""
+    MoE router totals, non-finite flag, preemption flag, async-save flags (still writing, failed)] summed over
+    the mesh, with the (already global) grad norm appended."""
     device, f64 = local_sum.device, torch.float64
     sums = [doc_loss.sums, doc_loss.counts] if doc_loss is not None else []
+    router = step_router_totals(pm.modules, device)
+    sums += [router] if router is not None else []
     token_part = torch.cat([local_sum.detach().to(f64).view(1), *sums])
     host_flags = torch.tensor([float(signalled), *map(float, save_flags)], dtype=f64).to(device, non_blocking=True)
     rank_part = torch.cat([(~torch.isfinite(local_sum.detach())).to(f64).view(1), host_flags])
@@ -167,9 +173,12 @@ def step_totals(local_sum: torch.Tensor, grad_norm: torch.Tensor, doc_loss: Opti
     host = torch.cat([reduced, grad_norm.detach().to(device=device, dtype=f64).view(1)]).cpu()
     k = len(doc_loss.keys) if doc_loss is not None else 0
     values = host.tolist()
+    # Per row of the step: the rows forward_backward gave the model (start_router_step) weigh its aux losses.
+    moe = ({} if router is None else router_metrics(host[1 + 2 * k:1 + 2 * k + router.numel()], pm.modules[0].config,
+                                                    pm.modules[0].moe_rows_per_step or 1))
     return StepTotals(loss_sum=values[0], grad_norm=values[-1], nonfinite_loss_ranks=int(values[-5]),
                       preempted=values[-4] > 0, doc_totals=host[1:1 + 2 * k].view(2, k),
-                      writing_ranks=int(values[-3]), failed_save_ranks=int(values[-2]))
+                      writing_ranks=int(values[-3]), failed_save_ranks=int(values[-2]), moe=moe)
 
 
 @torch.no_grad()

@@ -8,8 +8,11 @@ from typing import Optional
 from checkpoint_convert.mapping import MappingTable
 from checkpoint_convert.models.llama import LLAMA
 from checkpoint_convert.models.mistral import MISTRAL
+from checkpoint_convert.models.mixtral import MIXTRAL
 from checkpoint_convert.models.qwen2 import QWEN2
+from checkpoint_convert.models.qwen2_moe import QWEN2_MOE
 from checkpoint_convert.models.qwen3 import QWEN3
+from checkpoint_convert.models.qwen3_moe import QWEN3_MOE
 from trainer.config import ConfigError
 
 
@@ -19,6 +22,12 @@ class Family:
     hf_model_type: str
     hf_architecture: str
     table: MappingTable
+    # The dense family whose attention (biases, q/k norms, sliding-window keys) this one has.
+    attention: str = ""
+
+    def __post_init__(self):
+        if not self.attention:
+            object.__setattr__(self, "attention", self.name)
 
 
 FAMILIES = {
@@ -28,6 +37,9 @@ FAMILIES = {
         Family("mistral", "mistral", "MistralForCausalLM", MISTRAL),
         Family("qwen2", "qwen2", "Qwen2ForCausalLM", QWEN2),
         Family("qwen3", "qwen3", "Qwen3ForCausalLM", QWEN3),
+        Family("qwen3_moe", "qwen3_moe", "Qwen3MoeForCausalLM", QWEN3_MOE, attention="qwen3"),
+        Family("mixtral", "mixtral", "MixtralForCausalLM", MIXTRAL, attention="mistral"),
+        Family("qwen2_moe", "qwen2_moe", "Qwen2MoeForCausalLM", QWEN2_MOE, attention="qwen2"),
     )
 }
 

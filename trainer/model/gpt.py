@@ -1,4 +1,5 @@
-"""A single-device decoder-only transformer (Llama 2/3/3.1, Mistral, Qwen2/2.5, Qwen3).
+"""A single-device decoder-only transformer (Llama 2/3/3.1, Mistral, Qwen2/2.5, Qwen3, and the MoE families
+Qwen3-MoE, Mixtral, Qwen2-MoE).
 
 Parameter names follow megatron-core's GPTModel with its local layer spec, so checkpoints and converters
 never depend on how the model is later parallelised:
@@ -6,6 +7,7 @@ never depend on how the model is later parallelised:
     embedding.word_embeddings.weight
     decoder.layers.N.{input_layernorm, self_attention.{linear_qkv, q_layernorm, k_layernorm, linear_proj},
                       pre_mlp_layernorm, mlp.{linear_fc1_gate, linear_fc1_up, linear_fc2}}
+                      (an MoE layer's mlp: router, experts, shared_experts; see trainer/model/moe.py)
     decoder.final_layernorm.weight
     output_layer.weight            (absent with tied embeddings)
 
@@ -26,22 +28,25 @@ from trainer.loss import chunked_token_losses, cross_entropy_tokens
 from trainer.model.attention import SelfAttention, TokenLayout
 from trainer.model.init import assign_full, clean_fqn, normal_fill_, normal_like
 from trainer.model.layers import RMSNorm, RotaryEmbedding, SwiGLUMLP
+from trainer.model.moe import EXTRA_COLUMNS, MoELayer, RouterStats, compute_dtype, grouped_mm_usable
 
 
 class TransformerLayer(nn.Module):
     """Pre-norm block: h + attn(norm(h)), then + mlp(norm(.)). The unit of checkpointing and PP splits."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_number: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon)
         self.self_attention = SelfAttention(cfg)
         self.pre_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon)
-        self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.ffn_hidden_size)
+        self.mlp = (MoELayer(cfg, cfg.moe.moe_layers(cfg.num_layers).index(layer_number))
+                    if cfg.moe.is_moe_layer(layer_number) else SwiGLUMLP(cfg.hidden_size, cfg.ffn_hidden_size))
 
     def forward(self, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                layout: TokenLayout) -> torch.Tensor:
+                layout: TokenLayout, router: Optional[RouterStats] = None) -> torch.Tensor:
         hidden = hidden + self.self_attention(self.input_layernorm(hidden), rope, layout)
-        return hidden + self.mlp(self.pre_mlp_layernorm(hidden))
+        normed = self.pre_mlp_layernorm(hidden)
+        return hidden + (self.mlp(normed, router) if isinstance(self.mlp, MoELayer) else self.mlp(normed))
 
 
 class TransformerBlock(nn.Module):
@@ -53,7 +58,7 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.layers = nn.ModuleDict({str(i): TransformerLayer(cfg) for i in range(cfg.num_layers)})
+        self.layers = nn.ModuleDict({str(i): TransformerLayer(cfg, i) for i in range(cfg.num_layers)})
         self.final_layernorm: Optional[RMSNorm] = RMSNorm(cfg.hidden_size, cfg.norm_epsilon)
 
 
@@ -100,6 +105,11 @@ class GPTModel(nn.Module):
         # per-chunk function, replaceable by a compiled one. Plain attributes: state_dict never sees them.
         self.loss_chunk_size = 0
         self.loss_chunk_fn = loss_chunk
+        # MoE: rows of the training step (the aux losses' mean is over them; None: the forward's own rows),
+        # and the step's router totals in training mode (trainer/model/moe.py start_router_step,
+        # step_router_totals). Plain attributes too.
+        self.moe_rows_per_step: Optional[int] = None
+        self.router_totals: Optional[torch.Tensor] = None
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
@@ -154,8 +164,11 @@ class GPTModel(nn.Module):
         layout = TokenLayout(seq_index, document_ids, self.config.sliding_window, doc_lens,
                              backend=self.config.attention_backend)
         self._prepare_attention(layout, position_ids, hidden.dtype)
+        router = self._router_stats(hidden) if self.config.moe.enabled else None
         for layer in self.decoder.layers.values():
-            hidden = layer(hidden, rope, layout)
+            hidden = layer(hidden, rope, layout) if router is None else layer(hidden, rope, layout, router)
+        if router is not None and self.training:
+            self._add_router_totals(router, hidden.device)
         if self.decoder.final_layernorm is None:
             return hidden
         hidden = self.decoder.final_layernorm(hidden)
@@ -171,6 +184,24 @@ class GPTModel(nn.Module):
         layer = getattr(layer, "_checkpoint_wrapped_module", layer)
         B, S = position_ids.shape[:2]
         layer.self_attention.prepare(layout, B, S, dtype, position_ids.device)
+
+    def _router_stats(self, hidden: torch.Tensor) -> RouterStats:
+        """This forward's router record, made eagerly before the layers: the GEMM path (grouped_mm_usable
+        probes the device once) and the weight of a row's auxiliary loss."""
+        m = self.config.moe
+        widths = (self.config.hidden_size, m.expert_ffn(self.config.ffn_hidden_size))
+        grouped = m.moe_grouped_gemm and grouped_mm_usable(hidden.device, compute_dtype(hidden), *widths)
+        return RouterStats(len(m.moe_layers(self.config.num_layers)), self.moe_rows_per_step or hidden.shape[0],
+                           grouped)
+
+    @torch.no_grad()
+    def _add_router_totals(self, router: RouterStats, device: torch.device) -> None:
+        m = self.config.moe
+        if self.router_totals is None:
+            self.router_totals = torch.zeros(len(m.moe_layers(self.config.num_layers)),
+                                             m.num_moe_experts + EXTRA_COLUMNS, dtype=torch.float64, device=device)
+        for index, values in router.records.items():
+            self.router_totals[index] += values
 
     def token_losses(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Per-token cross-entropy (fp32, shaped like labels) of the final-normed hidden state, computed
