@@ -284,9 +284,10 @@ def load_hf_weights(model: nn.Module, path: Union[str, Path], partial: bool = Fa
         for unit in family(cfg.family).table.units(params, cfg):
             missing = [n for n in unit.theirs if n not in ckpt]
             if "lm_head.weight" in missing:
-                raise KeyError(f"{path}: lm_head.weight is missing but the config has tie_word_embeddings=false")
+                raise ConfigError(f"{path}: lm_head.weight is missing but the config has tie_word_embeddings=false")
             if missing:
-                raise KeyError(f"{path}: tensors {missing} are missing (needed for {list(unit.ours)})")
+                raise ConfigError(f"{path}: tensors {missing} are missing (needed for {list(unit.ours)}); the weights do "
+                                  "not belong to this config.json, or a shard is missing: re-download or re-export")
             if _is_rename(unit):
                 _load_renamed(ckpt, unit.theirs[0], unit.ours[0], params[unit.ours[0]], cfg, path)
             elif unit.rule.per_expert:
@@ -296,7 +297,8 @@ def load_hf_weights(model: nn.Module, path: Union[str, Path], partial: bool = Fa
             used.update(unit.theirs)
         unexpected = sorted(n for n in ckpt.files if n not in used and not _ignored(n, cfg))
     if unexpected and not partial:
-        raise KeyError(f"{path}: tensors the {cfg.family} model has no place for: {unexpected}")
+        raise ConfigError(f"{path}: tensors the {cfg.family} model has no place for: {unexpected}; the weights do "
+                          "not belong to this config.json (another model_type or shape?)")
 
 
 def _is_rename(unit: Unit) -> bool:
@@ -311,7 +313,7 @@ def _load_renamed(ckpt: _SafetensorsDir, theirs: str, ours: str, param: torch.Te
     full = tuple(param.shape)
     padded = ours in VOCAB_PARAMS and shape[0] < full[0] and shape[1:] == full[1:]
     if shape != full and not padded:
-        raise ValueError(f"{path}: {theirs} {list(shape)} gives {ours} of shape {list(shape)}, "
+        raise ConfigError(f"{path}: {theirs} {list(shape)} gives {ours} of shape {list(shape)}, "
                          f"but the model's is {list(full)}")
     region = local_region(param)
     target = param.to_local() if region is not None else param
@@ -336,7 +338,7 @@ def _load_stacked(ckpt: _SafetensorsDir, unit: Unit, param: torch.Tensor, path) 
         view = ckpt.get_slice(unit.theirs[e])
         shape = tuple(view.get_shape())
         if shape != full[1:]:
-            raise ValueError(f"{path}: {unit.theirs[e]} {list(shape)} does not fit expert {e} of {unit.ours[0]}: "
+            raise ConfigError(f"{path}: {unit.theirs[e]} {list(shape)} does not fit expert {e} of {unit.ours[0]}: "
                              f"the model's experts are {list(full[1:])}")
         target[e - e0].copy_(view[tuple(slice(a, b) for a, b in rest)])
 
@@ -349,12 +351,12 @@ def _load_converted(ckpt: _SafetensorsDir, unit: Unit, params: Mapping[str, torc
     try:
         ours = unit.convert_to_ours(theirs, cfg)
     except (ValueError, RuntimeError) as e:
-        raise ValueError(f"{path}: cannot convert {_shapes(unit.theirs, theirs)} into "
+        raise ConfigError(f"{path}: cannot convert {_shapes(unit.theirs, theirs)} into "
                          f"{_shapes(unit.ours, [params[n] for n in unit.ours])}: {e}") from e
     for name, tensor in ours.items():
         tensor = pad_vocab_rows(name, tensor, params[name].shape)
         if tensor.shape != params[name].shape:
-            raise ValueError(f"{path}: {_shapes(unit.theirs, theirs)} gives {name} of shape "
+            raise ConfigError(f"{path}: {_shapes(unit.theirs, theirs)} gives {name} of shape "
                              f"{list(tensor.shape)}, but the model's is {list(params[name].shape)}")
         assign_full(params[name], tensor)  # this rank's part when the model is already sharded
 

@@ -94,6 +94,18 @@ def test_truncated_hf_weights_exit_2_naming_the_file(tmp_path, hf_dir):
                     f"{bad}: not a readable safetensors file", "file not fully covered", "again")
 
 
+def test_hf_weights_of_another_model_exit_2_naming_the_tensors(tmp_path, hf_dir):
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(hf_dir, tmp_path / "hf")
+    weights = tmp_path / "hf" / "model.safetensors"
+    tensors = load_file(weights)
+    tensors.pop("model.layers.1.mlp.down_proj.weight")
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    assert_one_line(cli(tmp_path, *FAST, f"model.hf_path={weights.parent}"),
+                    "model.layers.1.mlp.down_proj.weight", "are missing", "re-download or re-export")
+
+
 def test_truncated_tokenizer_exits_2_naming_the_file(tmp_path):
     from trainer.assets import BUNDLED_TOKENIZER
 

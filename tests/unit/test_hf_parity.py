@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from checkpoint_convert.hf import load_hf_weights, read_hf_config, save_hf
-from trainer.config import ModelConfig
+from trainer.config import ConfigError, ModelConfig
 from trainer.model import GPTModel
 from tests.tiny_hf import randomized
 
@@ -122,17 +122,17 @@ def _rewrite(path: Path, edit) -> None:
 def test_missing_lm_head_is_an_error_that_says_so(tmp_path):
     cfg, path = _tiny_export(tmp_path)
     _rewrite(path, lambda t: t.pop("lm_head.weight"))
-    with pytest.raises(KeyError, match="lm_head.weight is missing.*tie_word_embeddings=false"):
+    with pytest.raises(ConfigError, match="lm_head.weight is missing.*tie_word_embeddings=false"):
         load_hf_weights(GPTModel(cfg), path)
 
 
 def test_shape_mismatch_names_tensor_and_both_shapes(tmp_path):
     cfg, path = _tiny_export(tmp_path)
     wrong = dataclasses.replace(cfg, ffn_hidden_size=40)
-    with pytest.raises(ValueError, match=r"model.layers.0.mlp.gate_proj.weight \[48, 32\].*\[40, 32\]"):
+    with pytest.raises(ConfigError, match=r"model.layers.0.mlp.gate_proj.weight \[48, 32\].*\[40, 32\]"):
         load_hf_weights(GPTModel(wrong), path)
     wrong_heads = dataclasses.replace(cfg, num_query_groups=1)
-    with pytest.raises(ValueError, match=r"k_proj.weight \[16, 32\]"):
+    with pytest.raises(ConfigError, match=r"k_proj.weight \[16, 32\]"):
         load_hf_weights(GPTModel(wrong_heads), path)
 
 
@@ -141,7 +141,7 @@ def test_unexpected_tensors_are_errors_but_rotary_buffers_are_ignored(tmp_path):
     _rewrite(path, lambda t: t.update({"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4)}))
     load_hf_weights(GPTModel(cfg), path)
     _rewrite(path, lambda t: t.update({"model.layers.0.extra.weight": torch.ones(4)}))
-    with pytest.raises(KeyError, match="model.layers.0.extra.weight"):
+    with pytest.raises(ConfigError, match="model.layers.0.extra.weight"):
         load_hf_weights(GPTModel(cfg), path)
 
 
