@@ -23,7 +23,8 @@ _EPILOG = """exit codes: 0 done (verify: logits within tolerance); 1 verify: log
 
 HF -> meshtron needs no conversion: train with model.hf_path=DIR at any mesh.
 examples:
-  %(prog)s hf-to-megatron --hf Llama-3.2-1B --out megatron-tp2pp2 --tp 2 --pp 2
+  %(prog)s hf-to-megatron --hf Llama-3.2-1B --out megatron-dist
+  %(prog)s hf-to-megatron --hf Llama-3.2-1B --out megatron-tp2pp2 --format torch --tp 2 --pp 2
   %(prog)s megatron-to-hf --megatron megatron-tp2pp2 --out Llama-3.2-1B-back
   %(prog)s meshtron-to-hf --checkpoint outputs/run/checkpoints --out my-model-hf
   %(prog)s verify --hf my-model-hf --checkpoint outputs/run/checkpoints
@@ -58,26 +59,36 @@ _tolerance = _number(float, 0.0, ">= 0")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Convert checkpoints between HF safetensors, Megatron-LM (legacy torch "
-                                       "format) and meshtron (DCP), and verify conversions numerically.",
+    p = _Parser(prog=PROG, description="Convert checkpoints between HF safetensors, Megatron-LM (torch_dist or "
+                                       "legacy torch format) and meshtron (DCP), and verify conversions numerically.",
                 epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="command", parser_class=_Parser)
 
-    c = sub.add_parser("hf-to-megatron", help="HF safetensors -> Megatron-LM legacy checkpoint at TP x PP",
-                       description="Write Megatron-LM's legacy torch checkpoint (release/mp_rank_TT[_PPP]/"
-                                   "model_optim_rng.pt) from an HF directory, split for TP x PP.")
+    c = sub.add_parser("hf-to-megatron", help="HF safetensors -> Megatron-LM checkpoint (torch_dist, or legacy at "
+                                              "TP x PP)",
+                       description="Write a Megatron-LM checkpoint from an HF directory: torch_dist (release/ with "
+                                   ".metadata, __0_0.distcp, common.pt, metadata.json; megatron-core loads it at "
+                                   "any TP x PP) or the legacy torch format (release/mp_rank_TT[_PPP]/"
+                                   "model_optim_rng.pt, split for one TP x PP).")
     c.add_argument("--hf", required=True, type=Path, metavar="DIR", help="HF directory (config.json + safetensors)")
     c.add_argument("--out", required=True, type=Path, metavar="DIR", help="new (or empty) output directory")
-    c.add_argument("--tp", required=True, type=_positive, metavar="T", help="tensor-parallel size")
-    c.add_argument("--pp", required=True, type=_positive, metavar="P", help="pipeline-parallel size")
+    c.add_argument("--format", choices=("torch_dist", "torch"), default="torch_dist",
+                   help="Megatron-LM's --ckpt-format (default torch_dist, as Megatron-LM's)")
+    c.add_argument("--tp", type=_positive, metavar="T",
+                   help="tensor-parallel size (torch: required, the files' split; torch_dist: recorded in the "
+                        "args and used for vocabulary padding, default 1)")
+    c.add_argument("--pp", type=_positive, metavar="P",
+                   help="pipeline-parallel size (torch: required; torch_dist: recorded in the args, default 1)")
     c.add_argument("--spec", choices=("local", "te"), default="local",
                    help="megatron-core layer spec the names follow (te: Transformer Engine, fused norms)")
     c.add_argument("--vocab-divisible-by", type=_positive, default=128, metavar="N",
                    help="pad the vocabulary to a multiple of N x TP, as Megatron's "
                         "--make-vocab-size-divisible-by (default 128)")
 
-    c = sub.add_parser("megatron-to-hf", help="Megatron-LM legacy checkpoint (any TP/PP) -> HF safetensors",
-                       description="Read a Megatron-LM legacy checkpoint at any TP/PP and write an HF directory.")
+    c = sub.add_parser("megatron-to-hf", help="Megatron-LM checkpoint (torch_dist or legacy, any TP/PP) -> HF "
+                                              "safetensors",
+                       description="Read a Megatron-LM checkpoint saved at any TP/PP, torch_dist or legacy torch "
+                                   "format (told apart by metadata.json), and write an HF directory.")
     c.add_argument("--megatron", required=True, type=Path, metavar="DIR",
                    help="Megatron checkpoint directory (with latest_checkpointed_iteration.txt)")
     c.add_argument("--out", required=True, type=Path, metavar="DIR", help="new (or empty) output directory")
@@ -134,31 +145,26 @@ def _output_dir(path: Path, *inputs: Optional[Path]) -> None:
 
 
 _HF = "an HF directory with config.json and *.safetensors"
-_MEGATRON = "a Megatron-LM checkpoint directory with latest_checkpointed_iteration.txt"
+_MEGATRON = "a Megatron-LM checkpoint directory with latest_checkpointed_iteration.txt (torch_dist or legacy)"
 _MESHTRON = "a meshtron checkpoints/ directory or a checkpoints/step_<N> directory"
 
 
 def _run(args: argparse.Namespace) -> int:
     cmd = args.command
     if cmd == "hf-to-megatron":
-        _input_dir("--hf", args.hf, _HF)
-        if not (args.hf / "config.json").is_file():
-            raise UsageError(f"--hf {args.hf}: no config.json; expected {_HF}")
-        _output_dir(args.out, args.hf)
-        from checkpoint_convert.megatron import hf_to_megatron
-
-        out = hf_to_megatron(args.hf, args.out, tp=args.tp, pp=args.pp, spec=args.spec,
-                             vocab_divisible_by=args.vocab_divisible_by, progress=args.progress)
-        print(f"wrote Megatron-LM checkpoint (TP={args.tp}, PP={args.pp}, spec {args.spec}) to {out}")
+        return _hf_to_megatron(args)
     elif cmd == "megatron-to-hf":
         _input_dir("--megatron", args.megatron, _MEGATRON)
         if args.hf_config is not None:
             _input_dir("--hf-config", args.hf_config, "an HF directory with config.json")
         _output_dir(args.out, args.megatron, args.hf_config)
-        from checkpoint_convert.megatron import megatron_to_hf
+        if _is_torch_dist(args.megatron, args.iteration):
+            from checkpoint_convert.megatron_dist_read import megatron_dist_to_hf as convert
+        else:
+            from checkpoint_convert.megatron import megatron_to_hf as convert
 
-        out = megatron_to_hf(args.megatron, args.out, hf_config_dir=args.hf_config, iteration=args.iteration,
-                             progress=args.progress)
+        out = convert(args.megatron, args.out, hf_config_dir=args.hf_config, iteration=args.iteration,
+                      progress=args.progress)
         print(f"wrote HF checkpoint to {out}")
     elif cmd == "meshtron-to-hf":
         _input_dir("--checkpoint", args.checkpoint, _MESHTRON)
@@ -173,6 +179,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote HF checkpoint of {step} to {out}")
     elif cmd == "verify":
         _input_dir("--hf", args.hf, _HF)
+        _refuse_non_hf(args.hf)
         if args.megatron is not None:
             _input_dir("--megatron", args.megatron, _MEGATRON)
         else:
@@ -185,6 +192,46 @@ def _run(args: argparse.Namespace) -> int:
         return verify(args.hf, megatron=args.megatron, checkpoint=args.checkpoint, iteration=args.iteration,
                       tolerance=args.tolerance)
     return 0
+
+
+def _refuse_non_hf(path: Path) -> None:
+    """--hf given a Megatron or meshtron checkpoint: say what it is and which command reads it."""
+    from checkpoint_convert.detect import HF, HF_CONFIG, refuse_other_kinds
+
+    refuse_other_kinds(path, HF, HF_CONFIG)
+
+
+def _hf_to_megatron(args: argparse.Namespace) -> int:
+    if args.format == "torch" and (args.tp is None or args.pp is None):
+        raise UsageError(f"--format torch needs --tp and --pp (missing: "
+                         f"{', '.join(f for f, v in (('--tp', args.tp), ('--pp', args.pp)) if v is None)}): "
+                         f"its files are split for one TP x PP")
+    _input_dir("--hf", args.hf, _HF)
+    _refuse_non_hf(args.hf)
+    if not (args.hf / "config.json").is_file():
+        raise UsageError(f"--hf {args.hf}: no config.json; expected {_HF}")
+    _output_dir(args.out, args.hf)
+    tp, pp = args.tp or 1, args.pp or 1
+    if args.format == "torch":
+        from checkpoint_convert.megatron import hf_to_megatron as convert
+    else:
+        from checkpoint_convert.megatron_dist_write import hf_to_megatron_dist as convert
+
+    out = convert(args.hf, args.out, tp=tp, pp=pp, spec=args.spec, vocab_divisible_by=args.vocab_divisible_by,
+                  progress=args.progress)
+    layout = f"TP={tp}, PP={pp}" if args.format == "torch" else "loads at any TP x PP"
+    print(f"wrote Megatron-LM {args.format} checkpoint ({layout}, spec {args.spec}) to {out}")
+    return 0
+
+
+def _is_torch_dist(path: Path, iteration: Optional[int]) -> bool:
+    """Whether megatron-to-hf reads `path` as torch_dist: what checkpoint_convert.detect says of the directory
+    (metadata.json), or of iter_NNNNNNN when --iteration names one."""
+    from checkpoint_convert.detect import MEGATRON_TORCH_DIST, detect
+
+    if iteration is not None and (path / f"iter_{iteration:07d}").is_dir():
+        path = path / f"iter_{iteration:07d}"
+    return detect(path).name == MEGATRON_TORCH_DIST
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

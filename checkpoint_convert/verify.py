@@ -85,9 +85,13 @@ class _Mismatch(Exception):
 def load_other(megatron: Optional[Union[str, Path]], checkpoint: Optional[Union[str, Path]],
                iteration: Optional[int] = None) -> tuple[ModelConfig, dict[str, torch.Tensor], str]:
     if megatron is not None:
-        from checkpoint_convert.megatron import load_megatron_as_meshtron
+        from checkpoint_convert.detect import MEGATRON_TORCH_DIST, detect
 
-        cfg, state = load_megatron_as_meshtron(megatron, iteration=iteration)
+        if detect(megatron).name == MEGATRON_TORCH_DIST:
+            from checkpoint_convert.megatron_dist_read import load_megatron_dist_as_meshtron as load
+        else:
+            from checkpoint_convert.megatron import load_megatron_as_meshtron as load
+        cfg, state = load(megatron, iteration=iteration)
         return cfg, state, f"Megatron checkpoint {megatron}"
     from checkpoint_convert.meshtron import load_meshtron_checkpoint, resolve_checkpoint
 

@@ -47,7 +47,9 @@ def assert_usage_error(code: int, err: str, *needles: str) -> None:
 def test_subcommands_and_flags_parse():
     p = build_parser()
     a = p.parse_args(["hf-to-megatron", "--hf", "h", "--out", "o", "--tp", "2", "--pp", "4"])
-    assert (a.tp, a.pp, a.spec, a.vocab_divisible_by, a.progress) == (2, 4, "local", 128, True)
+    assert (a.tp, a.pp, a.spec, a.vocab_divisible_by, a.progress, a.format) == (2, 4, "local", 128, True, "torch_dist")
+    a = p.parse_args(["hf-to-megatron", "--hf", "h", "--out", "o", "--format", "torch"])
+    assert (a.format, a.tp, a.pp) == ("torch", None, None)
     a = p.parse_args(["hf-to-megatron", "--hf", "h", "--out", "o", "--tp", "1", "--pp", "1", "--spec", "te",
                       "--vocab-divisible-by", "64", "--no-progress"])
     assert (a.spec, a.vocab_divisible_by, a.progress) == ("te", 64, False)
@@ -65,7 +67,9 @@ def test_subcommands_and_flags_parse():
     ([], ["required: command"]),
     (["hf-to-megatron", "--hf", "h", "--out", "o", "--tp", "0", "--pp", "1"], ["--tp", "positive"]),
     (["hf-to-megatron", "--hf", "h", "--out", "o", "--tp", "two", "--pp", "1"], ["--tp", "'two'"]),
-    (["hf-to-megatron", "--hf", "h", "--out", "o", "--tp", "2"], ["--pp"]),
+    (["hf-to-megatron", "--hf", "h", "--out", "o", "--format", "torch", "--tp", "2"], ["--format torch", "--pp"]),
+    (["hf-to-megatron", "--hf", "h", "--out", "o", "--format", "torch"], ["--tp, --pp"]),
+    (["hf-to-megatron", "--hf", "h", "--out", "o", "--format", "dist"], ["--format", "'dist'"]),
     (["hf-to-megatron", "--hf", "h", "--out", "o", "--tp", "1", "--pp", "1", "--spec", "fast"], ["--spec"]),
     (["verify", "--hf", "h"], ["--megatron", "--checkpoint"]),
     (["verify", "--hf", "h", "--megatron", "m", "--checkpoint", "c"], ["not allowed"]),
@@ -245,3 +249,136 @@ def test_damaged_config_json_exits_2_naming_it(hf_dir, tmp_path, capsys):
     code, _, err = run(["hf-to-megatron", "--hf", str(bad), "--out", str(tmp_path / "o"), "--tp", "1", "--pp", "1"],
                        capsys)
     assert_usage_error(code, err, f"{bad / 'config.json'}: not valid JSON", "truncated or corrupt")
+
+
+# ------------------------------------------------------------------------------------ torch_dist
+
+
+def test_torch_dist_is_the_default_and_both_formats_convert_back(hf_dir, tmp_path, capsys):
+    """hf-to-megatron writes torch_dist unless --format torch; megatron-to-hf tells the two apart by itself."""
+    from tests.unit.test_hf_parity import _read_safetensors_dir
+
+    dist_out, legacy_out = tmp_path / "dist", tmp_path / "legacy"
+    code, out, _ = run(["hf-to-megatron", "--hf", str(hf_dir), "--out", str(dist_out), "--no-progress"], capsys)
+    assert code == 0 and "torch_dist" in out and "any TP x PP" in out
+    assert (dist_out / "latest_checkpointed_iteration.txt").read_text() == "release"
+    assert sorted(p.name for p in (dist_out / "release").iterdir()) == [".metadata", "__0_0.distcp", "common.pt",
+                                                                         "metadata.json"]
+    assert json.loads((dist_out / "release" / "metadata.json").read_text())["sharded_backend"] == "torch_dist"
+    code, _, _ = run(["hf-to-megatron", "--hf", str(hf_dir), "--out", str(legacy_out), "--format", "torch",
+                      "--tp", "1", "--pp", "1", "--no-progress"], capsys)
+    assert code == 0 and [p.name for p in (legacy_out / "release").iterdir()] == ["mp_rank_00"]
+    original = _read_safetensors_dir(hf_dir)
+    for src in (dist_out, legacy_out, dist_out / "release"):  # the iteration directory itself is accepted too
+        back = tmp_path / f"back-{src.name}"
+        code, _, err = run(["megatron-to-hf", "--megatron", str(src), "--out", str(back), "--no-progress"], capsys)
+        assert code == 0, err
+        returned = _read_safetensors_dir(back)
+        assert returned.keys() == original.keys() and all(torch.equal(returned[k], original[k]) for k in original)
+
+
+def test_torch_dist_records_tp_pp_and_spec_and_keeps_bf16(tmp_path, capsys):
+    """--tp/--pp/--spec only go into the args (and the padding); the tensors stay global and bf16."""
+    from checkpoint_convert.megatron_dist import read_dcp_metadata
+    from checkpoint_convert.megatron_format import load_rank_file
+    from tests.tiny_hf import save_tiny_hf
+    from tests.unit.test_hf_parity import _read_safetensors_dir
+
+    src, meg, back = tmp_path / "hf", tmp_path / "meg", tmp_path / "back"
+    save_tiny_hf("qwen3-head-dim", src, dtype=torch.bfloat16)
+    assert run(["hf-to-megatron", "--hf", str(src), "--out", str(meg), "--tp", "2", "--pp", "4", "--spec", "te",
+                "--no-progress"], capsys)[0] == 0
+    args = load_rank_file(meg / "release" / "common.pt")["args"]
+    assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.transformer_impl,
+            args.ckpt_format, args.padded_vocab_size, args.params_dtype) == (2, 4, "transformer_engine", "torch_dist",
+                                                                             256, torch.bfloat16)
+    entries = read_dcp_metadata(meg / "release").state_dict_metadata
+    qkv = entries["decoder.layers.self_attention.linear_qkv.weight"]
+    assert list(qkv.size) == [4, (4 + 2 * 2) * 24, 64] and qkv.properties.dtype == torch.bfloat16
+    assert [list(c.sizes) for c in qkv.chunks] == [[1, 192, 64]] * 4  # one chunk per layer, not per TP rank
+    assert "decoder.layers.self_attention.core_attention._extra_state/shard_3_4" in entries
+    assert run(["megatron-to-hf", "--megatron", str(meg), "--out", str(back), "--no-progress"], capsys)[0] == 0
+    original, returned = _read_safetensors_dir(src), _read_safetensors_dir(back)
+    assert returned.keys() == original.keys()
+    assert all(returned[k].dtype == torch.bfloat16 and torch.equal(returned[k], original[k]) for k in original)
+
+
+@pytest.fixture(scope="module")
+def dist_dir(hf_dir, tmp_path_factory) -> Path:
+    from checkpoint_convert.megatron_dist_write import hf_to_megatron_dist
+
+    return hf_to_megatron_dist(hf_dir, tmp_path_factory.mktemp("dist") / "meg", progress=False)
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command: what a hostile .metadata would hold."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def _damage(root: Path, how: str, marker: Path) -> None:
+    import pickle
+
+    from checkpoint_convert.megatron_dist import read_dcp_metadata
+
+    it = root / "release"
+    if how == "metadata truncated":
+        (it / ".metadata").write_bytes((it / ".metadata").read_bytes()[:300])
+    elif how == "metadata lfs":
+        (it / ".metadata").write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 9\n")
+    elif how == "metadata runs code":
+        (it / ".metadata").write_bytes(pickle.dumps(_RunsCode(marker)))
+    elif how == "distcp missing":
+        (it / "__0_0.distcp").unlink()
+    elif how == "distcp truncated":
+        (it / "__0_0.distcp").write_bytes((it / "__0_0.distcp").read_bytes()[:5000])
+    elif how == "distcp corrupt":  # same size, chunk archives overwritten
+        raw = bytearray((it / "__0_0.distcp").read_bytes())
+        raw[: len(raw) // 2] = bytes(len(raw) // 2)
+        (it / "__0_0.distcp").write_bytes(bytes(raw))
+    elif how == "tensor missing":
+        md = read_dcp_metadata(it)
+        del md.state_dict_metadata["decoder.final_layernorm.weight"]
+        (it / ".metadata").write_bytes(pickle.dumps(md))
+    elif how == "common missing":
+        (it / "common.pt").unlink()
+    elif how == "common state runs code":  # core 0.19 keeps it in the DCP files: an object entry, torch.save'd
+        import torch.distributed.checkpoint as dcp
+
+        for f in [it / "common.pt", it / ".metadata", *it.glob("*.distcp")]:
+            f.unlink()
+        with pytest.warns(UserWarning, match="single process"):
+            dcp.save({"common_state/shard_0_1": [{"args": _RunsCode(marker)}]}, checkpoint_id=it, no_dist=True,
+                     planner=dcp.DefaultSavePlanner(flatten_state_dict=False))  # torch.save of the list, as megatron
+    elif how == "other backend":
+        (it / "metadata.json").write_text(json.dumps({"sharded_backend": "zarr"}))
+
+
+@pytest.mark.parametrize("how,needles", [
+    ("metadata truncated", [".metadata: is not readable DCP metadata", "copy it again"]),
+    ("metadata lfs", [".metadata: is a Git LFS pointer", "git lfs pull"]),
+    ("metadata runs code", [".metadata: refusing to unpickle posix.system", "nothing was run"]),
+    ("distcp missing", ["__0_0.distcp: is missing"]),
+    ("distcp truncated", ["__0_0.distcp: is truncated (5000 bytes"]),
+    ("distcp corrupt", ["__0_0.distcp: is truncated or corrupt"]),
+    ("tensor missing", ["lacks decoder.final_layernorm.weight, which the llama model its args describe has"]),
+    ("common missing", ["common.pt: is missing", "common_state/shard_0_1"]),
+    ("common state runs code", [".metadata entry common_state/shard_0_1: refusing to unpickle posix.system",
+                                "nothing was run"]),
+    ("other backend", ["sharded_backend 'zarr'", "no meshtron-convert command reads it"]),
+])
+def test_damaged_torch_dist_exits_2_in_one_line(dist_dir, tmp_path, capsys, how, needles):
+    import shutil
+
+    bad, out, marker = tmp_path / "bad", tmp_path / "out", tmp_path / "ran"
+    shutil.copytree(dist_dir, bad)
+    _damage(bad, how, marker)
+    code, _, err = run(["megatron-to-hf", "--megatron", str(bad), "--out", str(out), "--no-progress"], capsys)
+    assert_usage_error(code, err, *needles)
+    assert not out.exists() and not marker.exists()

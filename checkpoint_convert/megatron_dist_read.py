@@ -1,0 +1,206 @@
+"""Megatron-LM `torch_dist` checkpoints (the layout: checkpoint_convert.megatron_dist) -> HF safetensors or
+meshtron's names, tensor by tensor, in one process without megatron.
+
+Megatron tensors are named as in checkpoint_convert.models.megatron_names (MEGATRON_TE: torch_dist names the
+norms the TE way under both layer specs) and found under whichever key form the checkpoint uses: stacked over
+layers (`decoder.layers.<rest>`, at index N), per layer (`decoder.layers.N.<rest>`), fc1 split in `_w`/`_v`.
+Each is read from only its own chunks; the HF side is written as for the legacy format (one tensor in memory).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from checkpoint_convert.detect import HF, HF_CONFIG, MEGATRON_TORCH_DIST, refuse_other_kinds
+from checkpoint_convert.hf import read_hf_config
+from checkpoint_convert.megatron import _check_same_model, _dtype_name, _meshtron_shapes, _Ours, _write_hf_config
+from checkpoint_convert.megatron_dist import CONFIG_FILE, DcpFiles, check_config, read_common_state
+from checkpoint_convert.megatron_format import TRACKER, PathLike, config_from_args, resolve_iteration_dir, vocab_note
+from checkpoint_convert.models.megatron_names import MEGATRON_TE, VOCAB, layer_of, tp_split
+from checkpoint_convert.models.registry import family
+from checkpoint_convert.safetensors_files import (DEFAULT_MAX_SHARD_BYTES, PlannedShardWriter, byte_progress,
+                                                  check_out_dir, staged_dir)
+from trainer.config import ModelConfig
+
+__all__ = ["megatron_dist_to_hf", "load_megatron_dist_as_meshtron", "TorchDistCheckpoint"]
+
+_MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")  # model tensors: every one must be placed
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """Where a Megatron tensor lies: DCP keys concatenated on dim 0 (fc1's _w, _v), each either holding the
+    tensor itself (layer None) or stacked over layers with it at index `layer`."""
+
+    keys: tuple[str, ...]
+    layer: Optional[int]
+
+
+class TorchDistCheckpoint:
+    """One iteration of a torch_dist checkpoint: its args, and each Megatron tensor read on demand."""
+
+    def __init__(self, megatron_dir: PathLike, iteration: Optional[int] = None):
+        root = Path(megatron_dir)
+        refuse_other_kinds(root, MEGATRON_TORCH_DIST)
+        here = iteration is None and not (root / TRACKER).is_file() and (root / CONFIG_FILE).is_file()
+        self.dir, self.iteration = (root, 0) if here else resolve_iteration_dir(root, iteration)
+        check_config(self.dir)
+        self.files = DcpFiles(self.dir)
+        self.tensors = self.files.tensors
+        self.args = read_common_state(self.files).get("args")
+        if self.args is None or not hasattr(self.args, "num_layers"):
+            raise ValueError(f"{self.dir}: its common state holds no args namespace; cannot tell the model's shape")
+        self.cfg = config_from_args(self.args, name=root.name)
+        self.shapes = _meshtron_shapes(self.cfg)
+        self._index()
+
+    def _index(self) -> None:
+        """Megatron name -> where it is stored, for every tensor of the model the args describe; no model tensor
+        of the checkpoint may be left over (MoE experts, say, or a family the args do not say)."""
+        self.where: dict[str, _Stored] = {}
+        missing = []
+        for unit in MEGATRON_TE.units(self.shapes):
+            for name in unit.theirs:
+                found = self._locate(name)
+                if found is None:
+                    missing.append(name)
+                else:
+                    self.where[name] = found
+        if "output_layer.weight" in missing and not self.cfg.tie_word_embeddings:
+            raise KeyError(f"{self.dir}: output_layer.weight is missing but args say "
+                           f"untie_embeddings_and_output_weights=True")
+        used = {k for s in self.where.values() for k in s.keys}
+        unexpected = sorted(k for k in self.tensors if k.startswith(_MODEL_PREFIXES) and k not in used)
+        problems = ([f"lacks {_few(missing)}, which the {self.cfg.family} model its args describe has"] * bool(missing)
+                    + [f"has {_few(unexpected)}, which that model has no place for"] * bool(unexpected))
+        if problems:
+            raise KeyError(f"{self.dir}: " + "; ".join(problems))
+
+    def _locate(self, name: str) -> Optional[_Stored]:
+        at = layer_of(name)
+        if at is None:
+            return _Stored((name,), None) if name in self.tensors else None
+        layer, rest = at
+        forms = [(rest,)]
+        if rest.startswith("mlp.linear_fc1."):  # singleton_local_shards: gate and up as two tensors
+            forms.append((rest + "_w", rest + "_v"))
+        for parts in forms:
+            stacked = tuple(f"decoder.layers.{p}" for p in parts)
+            if all(k in self.tensors for k in stacked):
+                for k in stacked:
+                    if self.tensors[k].size[0] != self.cfg.num_layers:
+                        raise ValueError(f"{self.dir}: {k} {list(self.tensors[k].size)} is stacked over "
+                                         f"{self.tensors[k].size[0]} layers, but args say num_layers="
+                                         f"{self.cfg.num_layers}")
+                return _Stored(stacked, layer)
+            single = tuple(f"decoder.layers.{layer}.{p}" for p in parts)
+            if all(k in self.tensors for k in single):
+                return _Stored(single, None)
+        return None
+
+    def _part_shape(self, key: str, layer: Optional[int]) -> list[int]:
+        size = self.tensors[key].size
+        return list(size[1:] if layer is not None else size)
+
+    def padded_rows(self) -> int:
+        """Vocabulary rows the checkpoint holds, padding included (the saving run's padded vocabulary)."""
+        return self.tensors[self.where["embedding.word_embeddings.weight"].keys[0]].size[0]
+
+    def meta(self, name: str) -> torch.Tensor:
+        """The full Megatron tensor's shape and dtype, as a meta tensor (vocabulary un-padded)."""
+        s = self.where[name]
+        parts = [torch.empty(self._part_shape(k, s.layer), dtype=self.tensors[k].properties.dtype, device="meta")
+                 for k in s.keys]
+        t = torch.cat(parts) if len(parts) > 1 else parts[0]
+        if tp_split(name) == VOCAB:
+            if t.shape[0] < self.cfg.vocab_size:
+                raise ValueError(f"{self.dir}: {name} has {t.shape[0]} vocabulary rows, fewer than vocab_size="
+                                 f"{self.cfg.vocab_size}")
+            t = t[:self.cfg.vocab_size]
+        return t
+
+    def full(self, name: str) -> torch.Tensor:
+        """The full Megatron tensor (vocabulary un-padded: the padding rows are not even read)."""
+        s = self.where[name]
+        parts = []
+        for key in s.keys:
+            shape = self._part_shape(key, s.layer)
+            if tp_split(name) == VOCAB:
+                shape[0] = self.cfg.vocab_size
+            if s.layer is None:
+                parts.append(self.files.tensor(key, [0] * len(shape), shape))
+            else:
+                parts.append(self.files.tensor(key, [s.layer] + [0] * len(shape), [1] + shape)[0])
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def meshtron(self, fetch: Callable[[str], torch.Tensor]) -> _Ours:
+        return _Ours(MEGATRON_TE.units(self.shapes), fetch, self.cfg, self.shapes, what=str(self.dir))
+
+
+def _few(names: list[str], n: int = 6) -> str:
+    return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
+
+
+# ===================================================================================== conversions
+
+
+def _checkpoint(megatron_dir: PathLike, iteration: Optional[int], hf_config_dir: Optional[PathLike]
+                ) -> TorchDistCheckpoint:
+    """The checkpoint, every name and shape checked by a dry run on meta tensors."""
+    ckpt = TorchDistCheckpoint(megatron_dir, iteration)
+    if hf_config_dir is not None:
+        refuse_other_kinds(Path(hf_config_dir), HF, HF_CONFIG)
+        cfg = read_hf_config(hf_config_dir)
+        _check_same_model(cfg, ckpt, hf_config_dir)
+        ckpt.cfg, ckpt.shapes = cfg, _meshtron_shapes(cfg)
+    ckpt.vocab_note = vocab_note(ckpt.args, ckpt.cfg.vocab_size, ckpt.padded_rows(), hf_config_dir)
+    ours = ckpt.meshtron(ckpt.meta)
+    for name in ckpt.shapes:
+        ours.take(name)
+    return ckpt
+
+
+def load_megatron_dist_as_meshtron(megatron_dir: PathLike, iteration: Optional[int] = None
+                                   ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(config, full state dict in meshtron's names, vocabulary un-padded): GPTModel(cfg).load_state_dict works."""
+    ckpt = _checkpoint(megatron_dir, iteration, None)
+    ours = ckpt.meshtron(ckpt.full)
+    return ckpt.cfg, {name: ours.take(name).contiguous() for name in ckpt.shapes}
+
+
+def megatron_dist_to_hf(megatron_dir: PathLike, out_dir: PathLike, hf_config_dir: Optional[PathLike] = None,
+                        iteration: Optional[int] = None, progress: bool = True, *, overwrite: bool = False,
+                        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """A torch_dist checkpoint (saved at any TP x PP) -> an HF directory, tensor by tensor. Returns out_dir.
+
+    Same contract as checkpoint_convert.megatron.megatron_to_hf: weights keep their dtype, the vocabulary is
+    un-padded, config.json comes from hf_config_dir or the args; names and shapes are checked before writing."""
+    out = Path(out_dir)
+    check_out_dir(out, overwrite)
+    ckpt = _checkpoint(megatron_dir, iteration, hf_config_dir)
+    cfg = ckpt.cfg
+    units = family(cfg.family).table.units(ckpt.shapes)
+
+    def hf_tensors(fetch) -> Iterator[tuple[str, torch.Tensor]]:
+        ours = ckpt.meshtron(fetch)
+        for unit in units:
+            yield from unit.convert_to_theirs([ours.take(n) for n in unit.ours], cfg).items()
+
+    planned = {name: (t.shape, t.dtype) for name, t in hf_tensors(ckpt.meta)}
+    total = sum(math.prod(shape) * dt.itemsize for shape, dt in planned.values())
+    with staged_dir(out, overwrite) as tmp, byte_progress(total, progress, f"writing {out.name}") as bar:
+        writer = PlannedShardWriter(tmp, planned, max_shard_bytes)
+        for name, t in hf_tensors(ckpt.full):
+            writer.add(name, t)
+            bar.update(t.numel() * t.element_size())
+        writer.finish()
+        _write_hf_config(tmp, cfg, hf_config_dir, _dtype_name({dt for _, dt in planned.values()}))
+    # After the data is read: a chunk that does not load is only found then, and the error stays one line.
+    print(ckpt.vocab_note, file=sys.stderr, flush=True)
+    return out

@@ -1,0 +1,200 @@
+"""HF safetensors -> Megatron-LM `torch_dist` (the layout: checkpoint_convert.megatron_dist), in one process.
+
+One conversion serves every TP x PP: the tensors are global and megatron-core reshards them on load. They go
+through PyTorch DCP's own writer (FileSystemWriter, one `__0_0.distcp` file, `.metadata` from DCP) with a
+planner that builds each chunk only when DCP asks for it: per-layer tensors are stacked over layers as
+megatron-core stores them, one [1, ...] chunk per layer, each converted from the HF tensors it needs (mapped
+again per read) and dropped once written. DCP keeps the last chunk written of each key until the end, so the
+process holds about one layer plus the embedding and output layer, never the model.
+
+Beside it: common.pt (args as Megatron-LM reads them to fine-tune, `content_metadata` as its save_checkpoint
+writes it), metadata.json, and the tracker naming `release`, so Megatron-LM loads the model alone (no optimizer,
+no rng state) at whatever TP x PP it runs.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import warnings
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors import safe_open
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
+
+from checkpoint_convert.detect import HF, HF_CONFIG, refuse_other_kinds
+from checkpoint_convert.hf import _SafetensorsDir, pad_vocab_rows, read_hf_config
+from checkpoint_convert.mapping import Unit
+from checkpoint_convert.megatron import _check_hf_tensors, _check_layout, _common_dtype, _meshtron_shapes, _Ours
+from checkpoint_convert.megatron_dist import CHECKPOINT_CONFIG, COMMON_FILE, CONFIG_FILE
+from checkpoint_convert.megatron_format import CHECKPOINT_VERSION, TRACKER, PathLike, megatron_args
+from checkpoint_convert.models.megatron_names import EXTRA_STATE_MODULES, MEGATRON_TE, layer_of
+from checkpoint_convert.models.registry import family
+from checkpoint_convert.safetensors_files import ST_DTYPES, byte_progress, check_out_dir, staged_dir
+from trainer.config import ModelConfig
+from trainer.model.shapes import padded_vocab_size
+
+__all__ = ["hf_to_megatron_dist"]
+
+# Modules with an `_extra_state` per layer, saved as DCP objects `<key>/shard_<layer>_<num_layers>`; megatron-core
+# loads every one its model has. The local spec's linears hold None there (what a real save holds; output_layer's
+# is dropped by GPTModel.sharded_state_dict). Transformer Engine's modules, the attention kernel and (in some TE
+# versions) its norms among them, keep FP8 metadata there: with --spec te the written set is the wider one, since
+# an object the model does not ask for is skipped on load, while one it asks for and lacks fails it.
+_LINEARS = tuple(m for m in EXTRA_STATE_MODULES if m != "output_layer")
+EXTRA_STATE = {"local": _LINEARS,
+               "te": _LINEARS + ("self_attention.core_attention", "self_attention.q_layernorm",
+                                 "self_attention.k_layernorm")}
+# What Megatron-LM's save_checkpoint records (_build_sharded_state_dict_metadata without the process group, no
+# distributed optimizer): its load builds the model's sharded_state_dict with it, so the layout matches ours.
+CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One DCP write: a Megatron tensor of one layer (a chunk of its stacked key) or a whole tensor, or an
+    `_extra_state` object (unit None)."""
+
+    key: str
+    name: str
+    unit: Optional[Unit]
+    layer: Optional[int]
+
+
+def hf_to_megatron_dist(hf_dir: PathLike, out_dir: PathLike, tp: int = 1, pp: int = 1, spec: str = "local",
+                        vocab_divisible_by: int = 128, progress: bool = True, *, overwrite: bool = False) -> Path:
+    """Write an HF checkpoint as a Megatron-LM torch_dist `release` checkpoint. Returns out_dir.
+
+    tp and pp are what the args record and pad the vocabulary for (a multiple of vocab_divisible_by x tp);
+    megatron-core loads the files at any TP x PP that fits the model. Refusals before anything is written are
+    those of checkpoint_convert.megatron.hf_to_megatron (ConfigError, KeyError, ValueError, FileExistsError).
+    """
+    hf_dir, out = Path(hf_dir), Path(out_dir)
+    refuse_other_kinds(hf_dir, HF, HF_CONFIG)
+    cfg = read_hf_config(hf_dir)
+    _check_layout(cfg, tp, pp, spec, vocab_divisible_by)
+    check_out_dir(out, overwrite)
+    padded = padded_vocab_size(cfg.vocab_size, vocab_divisible_by, tp)
+    expected = _meshtron_shapes(cfg)
+    with ExitStack() as stack:
+        src = _SafetensorsDir(hf_dir, stack)
+        hf_units = family(cfg.family).table.units(expected)
+        _check_hf_tensors(src, hf_units, cfg, hf_dir)
+
+        def meta(name: str) -> torch.Tensor:
+            sl = src.get_slice(name)
+            return torch.empty(sl.get_shape(), dtype=ST_DTYPES[sl.get_dtype()], device="meta")
+
+        def read(name: str) -> torch.Tensor:
+            # A mapping of its own per tensor: pages read through a long-lived one would stay resident.
+            with safe_open(str(src.files[name]), framework="pt") as f:
+                return f.get_tensor(name)
+
+        def tensor(entry: _Entry, fetch: Callable[[str], torch.Tensor]) -> torch.Tensor:
+            ours = _Ours(hf_units, fetch, cfg, expected, what=str(hf_dir))
+            t = entry.unit.convert_to_theirs([ours.take(n) for n in entry.unit.ours], cfg)[entry.name]
+            t = pad_vocab_rows(entry.name, t, torch.Size([padded, *t.shape[1:]]))
+            return t.unsqueeze(0) if entry.layer is not None else t
+
+        entries = _entries(cfg, expected, spec)
+        shapes = {e: tensor(e, meta) for e in entries if e.unit is not None}  # raises on any mismatch
+        items = [_write_item(e, shapes.get(e), cfg.num_layers) for e in entries]
+        args = megatron_args(cfg, tp, pp, spec, padded, vocab_divisible_by, _common_dtype(shapes.values()))
+        args.ckpt_format, args.use_dist_ckpt, args.no_save_optim, args.no_save_rng = "torch_dist", True, True, True
+        total = sum(math.prod(t.shape) * t.element_size() for t in shapes.values())
+        with staged_dir(out, overwrite) as tmp, byte_progress(total, progress, f"writing {out.name}") as bar:
+            (tmp / TRACKER).write_text("release")
+            release = tmp / "release"
+            release.mkdir()
+            torch.save({"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0,
+                        "num_floating_point_operations_so_far": 0, "content_metadata": CONTENT_METADATA},
+                       release / COMMON_FILE)
+            by_index = {item.index: e for item, e in zip(items, entries)}
+
+            def resolve(item: WriteItem):
+                entry = by_index[item.index]
+                if entry.unit is None:
+                    return _none_object()
+                t = tensor(entry, read).contiguous()
+                bar.update(t.numel() * t.element_size())
+                return t
+
+            _dcp_save(release, _StreamingPlanner(items, resolve))
+            (release / CONFIG_FILE).write_text(json.dumps(CHECKPOINT_CONFIG))  # last, as megatron-core does
+    return out
+
+
+def _entries(cfg: ModelConfig, shapes: dict[str, torch.Tensor], spec: str) -> list[_Entry]:
+    """Every write, layer by layer in model order (embedding first, final norm and output layer last)."""
+    entries, seen_layers = [], set()
+    for unit in MEGATRON_TE.units(shapes):  # torch_dist names norms the TE way under both specs
+        (name,) = unit.theirs
+        at = layer_of(name)
+        if at is None:
+            entries.append(_Entry(name, name, unit, None))
+            continue
+        layer, rest = at
+        if layer not in seen_layers:  # the layer's objects before its tensors
+            seen_layers.add(layer)
+            for module in EXTRA_STATE[spec]:
+                if module.endswith("layernorm") and not cfg.qk_layernorm:
+                    continue
+                key = f"decoder.layers.{module}._extra_state/shard_{layer}_{cfg.num_layers}"
+                entries.append(_Entry(key, key, None, layer))
+        entries.append(_Entry(f"decoder.layers.{rest}", name, unit, layer))
+    return entries
+
+
+def _write_item(entry: _Entry, t: Optional[torch.Tensor], num_layers: int) -> WriteItem:
+    if entry.unit is None:
+        return WriteItem(index=MetadataIndex(entry.key), type=WriteItemType.BYTE_IO)
+    if entry.layer is None:
+        offsets, size = torch.Size([0] * t.dim()), t.shape
+    else:
+        offsets, size = torch.Size([entry.layer] + [0] * (t.dim() - 1)), torch.Size([num_layers, *t.shape[1:]])
+    return WriteItem(index=MetadataIndex(entry.key, offsets), type=WriteItemType.SHARD,
+                     tensor_data=TensorWriteData(chunk=ChunkStorageMetadata(offsets, t.shape),
+                                                 properties=TensorProperties(dtype=t.dtype), size=size))
+
+
+def _dcp_save(path: Path, planner: "_StreamingPlanner") -> None:
+    """DCP's save in this process alone (no process group); its wrapped failure -> the failure itself."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # the intent, here
+        try:
+            dcp.save({}, storage_writer=dcp.FileSystemWriter(path, single_file_per_rank=True, thread_count=1),
+                     planner=planner, no_dist=True)
+        except dcp.CheckpointException as e:
+            raise next(iter(e.failures.values()))[0] from None
+
+
+def _none_object() -> io.BytesIO:
+    """An `_extra_state` object as megatron-core saves a ShardedObject: torch.save of the list of its data."""
+    buf = io.BytesIO()
+    torch.save([None], buf)
+    buf.seek(0)
+    return buf
+
+
+class _StreamingPlanner(DefaultSavePlanner):
+    """DCP's default planner over a plan made here: DCP validates it, builds .metadata from it and lays out the
+    file, and asks `resolve` for each item's data as it writes it (tensors in plan order, after the objects)."""
+
+    def __init__(self, items: list[WriteItem], resolve: Callable[[WriteItem], object]):
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self.items, self.resolve = items, resolve
+
+    def create_local_plan(self) -> SavePlan:
+        self.plan = SavePlan(self.items)
+        return self.plan
+
+    def resolve_data(self, write_item: WriteItem):
+        return self.resolve(write_item)
