@@ -1,4 +1,5 @@
-"""HF -> Megatron (TP2 x PP2) -> HF on a synthetic bf16 Llama, against `cp -r` of the same bytes, in one run.
+"""HF -> Megatron -> HF on a synthetic bf16 Llama, in both Megatron formats (torch_dist, the layout-free default,
+and legacy torch at TP2 x PP2), against `cp -r` of the same bytes, in one run.
 
     .venv/bin/python bench/convert.py                 # ~1B parameters (about 2 GB of bf16)
     .venv/bin/python bench/convert.py --params 50e6   # a quick run
@@ -165,7 +166,7 @@ def main() -> None:
     py = [sys.executable, "-m", "checkpoint_convert"]
     with tempfile.TemporaryDirectory(prefix="meshtron-bench-convert-", dir=args.dir) as tmp:
         tmp = Path(tmp)
-        hf, meg, back = tmp / "hf", tmp / "megatron", tmp / "back"
+        hf = tmp / "hf"
         t0 = time.perf_counter()
         size = make_checkpoint(cfg, hf, args.shard_mb * 2**20)
         n_params = size // 2
@@ -177,25 +178,31 @@ def main() -> None:
         cp_wall, _, _ = timed(["cp", "-r", str(hf), str(tmp / "hf_copy")])
         shutil.rmtree(tmp / "hf_copy")
         start_wall, start_rss, start_anon = timed([sys.executable, "-c", "import checkpoint_convert.cli, "
-                                       "checkpoint_convert.megatron, checkpoint_convert.hf"])
-        runs = [
-            (f"hf -> megatron tp{args.tp} pp{args.pp}",
-             [*py, "hf-to-megatron", "--hf", str(hf), "--out", str(meg), "--tp", str(args.tp), "--pp", str(args.pp),
-              "--no-progress"]),
-            ("megatron -> hf", [*py, "megatron-to-hf", "--megatron", str(meg), "--out", str(back), "--no-progress"]),
-        ]
-        print(f"{'':<26} {'wall':>8} {'vs cp -r':>9} {'(- startup)':>11} {'peak RSS':>10} {'RSS/ckpt':>9} "
+                                       "checkpoint_convert.megatron, checkpoint_convert.megatron_dist_read, checkpoint_convert.hf"])
+        print(f"{'':<30} {'wall':>8} {'vs cp -r':>9} {'(- startup)':>11} {'peak RSS':>10} {'RSS/ckpt':>9} "
               f"{'anon RSS':>10} {'anon/ckpt':>9}")
-        print(f"{'cp -r':<26} {cp_wall:>7.2f}s {1.0:>9.2f}")
-        print(f"{'python start-up + imports':<26} {start_wall:>7.2f}s {start_wall / cp_wall:>9.2f} {'':>11} "
+        print(f"{'cp -r':<30} {cp_wall:>7.2f}s {1.0:>9.2f}")
+        print(f"{'python start-up + imports':<30} {start_wall:>7.2f}s {start_wall / cp_wall:>9.2f} {'':>11} "
               f"{gb(start_rss):>10} {start_rss / size:>9.3f} {gb(start_anon):>10} {start_anon / size:>9.3f}",
               flush=True)
-        for label, cmd in runs:
-            wall, rss, anon = timed(cmd)
-            print(f"{label:<26} {wall:>7.2f}s {wall / cp_wall:>9.2f} {(wall - start_wall) / cp_wall:>11.2f} "
-                  f"{gb(rss):>10} {rss / size:>9.3f} {gb(anon):>10} {anon / size:>9.3f}", flush=True)
-        ok, detail = bitwise_equal(hf, back)
-        print(f"round trip: {'OK' if ok else 'FAILED'}: {detail}")
+        ok = True
+        for fmt in ("torch_dist", "torch"):
+            meg, back = tmp / f"megatron_{fmt}", tmp / f"back_{fmt}"
+            runs = [
+                (f"hf -> {fmt} tp{args.tp} pp{args.pp}",
+                 [*py, "hf-to-megatron", "--hf", str(hf), "--out", str(meg), "--format", fmt, "--tp", str(args.tp),
+                  "--pp", str(args.pp), "--no-progress"]),
+                (f"{fmt} -> hf", [*py, "megatron-to-hf", "--megatron", str(meg), "--out", str(back), "--no-progress"]),
+            ]
+            for label, cmd in runs:
+                wall, rss, anon = timed(cmd)
+                print(f"{label:<30} {wall:>7.2f}s {wall / cp_wall:>9.2f} {(wall - start_wall) / cp_wall:>11.2f} "
+                      f"{gb(rss):>10} {rss / size:>9.3f} {gb(anon):>10} {anon / size:>9.3f}", flush=True)
+            same, detail = bitwise_equal(hf, back)
+            print(f"round trip through {fmt}: {'OK' if same else 'FAILED'}: {detail}", flush=True)
+            ok = ok and same
+            shutil.rmtree(meg)
+            shutil.rmtree(back)
         peak_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         print(f"(this script's own peak RSS, making and checking the checkpoint: {gb(peak_self)})")
         if not ok:
