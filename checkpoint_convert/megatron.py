@@ -370,10 +370,11 @@ def _meta_like(value):
     return torch.empty_like(value, device="meta") if isinstance(value, torch.Tensor) else value
 
 
-def _checkpoint(megatron_dir: PathLike, iteration: Optional[int],
-                hf_config_dir: Optional[PathLike] = None) -> _MegatronCheckpoint:
-    """The checkpoint, with every name and shape checked by a dry run on meta tensors."""
-    ckpt = _MegatronCheckpoint(megatron_dir, iteration)
+def read_checkpoint(megatron_dir: PathLike, iteration: Optional[int], hf_config_dir: Optional[PathLike] = None,
+                    reader: Optional[Callable] = None):
+    """The checkpoint (`reader`: this module's legacy reader, or the torch_dist one), with every name and shape
+    checked by a dry run on meta tensors."""
+    ckpt = (reader or _MegatronCheckpoint)(megatron_dir, iteration)
     if hf_config_dir is not None:
         refuse_other_kinds(Path(hf_config_dir), HF, HF_CONFIG)
         cfg = read_hf_config(hf_config_dir)
@@ -401,7 +402,10 @@ def _check_same_model(hf: ModelConfig, ckpt: _MegatronCheckpoint, where: PathLik
 def load_megatron_as_meshtron(megatron_dir: PathLike, iteration: Optional[int] = None
                               ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """(config, full state dict in meshtron's names, vocabulary un-padded): GPTModel(cfg).load_state_dict works."""
-    ckpt = _checkpoint(megatron_dir, iteration)
+    return meshtron_state(read_checkpoint(megatron_dir, iteration))
+
+
+def meshtron_state(ckpt) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     ours = ckpt.meshtron(ckpt.full)
     return ckpt.cfg, {name: ours.take(name).contiguous() for name in ckpt.shapes}
 
@@ -422,8 +426,15 @@ def megatron_to_hf(megatron_dir: PathLike, out_dir: PathLike, hf_config_dir: Opt
     """
     out = Path(out_dir)
     check_out_dir(out, overwrite)
-    ckpt = _checkpoint(megatron_dir, iteration, hf_config_dir)
+    ckpt = read_checkpoint(megatron_dir, iteration, hf_config_dir)
     print(ckpt.vocab_note, file=sys.stderr, flush=True)
+    write_hf_dir(ckpt, out, hf_config_dir, progress, overwrite, max_shard_bytes)
+    return out
+
+
+def write_hf_dir(ckpt, out: Path, hf_config_dir: Optional[PathLike], progress: bool, overwrite: bool,
+                 max_shard_bytes: int) -> None:
+    """A checked checkpoint (read_checkpoint) as an HF directory, one tensor in memory at a time."""
     cfg = ckpt.cfg
     units = family(cfg.family).table.units(ckpt.shapes)
 
@@ -441,7 +452,6 @@ def megatron_to_hf(megatron_dir: PathLike, out_dir: PathLike, hf_config_dir: Opt
             bar.update(t.numel() * t.element_size())
         writer.finish()
         _write_hf_config(tmp, cfg, hf_config_dir, _dtype_name({dt for _, dt in planned.values()}))
-    return out
 
 
 def _write_hf_config(tmp: Path, cfg: ModelConfig, hf_config_dir: Optional[PathLike], dtype: str) -> None:

@@ -9,23 +9,19 @@ Each is read from only its own chunks; the HF side is written as for the legacy 
 
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 
-from checkpoint_convert.detect import HF, HF_CONFIG, MEGATRON_TORCH_DIST, refuse_other_kinds
-from checkpoint_convert.hf import read_hf_config
-from checkpoint_convert.megatron import _check_same_model, _dtype_name, _meshtron_shapes, _Ours, _write_hf_config
+from checkpoint_convert.detect import MEGATRON_TORCH_DIST, refuse_other_kinds
+from checkpoint_convert.megatron import _meshtron_shapes, _Ours, meshtron_state, read_checkpoint, write_hf_dir
 from checkpoint_convert.megatron_dist import CONFIG_FILE, DcpFiles, check_config, read_common_state
-from checkpoint_convert.megatron_format import TRACKER, PathLike, config_from_args, resolve_iteration_dir, vocab_note
+from checkpoint_convert.megatron_format import TRACKER, PathLike, config_from_args, resolve_iteration_dir
 from checkpoint_convert.models.megatron_names import MEGATRON_TE, VOCAB, layer_of, tp_split
-from checkpoint_convert.models.registry import family
-from checkpoint_convert.safetensors_files import (DEFAULT_MAX_SHARD_BYTES, PlannedShardWriter, byte_progress,
-                                                  check_out_dir, staged_dir)
+from checkpoint_convert.safetensors_files import DEFAULT_MAX_SHARD_BYTES, check_out_dir
 from trainer.config import ModelConfig
 
 __all__ = ["megatron_dist_to_hf", "load_megatron_dist_as_meshtron", "TorchDistCheckpoint"]
@@ -152,26 +148,13 @@ def _few(names: list[str], n: int = 6) -> str:
 
 def _checkpoint(megatron_dir: PathLike, iteration: Optional[int], hf_config_dir: Optional[PathLike]
                 ) -> TorchDistCheckpoint:
-    """The checkpoint, every name and shape checked by a dry run on meta tensors."""
-    ckpt = TorchDistCheckpoint(megatron_dir, iteration)
-    if hf_config_dir is not None:
-        refuse_other_kinds(Path(hf_config_dir), HF, HF_CONFIG)
-        cfg = read_hf_config(hf_config_dir)
-        _check_same_model(cfg, ckpt, hf_config_dir)
-        ckpt.cfg, ckpt.shapes = cfg, _meshtron_shapes(cfg)
-    ckpt.vocab_note = vocab_note(ckpt.args, ckpt.cfg.vocab_size, ckpt.padded_rows(), hf_config_dir)
-    ours = ckpt.meshtron(ckpt.meta)
-    for name in ckpt.shapes:
-        ours.take(name)
-    return ckpt
+    return read_checkpoint(megatron_dir, iteration, hf_config_dir, reader=TorchDistCheckpoint)
 
 
 def load_megatron_dist_as_meshtron(megatron_dir: PathLike, iteration: Optional[int] = None
                                    ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """(config, full state dict in meshtron's names, vocabulary un-padded): GPTModel(cfg).load_state_dict works."""
-    ckpt = _checkpoint(megatron_dir, iteration, None)
-    ours = ckpt.meshtron(ckpt.full)
-    return ckpt.cfg, {name: ours.take(name).contiguous() for name in ckpt.shapes}
+    return meshtron_state(_checkpoint(megatron_dir, iteration, None))
 
 
 def megatron_dist_to_hf(megatron_dir: PathLike, out_dir: PathLike, hf_config_dir: Optional[PathLike] = None,
@@ -184,23 +167,7 @@ def megatron_dist_to_hf(megatron_dir: PathLike, out_dir: PathLike, hf_config_dir
     out = Path(out_dir)
     check_out_dir(out, overwrite)
     ckpt = _checkpoint(megatron_dir, iteration, hf_config_dir)
-    cfg = ckpt.cfg
-    units = family(cfg.family).table.units(ckpt.shapes)
-
-    def hf_tensors(fetch) -> Iterator[tuple[str, torch.Tensor]]:
-        ours = ckpt.meshtron(fetch)
-        for unit in units:
-            yield from unit.convert_to_theirs([ours.take(n) for n in unit.ours], cfg).items()
-
-    planned = {name: (t.shape, t.dtype) for name, t in hf_tensors(ckpt.meta)}
-    total = sum(math.prod(shape) * dt.itemsize for shape, dt in planned.values())
-    with staged_dir(out, overwrite) as tmp, byte_progress(total, progress, f"writing {out.name}") as bar:
-        writer = PlannedShardWriter(tmp, planned, max_shard_bytes)
-        for name, t in hf_tensors(ckpt.full):
-            writer.add(name, t)
-            bar.update(t.numel() * t.element_size())
-        writer.finish()
-        _write_hf_config(tmp, cfg, hf_config_dir, _dtype_name({dt for _, dt in planned.values()}))
+    write_hf_dir(ckpt, out, hf_config_dir, progress, overwrite, max_shard_bytes)
     # After the data is read: a chunk that does not load is only found then, and the error stays one line.
     print(ckpt.vocab_note, file=sys.stderr, flush=True)
     return out
