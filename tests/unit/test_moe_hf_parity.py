@@ -10,36 +10,21 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from checkpoint_convert.hf import load_hf_weights, read_hf_config, save_hf
 from tests.tiny_hf import MOE_VARIANTS, tiny_hf_model
+from tests.unit.test_hf_parity import _inputs
+from tests.unit.test_hf_parity import _read_safetensors_dir as _tensors
 from trainer.model import GPTModel
 
 transformers = pytest.importorskip("transformers")
 
-SEQ = 12
 EXPERT_NAMES = {  # one tensor per expert on the Hub, as save_pretrained writes them
     "qwen3-moe-mixed": "model.layers.1.mlp.experts.3.down_proj.weight",
     "qwen3-moe": "model.layers.0.mlp.experts.7.gate_proj.weight",
     "mixtral": "model.layers.1.block_sparse_moe.experts.0.w3.weight",
     "qwen2-moe-shared": "model.layers.1.mlp.shared_expert_gate.weight",
 }
-
-
-def _tensors(path) -> dict[str, torch.Tensor]:
-    out = {}
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
-
-
-def _inputs(vocab: int):
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, vocab, (2, SEQ), generator=g)
-    pos = torch.stack([torch.arange(SEQ), torch.arange(SEQ) + 100])  # second row starts mid-document
-    return ids, pos
 
 
 @pytest.mark.parametrize("name", list(MOE_VARIANTS))
