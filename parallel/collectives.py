@@ -60,5 +60,12 @@ def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float, mesh=None
         # finite stand-in instead (a device-side choice, no host sync), which keeps each rank's gradients
         # as bad or good as they were for the report of which ranks went non-finite.
         finite = torch.where(torch.isfinite(total), total, torch.full_like(total, max_norm))
-        torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, finite)
+        # One foreach multiply per mesh: a foreach op takes DTensors of one mesh only (MoE layers' gradients
+        # live on their own FSDP meshes, parallel/expert_parallel.py).
+        by_mesh: dict[object, list[torch.nn.Parameter]] = {}
+        for p in params:
+            if p.grad is not None:
+                by_mesh.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p)
+        for group in by_mesh.values():
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, finite)
     return total

@@ -21,6 +21,17 @@ FLAT_VIEWS = {
     "dp_shard_cp": ("dp_shard", "cp"),
     "loss": ("dp_replicate", "dp_shard", "cp"),
 }
+# With expert parallelism (ep > 1) dp_shard is two axes, as torchtitan splits it: dp_shard_in_ep (its part of
+# the ep group; ep = dp_shard_in_ep x cp) and dp_shard_mod_ep (what shards the experts' weights). Rank order is
+# unchanged: dp_shard = dp_shard_mod_ep x dp_shard_in_ep, row-major. dp_shard itself is then a flattened view.
+EP_MESH_AXES = ("pp", "dp_replicate", "dp_shard_mod_ep", "dp_shard_in_ep", "cp", "tp")
+EP_FLAT_VIEWS = {
+    "dp_shard": ("dp_shard_mod_ep", "dp_shard_in_ep"),
+    "batch": ("dp_replicate", "dp_shard_mod_ep", "dp_shard_in_ep"),
+    "dp_shard_cp": ("dp_shard_mod_ep", "dp_shard_in_ep", "cp"),
+    "loss": ("dp_replicate", "dp_shard_mod_ep", "dp_shard_in_ep", "cp"),
+    "ep": ("dp_shard_in_ep", "cp"),
+}
 
 
 @dataclass(frozen=True)
@@ -31,6 +42,8 @@ class ParallelDims:
     pp: int
     cp: int
     world_size: int
+    # Expert parallelism: MoE experts split over ep of the dp_shard x cp ranks (not a factor of the world size).
+    ep: int = 1
 
     @classmethod
     def from_config(cls, cfg: ParallelConfig, world_size: int) -> "ParallelDims":
@@ -44,7 +57,7 @@ class ParallelDims:
                     f"dp_replicate*tp*pp*cp = {cfg.dp_replicate}*{cfg.tp}*{cfg.pp}*{cfg.cp} = {others}"
                 )
             dp_shard = world_size // others
-        dims = cls(cfg.dp_replicate, dp_shard, cfg.tp, cfg.pp, cfg.cp, world_size)
+        dims = cls(cfg.dp_replicate, dp_shard, cfg.tp, cfg.pp, cfg.cp, world_size, cfg.ep)
         dims._validate()
         return dims
 
@@ -60,6 +73,14 @@ class ParallelDims:
                 f"dp_shard={self.dp_shard} x tp={self.tp} x pp={self.pp} x cp={self.cp}) but the world size "
                 f"is {self.world_size}; make the product equal the number of processes"
             )
+        if self.ep > 1:
+            data = self.dp_shard * self.cp
+            if self.ep % self.cp or data % self.ep:
+                raise ConfigError(
+                    f"parallel.ep={self.ep} must be a multiple of parallel.cp={self.cp} and divide dp_shard x cp = "
+                    f"{self.dp_shard} x {self.cp} = {data}: the experts are split over ep of the ranks that shard "
+                    f"data (every cp rank of a row in the same ep group), and the rest shard each expert's weights"
+                )
 
     @property
     def dp(self) -> int:
@@ -84,14 +105,34 @@ class ParallelDims:
         return self.cp > 1
 
     @property
+    def ep_enabled(self) -> bool:
+        return self.ep > 1
+
+    @property
+    def expert_shard(self) -> int:
+        """Ranks sharding each expert's weights (FSDP) under expert parallelism: dp_shard x cp / ep."""
+        return self.dp_shard * self.cp // self.ep
+
+    @property
     def is_single(self) -> bool:
         return self.world_size == 1
 
     def degrees(self) -> dict[str, int]:
-        return {axis: getattr(self, axis) for axis in MESH_AXES}
+        """The degree of each mesh axis (and ep, carved from dp_shard x cp, where it is on)."""
+        out = {axis: getattr(self, axis) for axis in MESH_AXES}
+        return {**out, "ep": self.ep} if self.ep_enabled else out
+
+    def mesh_axes(self) -> tuple[dict[str, int], dict[str, tuple[str, ...]]]:
+        """(axis -> size, outermost first; flattened view -> axes) of the mesh this layout builds."""
+        if not self.ep_enabled:
+            return self.degrees(), FLAT_VIEWS
+        sizes = {"pp": self.pp, "dp_replicate": self.dp_replicate, "dp_shard_mod_ep": self.expert_shard,
+                 "dp_shard_in_ep": self.ep // self.cp, "cp": self.cp, "tp": self.tp}
+        return sizes, EP_FLAT_VIEWS
 
     def build_mesh(self, device_type: str, timeout_s: Optional[float] = None):
-        """The 5-D mesh (every axis present, size 1 where unused) plus its flattened views.
+        """The 5-D mesh (every axis present, size 1 where unused; 6-D with expert parallelism, see
+        EP_MESH_AXES) plus its flattened views.
 
         ``timeout_s`` (trainer.dist_timeout_s) goes to every group the mesh creates: torch gives sub-groups
         the backend's default timeout otherwise, not the default group's (device_mesh.py, split_group).
@@ -99,10 +140,11 @@ class ParallelDims:
         from torch.distributed.device_mesh import init_device_mesh
 
         opts = None if timeout_s is None else group_options(device_type, timeout_s)
-        override = None if opts is None else {a: opts for a in MESH_AXES}
-        mesh = init_device_mesh(device_type, tuple(getattr(self, a) for a in MESH_AXES), mesh_dim_names=MESH_AXES,
+        sizes, views = self.mesh_axes()
+        override = None if opts is None else {a: opts for a in sizes}
+        mesh = init_device_mesh(device_type, tuple(sizes.values()), mesh_dim_names=tuple(sizes),
                                 backend_override=override)
-        for name, axes in FLAT_VIEWS.items():
+        for name, axes in views.items():
             mesh[axes]._flatten(name, backend_override=opts)
         return mesh
 
@@ -156,23 +198,35 @@ def validate_layout(cfg: Config, dims: ParallelDims, tokenizer_vocab: Optional[i
 
 
 def check_moe_layout(cfg: Config, dims: ParallelDims) -> None:
-    """MoE models train on one process or under data parallelism (FSDP/HSDP shard the stacked experts like any
-    parameter) for now: tensor parallelism has no plan for the router and experts yet, context parallelism would
-    need each row's router counts all-reduced over cp, and the pipeline's shape-inference forward would count
-    into the step's router totals (see trainer/model/moe.py)."""
-    moe = cfg.model.moe
+    """MoE models under every parallelism but these (trainer/model/moe.py, parallel/expert_parallel.py): tensor
+    parallelism routes each rank's sequence shard, so it needs sequence parallelism; expert capacity ranks a
+    row's assignments, so it needs each row on one rank (no cp or tp); compile needs bf16 grouped GEMMs and no
+    host reads inside a layer (no expert parallelism)."""
+    moe, p = cfg.model.moe, cfg.parallel
     if not moe.enabled:
+        if dims.ep > 1:
+            raise ConfigError(f"parallel.ep={dims.ep} needs an MoE model (model.moe.num_moe_experts is null: a dense "
+                              f"model has no experts to split); set parallel.ep=1")
         return
-    refused = {name: getattr(dims, name) for name in ("tp", "pp", "cp") if getattr(dims, name) > 1}
-    if refused:
-        given = ", ".join(f"parallel.{k}={v}" for k, v in refused.items())
-        raise ConfigError(f"MoE models (model.moe.num_moe_experts={moe.num_moe_experts}) run on one process or "
-                          f"with data parallelism (parallel.dp_shard / dp_replicate) for now, not with {given}")
+    if moe.num_moe_experts % dims.ep:
+        raise ConfigError(f"model.moe.num_moe_experts={moe.num_moe_experts} is not divisible by parallel.ep={dims.ep}; "
+                          f"each expert-parallel rank holds the same number of whole experts")
+    if dims.tp > 1 and not p.sequence_parallel:
+        raise ConfigError(f"MoE models with parallel.tp={dims.tp} need parallel.sequence_parallel=true: each tp rank "
+                          f"routes its own part of the sequence (got sequence_parallel=false)")
+    if moe.moe_expert_capacity_factor is not None and (dims.cp > 1 or dims.tp > 1):
+        raise ConfigError(f"model.moe.moe_expert_capacity_factor={moe.moe_expert_capacity_factor} ranks each row's "
+                          f"assignments on one rank; with parallel.cp={dims.cp} and tp={dims.tp} rows are split "
+                          f"over ranks: use dropless routing (moe_expert_capacity_factor=null) or cp=tp=1")
     widths = (cfg.model.hidden_size, moe.expert_ffn(cfg.model.ffn_hidden_size))
     bf16_grouped = cfg.trainer.precision == "bf16" and moe.moe_grouped_gemm and not any(w % 8 for w in widths)
-    if cfg.parallel.compile and not bf16_grouped:
+    if p.compile and not bf16_grouped:
         # The loop over experts reads group sizes on the host (a graph break), and torch 2.13 traces
         # torch._grouped_mm for bf16 only (its meta function refuses fp32; the eager CPU kernel does not).
         raise ConfigError(f"parallel.compile=true with an MoE model needs trainer.precision=bf16 (got "
                           f"{cfg.trainer.precision}), model.moe.moe_grouped_gemm=true (got {moe.moe_grouped_gemm}) "
                           f"and hidden/expert widths {widths} that are multiples of 8")
+    if p.compile and (dims.ep > 1 or dims.tp > 1 or dims.cp > 1):
+        # The dispatcher reads split sizes on the host, and FSDP units inside a compiled layer are untested.
+        raise ConfigError(f"parallel.compile=true with an MoE model runs without ep, tp and cp for now (got "
+                          f"ep={dims.ep}, tp={dims.tp}, cp={dims.cp}); set parallel.compile=false")

@@ -19,10 +19,22 @@ def mixed_precision(precision: str) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy()
 
 
-def apply_fsdp(model: nn.Module, dp_mesh, precision: str, reshard_after_forward: bool = True) -> None:
-    """dp_mesh: 1-D ("dp_shard_cp") for FSDP, or 2-D ("dp_replicate", "dp_shard_cp") for HSDP."""
+def apply_fsdp(model: nn.Module, dp_mesh, precision: str, reshard_after_forward: bool = True,
+               moe_layer_mesh=None, expert_mesh=None) -> None:
+    """dp_mesh: 1-D ("dp_shard_cp") for FSDP, or 2-D ("dp_replicate", "dp_shard_cp") for HSDP. MoE layers
+    (parallel/expert_parallel.py): ``expert_mesh`` makes each layer's routed experts (DTensors over ep) their
+    own unit over the data ranks outside the ep group; ``moe_layer_mesh`` (data x tp ranks) the layer's."""
+    from parallel.expert_parallel import moe_layers
+
     mp = mixed_precision(precision)
     for block in model.decoder.layers.values():
+        # Inner units first: a unit's parameters are those no unit inside it took.
+        for layer in moe_layers(block):
+            if expert_mesh is not None:
+                fully_shard(layer.experts, mesh=expert_mesh, mp_policy=mp,
+                            reshard_after_forward=reshard_after_forward)
+            if moe_layer_mesh is not None:
+                fully_shard(layer, mesh=moe_layer_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
         fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     for module in model.modules():

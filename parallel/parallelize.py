@@ -1,5 +1,5 @@
 """Builds the model as this rank holds it: split into pipeline stages, then per stage, in a fixed order,
-TP(+SP) -> CP -> activation checkpointing -> compile -> FSDP/HSDP, then materialised and initialised (from trainer.seed, or by the caller's weight loader: the trainer
+TP(+SP) -> EP -> CP -> activation checkpointing -> compile -> FSDP/HSDP, then materialised and initialised (from trainer.seed, or by the caller's weight loader: the trainer
 passes its HF loader, so this package never reads checkpoint formats).
 
 The model is first built on the meta device (no memory), so every parallelism only ever allocates this
@@ -71,10 +71,15 @@ def build_parallel_model(cfg: Config, dims: ParallelDims, mesh, device: torch.de
     else:
         stages = [(0, model)]
 
+    moe = None
+    if cfg.model.moe.enabled and mesh is not None:
+        from parallel.expert_parallel import moe_meshes
+
+        moe = moe_meshes(mesh, dims)
     weights_s = 0.0
     for _, module in stages:
         module.loss_chunk_size = cfg.trainer.loss_chunk_size  # a plain attribute: checkpoints never see it
-        _parallelize_one(module, cfg, dims, mesh)
+        _parallelize_one(module, cfg, dims, mesh, moe)
         module.to_empty(device=device)
         started = time.perf_counter()
         _initialise(module, cfg, load_weights)
@@ -90,16 +95,24 @@ def build_parallel_model(cfg: Config, dims: ParallelDims, mesh, device: torch.de
     return pm
 
 
-def _parallelize_one(module: nn.Module, cfg: Config, dims: ParallelDims, mesh) -> None:
+def _parallelize_one(module: nn.Module, cfg: Config, dims: ParallelDims, mesh, moe=None) -> None:
     p = cfg.parallel
     if dims.tp_enabled:
         from parallel.tensor_parallel import apply_tensor_parallel
 
         apply_tensor_parallel(module, mesh["tp"], sequence_parallel=p.sequence_parallel, loss_parallel=True)
+    if moe is not None and moe.ep is not None:
+        from parallel.expert_parallel import apply_expert_parallel
+
+        apply_expert_parallel(module, moe.ep, moe.expert_weights)
     if dims.cp_enabled:
         from parallel.context_parallel import apply_context_parallel
 
         apply_context_parallel(module, mesh["cp"])
+    if moe is not None and moe.row is not None:
+        from parallel.expert_parallel import apply_row_split
+
+        apply_row_split(module, moe.row)
     if p.activation_checkpoint != "none":
         from parallel.activation_checkpoint import apply_activation_checkpointing
 
@@ -109,12 +122,16 @@ def _parallelize_one(module: nn.Module, cfg: Config, dims: ParallelDims, mesh) -
 
         # After checkpointing (the wrapper is compiled, recompute included), before FSDP (hooks stay around).
         apply_compile(module, loss_chunk=not dims.tp_enabled)
-    if dims.fsdp_enabled:
+    # MoE layers need FSDP's gradient reduction also without data parallelism: under tp each rank's tokens
+    # give a partial gradient of the router and experts, summed over the layer's mesh (data x tp ranks).
+    if dims.fsdp_enabled or (moe is not None and moe.layer is not None):
         from parallel.fsdp import apply_fsdp
 
         dp_mesh = mesh["dp_replicate", "dp_shard_cp"] if dims.dp_replicate > 1 else mesh["dp_shard_cp"]
         # Under PP each stage runs several micro-batches back to back: keep parameters gathered between them.
-        apply_fsdp(module, dp_mesh, cfg.trainer.precision, reshard_after_forward=not dims.pp_enabled)
+        apply_fsdp(module, dp_mesh, cfg.trainer.precision, reshard_after_forward=not dims.pp_enabled,
+                   moe_layer_mesh=moe.layer if moe is not None else None,
+                   expert_mesh=moe.experts if moe is not None else None)
 
 
 @torch.no_grad()

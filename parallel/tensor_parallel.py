@@ -27,12 +27,15 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_modul
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
+    PrepareModuleInputOutput,
     PrepareModuleOutput,
     RowwiseParallel,
     SequenceParallel,
     loss_parallel,
     parallelize_module,
 )
+
+from trainer.model.moe import MoELayer
 
 
 # Set on a model by apply_tensor_parallel; read by loss_context. An attribute (not a parameter or buffer),
@@ -100,10 +103,20 @@ def _layer_plan(layer: nn.Module, sequence_parallel: bool) -> dict[str, Parallel
         "self_attention.linear_qkv": ColwiseParallel(input_layouts=seq),
         "self_attention.linear_proj": RowwiseParallel(output_layouts=seq),
         "pre_mlp_layernorm": _norm_style(sequence_parallel),
-        "mlp.linear_fc1_gate": ColwiseParallel(input_layouts=seq),
-        "mlp.linear_fc1_up": ColwiseParallel(input_layouts=seq),
-        "mlp.linear_fc2": RowwiseParallel(output_layouts=seq),
     }
+    if isinstance(layer.mlp, MoELayer):
+        # An MoE layer is not split over tp: under sequence parallelism (required, parallel/dims.py) each rank
+        # routes its own S/tp tokens through whole experts, like a data-parallel rank; its weights stay plain
+        # tensors that FSDP shards over data x tp ranks (parallel/expert_parallel.py).
+        plan["mlp"] = PrepareModuleInputOutput(
+            input_layouts=(Shard(1), None), desired_input_layouts=(Shard(1), None), use_local_input=True,
+            output_layouts=Shard(1), desired_output_layouts=Shard(1))
+    else:
+        plan.update({
+            "mlp.linear_fc1_gate": ColwiseParallel(input_layouts=seq),
+            "mlp.linear_fc1_up": ColwiseParallel(input_layouts=seq),
+            "mlp.linear_fc2": RowwiseParallel(output_layouts=seq),
+        })
     if layer.self_attention.q_layernorm is not None:
         # Qwen3's per-head norms see this rank's heads, [B, S, heads_local, hd]: declaring dim 2 sharded
         # makes the weight a Replicate DTensor whose gradient (a partial sum over local heads) is summed

@@ -152,6 +152,9 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     cp: int = 1
+    # Expert parallelism (MoE models): each expert lives on one of ep ranks carved from dp_shard x cp (a multiple
+    # of cp dividing dp_shard x cp; it adds no ranks); tokens travel to their experts by all-to-all.
+    ep: int = 1
     # Sequences per forward/backward on one data-parallel rank; the global batch is reached by accumulation.
     microbatch_size: int = 1
     # Pipeline schedule (see PP_SCHEDULES); interleaved_* need pp_virtual_stages >= 2, zbv exactly 2.
@@ -170,7 +173,7 @@ class ParallelConfig:
 
     def validate(self) -> None:
         _one_of("parallel.fsdp_grad_sync", self.fsdp_grad_sync, ("every_microbatch", "last_microbatch"))
-        for name in ("dp_replicate", "tp", "pp", "cp", "microbatch_size", "pp_virtual_stages"):
+        for name in ("dp_replicate", "tp", "pp", "cp", "ep", "microbatch_size", "pp_virtual_stages"):
             _require(getattr(self, name) >= 1, f"parallel.{name}={getattr(self, name)} must be >= 1")
         _one_of("parallel.pp_schedule", self.pp_schedule, PP_SCHEDULES)
         _one_of("parallel.activation_checkpoint", self.activation_checkpoint, ("none", "full", "selective"))

@@ -164,11 +164,13 @@ def step_totals(local_sum: torch.Tensor, grad_norm: torch.Tensor, doc_loss: Opti
     the mesh, with the (already global) grad norm appended."""
     device, f64 = local_sum.device, torch.float64
     sums = [doc_loss.sums, doc_loss.counts] if doc_loss is not None else []
-    router = step_router_totals(pm.modules, device)
-    sums += [router] if router is not None else []
+    router = step_router_totals(pm.modules, device, pm.runner.n_microbatches if pm.runner is not None else None)
     token_part = torch.cat([local_sum.detach().to(f64).view(1), *sums])
     host_flags = torch.tensor([float(signalled), *map(float, save_flags)], dtype=f64).to(device, non_blocking=True)
-    rank_part = torch.cat([(~torch.isfinite(local_sum.detach())).to(f64).view(1), host_flags])
+    # Router totals are per rank: under sequence parallelism each tp rank routed its own part of the rows.
+    # They come first, right after the token part, where router_metrics' slice below reads them.
+    rank_part = torch.cat([*([router] if router is not None else []),
+                           (~torch.isfinite(local_sum.detach())).to(f64).view(1), host_flags])
     reduced = sum_tokens_and_ranks(token_part, rank_part, pm.mesh)
     host = torch.cat([reduced, grad_norm.detach().to(device=device, dtype=f64).view(1)]).cpu()
     k = len(doc_loss.keys) if doc_loss is not None else 0

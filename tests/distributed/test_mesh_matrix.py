@@ -28,6 +28,10 @@ TIED = ["model.tie_word_embeddings=true"]
 # batch 4 keeps the dense CPU masks ([4, 1024, 1024] per head) cheap.
 LONG = ["data=sft_chat", "data.seq_len=1024", "trainer.global_batch_size=4"]
 CP2 = ["parallel=fsdp", "parallel.dp_shard=1", "parallel.cp=2"]
+# Qwen3-MoE shaped: every layer 8 experts of width 32, top-2, with the z-loss on, so the auxiliary losses'
+# gradients are part of what each layout must reproduce.
+MOE = ["model.family=qwen3_moe", "model.qk_layernorm=true", "model.moe.num_moe_experts=8",
+       "model.moe.moe_router_topk=2", "model.moe.moe_ffn_hidden_size=32", "model.moe.moe_z_loss_coeff=0.01"]
 
 # (id, ranks, parallel overrides, model/data variant)
 CASES = [
@@ -56,6 +60,12 @@ CASES = [
     # stands in for the 8-rank fsdp2 x tp2 x cp2 and pp2 x tp2 x cp2 (tied) cases it contains, whose 30-45 s
     # each the CI budget could not keep.
     pytest.param("4d_16ranks", 16, ["parallel=4d_16ranks"], TIED, marks=pytest.mark.slow),
+    # Expert parallelism over 2 of the data ranks, with the experts FSDP-sharded over the other 2, with TP (+SP),
+    # with PP, and with CP (the ep group is the cp pair: each row's halves are routed by different ranks).
+    ("ep2_fsdp2", 4, ["parallel=fsdp", "parallel.ep=2"], MOE),
+    ("ep2_tp2", 4, ["parallel=tp2", "parallel.ep=2"], MOE),
+    ("ep2_pp2", 4, ["parallel=fsdp", "parallel.pp=2", "parallel.ep=2"], MOE),
+    ("ep2_cp2", 2, [*CP2, "parallel.ep=2"], MOE),
 ]
 
 

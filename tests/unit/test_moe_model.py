@@ -260,21 +260,55 @@ def test_one_transfer_per_step_and_moe_metrics(tmp_path, compose):
     assert rows[0]["moe_imbalance_layer"] in (0, 1)
 
 
-@pytest.mark.parametrize("override, world, message", [
-    ("parallel.tp=2", 2, r"run on one process or with data parallelism .* not with parallel.tp=2"),
-    ("parallel.pp=2", 2, r"not with parallel.pp=2"),
-    ("parallel.cp=2", 2, r"not with parallel.cp=2"),
-    ("parallel.compile=true", 1, r"parallel.compile=true with an MoE model needs trainer.precision=bf16 \(got fp32\)"),
+@pytest.mark.parametrize("overrides, world, message", [
+    (["parallel.tp=2", "parallel.sequence_parallel=false"], 2, r"need parallel.sequence_parallel=true"),
+    (["parallel.cp=2", "model.moe.moe_expert_capacity_factor=1.0"], 2,
+     r"moe_expert_capacity_factor=1.0 ranks each row's assignments on one rank; with parallel.cp=2 and tp=1"),
+    (["parallel.ep=3", "parallel.dp_shard=3"], 3, r"num_moe_experts=4 is not divisible by parallel.ep=3"),
+    (["parallel.ep=2", "parallel.dp_shard=1", "parallel.cp=2"], 2, None),
+    (["parallel.ep=4", "parallel.dp_shard=1", "parallel.cp=2"], 2,
+     r"parallel.ep=4 must be a multiple of parallel.cp=2 and divide dp_shard x cp = 1 x 2 = 2"),
+    (["parallel.ep=2", "parallel.dp_shard=2", "parallel.cp=2"], 4, None),
+    (["parallel.ep=4", "parallel.dp_shard=1", "parallel.cp=4", "data.seq_len=32"], 4, None),
+    (["parallel.ep=2", "parallel.dp_shard=1", "parallel.tp=2"], 2,
+     r"parallel.ep=2 must be a multiple of parallel.cp=1 and divide dp_shard x cp = 1 x 1 = 1"),
+    (["parallel.ep=2", "parallel.dp_shard=2", "parallel.compile=true", "trainer.precision=bf16"], 2,
+     r"parallel.compile=true with an MoE model runs without ep, tp and cp for now \(got ep=2, tp=1, cp=1\)"),
+    (["parallel.compile=true"], 1, r"parallel.compile=true with an MoE model needs trainer.precision=bf16 \(got fp32\)"),
 ])
-def test_layouts_that_cannot_run_moe_yet_are_refused(compose, override, world, message):
+def test_moe_layouts_are_checked_before_any_process_group(compose, overrides, world, message):
     from parallel.dims import ParallelDims, validate_layout
 
-    cfg = compose("model.moe.num_moe_experts=4", "model.num_layers=2", override)
+    cfg = compose("model.moe.num_moe_experts=4", "model.num_layers=2", "trainer.global_batch_size=4",
+                  "parallel.microbatch_size=1", *overrides)
+    if message is None:
+        validate_layout(cfg, ParallelDims.from_config(cfg.parallel, world))
+        return
     with pytest.raises(ConfigError, match=message):
         validate_layout(cfg, ParallelDims.from_config(cfg.parallel, world))
-    fsdp = compose("model.moe.num_moe_experts=4", "parallel.dp_shard=2", "trainer.global_batch_size=4",
-                   "parallel.microbatch_size=2")
-    validate_layout(fsdp, ParallelDims.from_config(fsdp.parallel, 2))  # data parallelism is allowed
+
+
+def test_ep_needs_an_moe_model(compose):
+    from parallel.dims import ParallelDims, validate_layout
+
+    cfg = compose("parallel.ep=2", "parallel.dp_shard=2", "trainer.global_batch_size=4")
+    with pytest.raises(ConfigError, match=r"parallel.ep=2 needs an MoE model"):
+        validate_layout(cfg, ParallelDims.from_config(cfg.parallel, 2))
+
+
+def test_ep_splits_dp_shard_without_moving_ranks():
+    """ep carves dp_shard_in_ep x cp out of dp_shard x cp; the ranks keep their places (row-major)."""
+    from parallel.dims import EP_FLAT_VIEWS, ParallelDims
+
+    dims = ParallelDims(dp_replicate=1, dp_shard=4, tp=2, pp=1, cp=2, world_size=16, ep=4)
+    sizes, views = dims.mesh_axes()
+    assert sizes == {"pp": 1, "dp_replicate": 1, "dp_shard_mod_ep": 2, "dp_shard_in_ep": 2, "cp": 2, "tp": 2}
+    assert views is EP_FLAT_VIEWS and views["ep"] == ("dp_shard_in_ep", "cp")
+    assert dims.expert_shard == 2
+    import math
+
+    assert math.prod(sizes.values()) == 16
+    assert ParallelDims.single().mesh_axes()[0] == ParallelDims.single().degrees()
 
 
 def test_flops_count_active_parameters():

@@ -109,7 +109,7 @@ class GPTModel(nn.Module):
         # and the step's router totals in training mode (trainer/model/moe.py start_router_step,
         # step_router_totals). Plain attributes too.
         self.moe_rows_per_step: Optional[int] = None
-        self.router_totals: Optional[torch.Tensor] = None
+        self.router_records: list[torch.Tensor] = []  # one [MoE layers, E + 3] per training forward
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
@@ -197,11 +197,16 @@ class GPTModel(nn.Module):
     @torch.no_grad()
     def _add_router_totals(self, router: RouterStats, device: torch.device) -> None:
         m = self.config.moe
-        if self.router_totals is None:
-            self.router_totals = torch.zeros(len(m.moe_layers(self.config.num_layers)),
-                                             m.num_moe_experts + EXTRA_COLUMNS, dtype=torch.float64, device=device)
+        record = torch.zeros(len(m.moe_layers(self.config.num_layers)), m.num_moe_experts + EXTRA_COLUMNS,
+                             dtype=torch.float64, device=device)
         for index, values in router.records.items():
-            self.router_totals[index] += values
+            record[index] += values
+        self.router_records.append(record)
+
+    @property
+    def router_totals(self) -> Optional[torch.Tensor]:
+        """The sum of this step's training forwards' router records (None before the first)."""
+        return torch.stack(self.router_records).sum(0) if self.router_records else None
 
     def token_losses(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Per-token cross-entropy (fp32, shaped like labels) of the final-normed hidden state, computed

@@ -48,11 +48,13 @@ reports is untouched, and a pipeline stage's layers get their share without the 
 
 from __future__ import annotations
 
-from typing import Optional
+from functools import partial
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor, Partial, Replicate
 
 from trainer.config import ModelConfig
 from trainer.model.layers import SwiGLUMLP
@@ -114,14 +116,23 @@ class GroupedLinear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))
 
+    def local_weight(self) -> torch.Tensor:
+        """The experts this rank computes: all of them, or under expert parallelism its Shard(0) of the
+        DTensor. The gradient is this rank's shard of the gradient; along a Replicate mesh axis (tp, whose
+        ranks route different tokens under sequence parallelism) it is a partial sum."""
+        w = self.weight
+        if not isinstance(w, DTensor):
+            return w
+        return w.to_local(grad_placements=[Partial() if isinstance(p, Replicate) else p for p in w.placements])
+
     def grouped(self, x: torch.Tensor, offsets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         # weight[e]^T is a transposed view: the column-major operand _grouped_mm takes without a copy.
-        return torch._grouped_mm(x.to(dtype), self.weight.to(dtype).transpose(-2, -1), offs=offsets)
+        return torch._grouped_mm(x.to(dtype), self.local_weight().to(dtype).transpose(-2, -1), offs=offsets)
 
     def looped(self, x: torch.Tensor, ends: list[int]) -> torch.Tensor:
-        parts, start = [], 0
+        parts, start, weight = [], 0, self.local_weight()
         for e, end in enumerate(ends):
-            parts.append(F.linear(x[start:end], self.weight[e]))
+            parts.append(F.linear(x[start:end], weight[e]))
             start = end
         return torch.cat(parts)
 
@@ -134,6 +145,10 @@ class GroupedExperts(nn.Module):
         self.linear_fc1_gate = GroupedLinear(num_experts, hidden_size, ffn_hidden_size)
         self.linear_fc1_up = GroupedLinear(num_experts, hidden_size, ffn_hidden_size)
         self.linear_fc2 = GroupedLinear(num_experts, ffn_hidden_size, hidden_size)
+        # Expert parallelism sets this (parallel/expert_parallel.py): dispatcher(xs, counts, compute) moves the
+        # expert-sorted rows to the ranks holding their experts, runs compute(rows, local counts, host ends or
+        # None) there and brings the results back in xs's order. None: every expert is on this rank.
+        self.dispatcher: Optional[Callable] = None
 
     def forward(self, x: torch.Tensor, top_i: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor,
                 grouped: bool) -> torch.Tensor:
@@ -142,20 +157,25 @@ class GroupedExperts(nn.Module):
         n, k = top_i.shape
         order = torch.argsort(top_i.flatten(), stable=True)  # assignments grouped by expert, tokens in order
         xs = x.index_select(0, order // k)
-        ends = counts.cumsum(0)
-        if grouped:
-            offsets, dtype = ends.to(torch.int32), compute_dtype(x)
-            gate = self.linear_fc1_gate.grouped(xs, offsets, dtype)
-            h = F.silu(gate) * self.linear_fc1_up.grouped(xs, offsets, dtype)
-            ys = self.linear_fc2.grouped(h, offsets, dtype)
-        else:
-            host_ends = ends.tolist()
-            h = F.silu(self.linear_fc1_gate.looped(xs, host_ends)) * self.linear_fc1_up.looped(xs, host_ends)
-            ys = self.linear_fc2.looped(h, host_ends)
+        compute = partial(self.compute, grouped=grouped, dtype=compute_dtype(x))
+        ys = compute(xs, counts, None) if self.dispatcher is None else self.dispatcher(xs, counts, compute)
         # A gather by the inverse permutation, not an index_add: deterministic, no atomics on CUDA.
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(n * k, device=order.device))
         y = ys.index_select(0, inverse).view(n, k, -1)
         return (y * weights.unsqueeze(-1).to(y.dtype)).sum(dim=1)
+
+    def compute(self, xs: torch.Tensor, counts: torch.Tensor, host_ends: Optional[list[int]], grouped: bool,
+                dtype: torch.dtype) -> torch.Tensor:
+        """Rows sorted by (this rank's) expert, counts [local experts] -> each row through its expert. The loop
+        needs the group ends on the host: given (a dispatcher read them already) or read here."""
+        if grouped:
+            offsets = counts.cumsum(0).to(torch.int32)
+            gate = self.linear_fc1_gate.grouped(xs, offsets, dtype)
+            h = F.silu(gate) * self.linear_fc1_up.grouped(xs, offsets, dtype)
+            return self.linear_fc2.grouped(h, offsets, dtype)
+        ends = counts.cumsum(0).tolist() if host_ends is None else host_ends
+        h = F.silu(self.linear_fc1_gate.looped(xs, ends)) * self.linear_fc1_up.looped(xs, ends)
+        return self.linear_fc2.looped(h, ends)
 
 
 class SharedExperts(SwiGLUMLP):
@@ -188,6 +208,10 @@ class MoELayer(nn.Module):
             SharedExperts(cfg.hidden_size, m.moe_shared_expert_intermediate_size, m.moe_shared_expert_gate)
             if m.moe_shared_expert_intermediate_size else None)
         self.grouped_gemm = m.moe_grouped_gemm
+        # Set by parallel/ when each row's tokens are spread over several ranks (context and sequence
+        # parallelism): how many ranks hold a piece of every row, and a function summing a tensor over them.
+        self.row_shards = 1
+        self.sum_over_row: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
     def forward(self, x: torch.Tensor, stats: Optional[RouterStats] = None) -> torch.Tensor:
         """x [B, S, H] -> [B, S, H]; records this forward's router numbers in ``stats`` and attaches the
@@ -203,8 +227,10 @@ class MoELayer(nn.Module):
         row_key = (rows.unsqueeze(1) * E + top_i).flatten()  # (row, expert) of every assignment
         row_counts = torch.zeros(B * E, dtype=torch.int64, device=x.device).scatter_add_(
             0, row_key, torch.ones_like(row_key))
+        row_len = S * self.row_shards  # tokens of a whole row: the statistics are the row's
+        row_total = row_counts if self.sum_over_row is None else self.sum_over_row(row_counts)
         weights, dropped = top_p, torch.zeros((), dtype=torch.float64, device=x.device)
-        capacity = self.capacity(S)
+        capacity = self.capacity(row_len)
         if capacity is not None:
             keep = capacity_keep(row_key, top_p.flatten(), row_counts, capacity, self.drop_policy).view_as(top_p)
             weights, dropped = top_p * keep, (~keep).sum().double()
@@ -213,8 +239,9 @@ class MoELayer(nn.Module):
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
 
-        aux_rows = switch_aux_rows(probs.view(B, S, E), row_counts.view(B, E), S)
-        z_rows = torch.logsumexp(logits.float(), dim=-1).square().view(B, S).mean(dim=1)
+        # With the row's counts, each rank's share of aux (linear in P) and z sums to the row's over its ranks.
+        aux_rows = switch_aux_rows(probs.view(B, S, E), row_total.view(B, E), row_len)
+        z_rows = torch.logsumexp(logits.float(), dim=-1).square().view(B, S).sum(dim=1) / row_len
         aux, z = aux_rows.sum(), z_rows.sum()
         loss = self.aux_coeff * aux + self.z_coeff * z
         if loss.requires_grad and (self.aux_coeff or self.z_coeff):
@@ -225,8 +252,9 @@ class MoELayer(nn.Module):
 
 
 def switch_aux_rows(probs: torch.Tensor, counts: torch.Tensor, tokens_per_row: int) -> torch.Tensor:
-    """Per-row load-balancing loss E * sum_e f_e P_e: probs [B, S, E], counts [B, E] (top-k assignments of
-    each row's tokens; no gradient), tokens_per_row S (the whole row's, also under context parallelism)."""
+    """Per-row load-balancing loss E * sum_e f_e P_e: probs [B, S, E] (this rank's tokens of each row),
+    counts [B, E] (top-k assignments of each whole row's tokens; no gradient), tokens_per_row S (the whole
+    row's). Where a row is spread over ranks this is the rank's share; the shares sum to the row's loss."""
     f = counts.to(probs.dtype) / tokens_per_row
     p = probs.sum(dim=1) / tokens_per_row
     return probs.shape[-1] * (f * p).sum(dim=-1)
@@ -288,20 +316,23 @@ def start_router_step(modules: list[nn.Module], rows_per_step: int) -> None:
     the step's router totals start from zero."""
     for m in modules:
         if m.config.moe.enabled:
-            m.moe_rows_per_step, m.router_totals = rows_per_step, None
+            m.moe_rows_per_step, m.router_records = rows_per_step, []
 
 
-def step_router_totals(modules: list[nn.Module], device: torch.device) -> Optional[torch.Tensor]:
+def step_router_totals(modules: list[nn.Module], device: torch.device,
+                       forwards: Optional[int] = None) -> Optional[torch.Tensor]:
     """This rank's router totals of the step, fp64 flat [MoE layers x (E + 3)] (every stage on a rank adds its
-    layers' rows; the rows of layers held elsewhere are zero), or None for a dense model."""
+    layers' rows; the rows of layers held elsewhere are zero), or None for a dense model. ``forwards``: count
+    only each module's last that many forwards (a pipeline stage's micro-batches: torch's pipelining runs a
+    metadata-inference forward on uninitialised input before them on a schedule's first step)."""
     cfg = modules[0].config
     if not cfg.moe.enabled:
         return None
     total = torch.zeros(len(cfg.moe.moe_layers(cfg.num_layers)), cfg.moe.num_moe_experts + EXTRA_COLUMNS,
                         dtype=torch.float64, device=device)
     for m in modules:
-        if m.router_totals is not None:
-            total += m.router_totals
+        for record in m.router_records[-forwards if forwards else 0:]:
+            total += record
     return total.flatten()
 
 
