@@ -60,6 +60,9 @@ def prepare(cfg: Config, world_size: int) -> tuple[Config, ParallelDims]:
         )
     dims = ParallelDims.from_config(cfg.parallel, world_size)
     validate_layout(cfg, dims)
+    from checkpoint_convert.hf import hf_config
+
+    hf_config(cfg.model)  # the config.json every checkpoint and the export write: refused now, not at a save
     return cfg, dims
 
 

@@ -168,6 +168,27 @@ def test_resharding_fsdp2_tp2_to_tp2_pp2_single_and_dp4(tmp_path):
     assert not [k for k in keys if "output_layer" in k]
 
 
+def test_moe_resharding_ep2_to_one_process_and_ep4(tmp_path):
+    """An MoE model saved at ep2 (2 ranks, 4 experts each) resumes on one process and at ep4 x 4 ranks (2 experts
+    each): the experts are stored as global [E, ...] tensors, and the step after resume matches (1e-5)."""
+    import torch.distributed.checkpoint as dcp
+
+    moe = ["model.family=qwen3_moe", "model.qk_layernorm=true", "model.moe.num_moe_experts=8", "model.moe.moe_ffn_hidden_size=32",
+           "model.moe.moe_z_loss_coeff=0.01", "trainer.max_steps=4", "trainer.checkpoint.every_steps=3"]
+    run(tmp_path, "ep2", 2, [*FSDP2, "parallel.ep=2", *moe])
+    ref = metrics(tmp_path / "ep2")
+    saved = tmp_path / "ep2" / "checkpoints" / "step_3"
+    keys = dcp.FileSystemReader(str(saved)).read_metadata().state_dict_metadata
+    assert list(keys["model.decoder.layers.0.mlp.experts.linear_fc1_gate.weight"].size) == [8, 32, 64]
+    for name, nproc, parallel in [("ep1", 1, []), ("ep4", 4, [*FSDP2, "parallel.ep=4"])]:
+        log = run(tmp_path, name, nproc, [*parallel, *moe, f"trainer.checkpoint.load_from={saved}"])
+        assert "at step 3" in log
+        got = metrics(tmp_path / name)
+        assert list(got) == [4]
+        for key in ("loss", "moe_aux_loss", "moe_z_loss"):
+            assert got[4][key] == pytest.approx(ref[4][key], rel=1e-5), (name, key)
+
+
 def test_async_commit_waits_for_every_rank_and_survives_sigkill(fsdp_straight):
     """Rank 1's background write is slowed: rank 0, done early, must not commit alone (the ranks agree in the
     step's reduction). The commit still comes before the next save, so SIGKILL after it resumes from step 4."""

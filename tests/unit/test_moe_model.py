@@ -333,3 +333,12 @@ def test_presets_have_the_published_sizes_and_round_trip_through_hf_config(compo
     assert count == pytest.approx(total, rel=1e-3)
     assert matmul_params_per_token(cfg) == pytest.approx(active, rel=1e-3)
     assert model_config_from_hf(hf_config_dict(cfg), dataclasses.replace(cfg, moe=MoEConfig())) == cfg
+
+
+def test_a_family_the_hf_config_cannot_express_is_refused_before_training(compose):
+    """Checkpoints write an HF config.json at every save: a mismatch is refused by prepare, not at step N."""
+    from trainer.loop import prepare
+
+    cfg = compose("model.family=qwen3_moe", "model.moe.num_moe_experts=4", "model.num_layers=2")
+    with pytest.raises(ConfigError, match=r"qk_layernorm=False do not match HF family 'qwen3_moe'"):
+        prepare(cfg, 1)
