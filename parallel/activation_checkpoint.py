@@ -32,6 +32,8 @@ try:  # varlen's op is registered by importing its module; older torch releases 
     _SAVE.add(torch.ops.aten._cudnn_attention_forward.default)
 except (ImportError, AttributeError):
     pass
+if hasattr(torch.ops.aten, "_grouped_mm"):  # the MoE expert GEMMs (trainer/model/moe.py), where torch has it
+    _SAVE.add(torch.ops.aten._grouped_mm.default)
 
 
 def _policy(ctx, op, *args, **kwargs):

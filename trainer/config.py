@@ -534,13 +534,15 @@ def validate_config(cfg: Config) -> None:
 
 # ------------------------------------------------------------------------------------------- secrets
 
-_SECRET_WORDS = {"token", "secret", "password", "passwd", "credential", "credentials", "apikey"}
+_SECRET_WORDS = {"secret", "password", "passwd", "credential", "credentials", "apikey"}
 
 
 def is_secret_key(key: str) -> bool:
-    """api keys, tokens, passwords... judged by whole words, so 'tokenizer' or 'max_tokens' are kept."""
+    """api keys, tokens, passwords... judged by whole words, so 'tokenizer' or 'max_tokens' are kept; 'token'
+    only as the last word (hf_token, auth_token), so settings about tokens (moe_token_drop_policy) are kept."""
     k = str(key).lower()
-    return "api_key" in k or "access_key" in k or bool(_SECRET_WORDS & set(re.split(r"[_\-.]", k)))
+    words = re.split(r"[_\-.]", k)
+    return "api_key" in k or "access_key" in k or bool(_SECRET_WORDS & set(words)) or words[-1] == "token"
 
 
 def redact_secrets(node: Any) -> Any:

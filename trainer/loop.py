@@ -317,12 +317,21 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 
 def cfg_param_count(cfg: Config) -> int:
-    """Parameters of the unpadded model, from its shape alone (no rank holds all of them)."""
+    """Parameters of the unpadded model, from its shape alone (no rank holds all of them). An MoE layer
+    counts all E experts (the memory a run holds), not the top-k a token uses (trainer/flops.py counts those)."""
     m = cfg.model
-    hd, q, kv = m.head_dim, m.num_attention_heads, m.num_query_groups
-    attn = m.hidden_size * (q + 2 * kv) * hd + q * hd * m.hidden_size
+    h, hd, q, kv = m.hidden_size, m.head_dim, m.num_attention_heads, m.num_query_groups
+    attn = h * (q + 2 * kv) * hd + q * hd * h
     attn += (q + 2 * kv) * hd if m.add_qkv_bias else 0
     attn += 2 * hd if m.qk_layernorm else 0
-    layer = attn + 3 * m.hidden_size * m.ffn_hidden_size + 2 * m.hidden_size
-    heads = m.vocab_size * m.hidden_size * (1 if m.tie_word_embeddings else 2)
-    return m.num_layers * layer + heads + m.hidden_size
+    dense_mlp = 3 * h * m.ffn_hidden_size
+    moe, moe_layers, moe_mlp = m.moe, 0, 0
+    if moe.enabled:
+        moe_layers = len(moe.moe_layers(m.num_layers))
+        shared = moe.moe_shared_expert_intermediate_size or 0
+        moe_mlp = (moe.num_moe_experts * h  # router
+                   + moe.num_moe_experts * 3 * h * moe.expert_ffn(m.ffn_hidden_size)  # stacked gate, up, down
+                   + 3 * h * shared + (h if moe.moe_shared_expert_gate else 0))
+    mlps = (m.num_layers - moe_layers) * dense_mlp + moe_layers * moe_mlp
+    heads = m.vocab_size * h * (1 if m.tie_word_embeddings else 2)
+    return m.num_layers * (attn + 2 * h) + mlps + heads + h

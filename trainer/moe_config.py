@@ -55,7 +55,7 @@ class MoEConfig:
     # None: dropless (every assignment computed).
     moe_expert_capacity_factor: Optional[float] = None
     # Which assignments a full expert drops: the lowest router probabilities (probs) or the latest tokens.
-    # megatron-core's moe_token_drop_policy; a key with the word "token" would be redacted as a secret.
+    # megatron-core's moe_token_drop_policy.
     moe_drop_policy: str = "probs"
     # torch._grouped_mm for the expert matmuls where the device and dtype have it; false: a loop over experts.
     moe_grouped_gemm: bool = True

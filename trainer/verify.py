@@ -2,11 +2,12 @@
 
 Checks that *your* parallel layout computes what a single process computes, before you spend GPU hours on
 it. It shrinks your model to a tiny copy with the same structure (family, GQA ratio, tied embeddings, qkv
-bias, qk-norm, sliding window) and sizes that still satisfy your mesh, trains it for `verify.steps` steps
-with your parallel config and data, then rank 0 trains the same tiny model on one process, and compares:
-the loss at every step (relative difference, at most `verify.tolerance`) and the final parameters (absolute
-difference, at most 10 x `verify.tolerance`: Adam turns float noise in near-zero gradients into slightly
-larger parameter noise). Exits 1 above either.
+bias, qk-norm, sliding window; for MoE the routing, shared expert and dense/MoE layer pattern) and sizes
+that still satisfy your mesh, trains it for `verify.steps` steps with your parallel config and data, then
+rank 0 trains the same tiny model on one process, and compares: the loss at every step (relative
+difference, at most `verify.tolerance`) and the final parameters (absolute difference, at most
+10 x `verify.tolerance`: Adam turns float noise in near-zero gradients into slightly larger parameter
+noise). Exits 1 above either.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import math
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import hydra
 import torch.distributed as dist
@@ -26,6 +28,7 @@ from parallel.dims import ParallelDims
 from trainer.config import HYDRA_MAIN, Config, ConfigError, ModelConfig, ParallelConfig, to_config
 from trainer.distributed import RankInfo, broadcast_str, rank_info
 from trainer.entry import exit_config_error, run_hydra
+from trainer.moe_config import MoEConfig
 
 HEAD_DIM = 16
 
@@ -37,12 +40,52 @@ def shrink_model(m: ModelConfig, dims: ParallelDims, virtual_stages: int) -> Mod
     heads = groups * heads_per_group
     hidden = 64  # independent of heads x head_dim: kv_channels is set explicitly
     ffn = dims.tp * math.ceil(2 * hidden / dims.tp)
+    layers = dims.pp * virtual_stages * (1 if dims.pp > 1 else 2)
     return dataclasses.replace(
         m, name=f"{m.name}-verify", hf_path=None, hidden_size=hidden, ffn_hidden_size=ffn,
-        num_layers=dims.pp * virtual_stages * (1 if dims.pp > 1 else 2), num_attention_heads=heads,
+        num_layers=layers, num_attention_heads=heads,
         num_query_groups=groups, kv_channels=HEAD_DIM, init_std=0.02,
         sliding_window=(8 if m.sliding_window else None),
+        moe=shrink_moe(m.moe, layers, dims, hidden),
     )
+
+
+def shrink_moe(moe: MoEConfig, num_layers: int, dims: ParallelDims, hidden: int) -> MoEConfig:
+    """The user's MoE structure (top-k > 1 or not, shared expert and its gate, dense layers among MoE ones,
+    routing, capacity, losses) at a tiny size: top-k at most 2, at most 4 experts but at least one more than
+    top-k where the user's model has more (so routing still chooses), rounded up to a multiple of the
+    expert-parallel degree; experts
+    half the dense width (unless the user's use the dense width, as Mixtral's do); moe_layer_freq cut to
+    num_layers with at least one MoE layer, and a dense one too where the user's model has one."""
+    if not moe.enabled:
+        return moe
+    E, k = moe.num_moe_experts, moe.moe_router_topk
+    topk = min(k, 2)
+    experts = min(E, max(4, topk + 1))
+    ep = dims.ep  # experts divide evenly over the expert-parallel ranks, as the user's do
+    experts = ep * math.ceil(experts / ep)
+    width = dims.tp * math.ceil(hidden // 2 / dims.tp)
+    return dataclasses.replace(
+        moe, num_moe_experts=experts, moe_router_topk=topk,
+        moe_ffn_hidden_size=width if moe.moe_ffn_hidden_size is not None else None,
+        moe_shared_expert_intermediate_size=2 * width if moe.moe_shared_expert_intermediate_size else None,
+        moe_layer_freq=_shrink_layer_freq(moe.moe_layer_freq, num_layers),
+    )
+
+
+def _shrink_layer_freq(freq: Optional[list[int]], num_layers: int) -> Optional[list[int]]:
+    """The first num_layers entries of the user's pattern (keeps "first k dense" and periodic patterns), with
+    the last layer made MoE if none is, and the first made dense if the user's model has a dense layer and
+    the cut lost it (with two layers or more)."""
+    if freq is None:
+        return None
+    small = [int(f) for f in list(freq)[:num_layers]]
+    small += [1] * (num_layers - len(small))
+    if 1 not in small:
+        small[-1] = 1
+    if 0 in freq and 0 not in small and num_layers > 1:
+        small[0] = 0
+    return small
 
 
 def shrink(cfg: Config, dims: ParallelDims, tokenizer_len: int, out: Path) -> Config:

@@ -15,7 +15,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 STEPS = 3
 CUDA_MOE = ["model.hidden_size=64", "model.ffn_hidden_size=128", "model.num_layers=2", "model.num_attention_heads=4",
-            "model.num_query_groups=2", "model.moe.num_moe_experts=8", "model.moe.moe_router_topk=2",
+            "model.num_query_groups=2", "model.family=mixtral", "model.moe.num_moe_experts=8",
+            "model.moe.moe_router_topk=2",
             "model.moe.moe_ffn_hidden_size=64", "model.moe.moe_z_loss_coeff=0.001", "data.seq_len=64",
             "trainer.global_batch_size=8", "parallel.microbatch_size=2", f"trainer.max_steps={STEPS}",
             "trainer.eval_every=0", "logging.wandb=false", "trainer.export_hf=false", "trainer.device=cuda",

@@ -95,6 +95,11 @@ def test_redaction_removes_secrets_everywhere():
     assert red["logging"] == {"wandb_api_key": "<redacted>", "wandb_project": "p"}
     assert red["x"][0]["hf_token"] == "<redacted>"
     assert red["tokenizer"] == "/path"  # a path, not a secret: 'tokenizer' is not a secret-looking key
+    from trainer.config import is_secret_key
+
+    # "token" is a secret as the name's last word only: settings about tokens are not.
+    assert [is_secret_key(k) for k in ("token", "auth_token", "HF-TOKEN", "moe_token_drop_policy",
+                                       "moe_token_dispatcher_type", "max_tokens")] == [True] * 3 + [False] * 3
     assert plain["logging"]["wandb_api_key"] == "abc123"  # the input is not modified
 
 

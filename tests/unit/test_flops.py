@@ -30,6 +30,20 @@ def test_hand_computed_step():
     assert step_flops(SMALL, IDS) == 6 * 1408 * 11 + 5760 == 98688
 
 
+def test_moe_counts_active_parameters_by_hand():
+    from trainer.moe_config import MoEConfig
+
+    moe = dataclasses.replace(SMALL, moe=MoEConfig(num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=8,
+                                                   moe_shared_expert_intermediate_size=4,
+                                                   moe_shared_expert_gate=True, moe_layer_freq=[0, 1]))
+    # layer 0 as above (576); layer 1: attention 192 + router 8 * 4 = 32 + top-2 experts 2 * 3 * 8 * 8 = 384
+    # + shared expert 3 * 8 * 4 = 96 + its gate row 8 -> 712 (all 4 experts would be 1480); output layer 256
+    assert matmul_params_per_token(moe) == 576 + 712 + 256 == 1544
+    assert step_flops(moe, IDS) == 6 * 1544 * 11 + 5760
+    every = dataclasses.replace(moe, moe=dataclasses.replace(moe.moe, moe_layer_freq=None))
+    assert matmul_params_per_token(every) == 2 * 712 + 256
+
+
 def test_output_layer_counted_when_tied_and_padded():
     tied = dataclasses.replace(SMALL, tie_word_embeddings=True)
     assert matmul_params_per_token(tied) == matmul_params_per_token(SMALL)

@@ -54,7 +54,7 @@ def test_config_errors_name_the_values(moe, message):
 
 
 def test_no_moe_key_reads_as_a_secret():
-    """config.yaml redacts keys with words like "token": megatron-core's moe_token_drop_policy is moe_drop_policy."""
+    """config.yaml redacts secret-looking keys (trainer.config.is_secret_key): no MoE setting may look like one."""
     from trainer.config import is_secret_key
 
     assert [f.name for f in dataclasses.fields(MoEConfig) if is_secret_key(f.name)] == []
@@ -243,7 +243,7 @@ def test_one_transfer_per_step_and_moe_metrics(tmp_path, compose):
     from tests.sync_counter import counted_train
 
     base = ["model.hidden_size=32", "model.ffn_hidden_size=64", "model.num_layers=2", "model.num_attention_heads=4",
-            "model.num_query_groups=2", "model.moe.num_moe_experts=4", "model.moe.moe_ffn_hidden_size=32",
+            "model.num_query_groups=2", "model.family=mixtral", "model.moe.num_moe_experts=4", "model.moe.moe_ffn_hidden_size=32",
             "model.moe.moe_z_loss_coeff=0.001", "data.seq_len=32", "trainer.global_batch_size=4",
             "parallel.microbatch_size=2", "trainer.max_steps=2", "trainer.eval_every=0", "logging.wandb=false",
             "trainer.export_hf=false", "trainer.device=cpu", f"data.cache_dir={tmp_path / 'cache'}"]
