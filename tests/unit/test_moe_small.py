@@ -150,7 +150,6 @@ def test_shrunk_moe_keeps_shared_experts_and_small_topk():
     few.validate()
 
 
-@pytest.mark.skipif("ep" not in {f.name for f in dataclasses.fields(ParallelDims)}, reason="no parallel.ep yet")
 @pytest.mark.parametrize("ep, dp_shard, experts", [(2, 2, 4), (8, 8, 8), (4, 8, 4)])
 def test_shrunk_moe_splits_over_expert_parallel_ranks(compose, ep, dp_shard, experts):
     big = compose("model=qwen3_30b_a3b", "data.seq_len=1024").model
