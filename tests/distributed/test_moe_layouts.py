@@ -1,6 +1,7 @@
-"""An MoE model (Qwen3-MoE, 8 experts, top-2, from an HF checkpoint) gives one process's loss, router metrics
-and gradients after one step at each layout: expert parallelism alone and with FSDP, TP (+SP), PP and CP, and
-the MoE layer under TP and CP without ep. Each rank also holds exactly its experts of the checkpoint."""
+"""MoE models from HF checkpoints (Qwen3-MoE: 8 experts, top-2; Mixtral: 4 experts; Qwen2-MoE: 4 experts and a
+gated shared expert) give one process's loss, router metrics and gradients after one step at each layout:
+expert parallelism alone and with FSDP, HSDP, TP (+SP), PP, CP and FSDP x TP, and the MoE layer under TP and
+CP without ep. Each rank also holds exactly its slice of the experts as one process reads them."""
 
 from __future__ import annotations
 
@@ -15,18 +16,19 @@ from trainer.loss import IGNORE_INDEX, count_valid
 
 pytestmark = pytest.mark.distributed
 
-ROWS, SEQ, EXPERTS = 4, 16, 8
+ROWS, SEQ = 4, 16
 
-# (id, world size, parallel settings)
+# (id, world size, parallel settings, tests/tiny_hf.py model). ep2 x fsdp2, x tp2, x pp2 and x cp2 train 3 steps
+# in the layout matrix (test_mesh_matrix.py); these check one step's gradients and router metrics exactly.
 LAYOUTS = [
-    ("ep2", 2, dict(dp_shard=2, ep=2)),
-    ("ep2_fsdp2", 4, dict(dp_shard=4, ep=2)),
-    ("ep2_hsdp", 4, dict(dp_replicate=2, dp_shard=2, ep=2)),
-    ("ep2_tp2", 4, dict(dp_shard=2, ep=2, tp=2)),
-    ("ep2_pp2", 4, dict(dp_shard=2, ep=2, pp=2)),
-    ("ep2_cp2", 2, dict(dp_shard=1, cp=2, ep=2)),
-    ("tp2", 2, dict(dp_shard=1, tp=2)),
-    ("cp2", 2, dict(dp_shard=1, cp=2)),
+    ("ep2", 2, dict(dp_shard=2, ep=2), "qwen3-moe"),
+    ("ep2_hsdp", 4, dict(dp_replicate=2, dp_shard=2, ep=2), "qwen3-moe"),
+    ("tp2", 2, dict(dp_shard=1, tp=2), "qwen3-moe"),
+    ("cp2", 2, dict(dp_shard=1, cp=2), "qwen3-moe"),
+    # ep x fsdp x tp: 8 ranks, each expert on one ep rank of its tp coordinate and sharded over 2 more.
+    ("qwen3_moe_ep2_fsdp2_tp2", 8, dict(dp_shard=4, ep=2, tp=2), "qwen3-moe"),
+    ("mixtral_ep2_fsdp2_tp2", 8, dict(dp_shard=4, ep=2, tp=2), "mixtral"),
+    ("qwen2_moe_shared_ep2_tp2", 4, dict(dp_shard=2, ep=2, tp=2), "qwen2-moe-shared"),
 ]
 
 
@@ -88,22 +90,25 @@ def _ranks(rank: int, world: int, hf_dir: str, parallel: dict):
 
 @pytest.fixture(scope="module")
 def moe_checkpoint(tmp_path_factory):
-    from safetensors import safe_open
-
+    """(HF dir, the single-process step) per tiny_hf model, made on first use."""
     from tests.tiny_hf import tiny_hf_model
 
-    hf_dir = tmp_path_factory.mktemp("moe") / "hf"
-    tiny_hf_model("qwen3-moe").save_pretrained(hf_dir)
-    with safe_open(str(hf_dir / "model.safetensors"), "pt") as f:
-        gates = torch.stack([f.get_tensor(f"model.layers.0.mlp.experts.{e}.gate_proj.weight")
-                             for e in range(EXPERTS)])
-    return str(hf_dir), gates, _one_step(str(hf_dir), 1, dict(dp_shard=1), ROWS)
+    made: dict[str, tuple] = {}
+
+    def get(model: str):
+        if model not in made:
+            hf_dir = tmp_path_factory.mktemp("moe") / model
+            tiny_hf_model(model).save_pretrained(hf_dir)
+            made[model] = str(hf_dir), _one_step(str(hf_dir), 1, dict(dp_shard=1), ROWS)
+        return made[model]
+
+    return get
 
 
-@pytest.mark.parametrize("name,world,parallel", LAYOUTS, ids=[c[0] for c in LAYOUTS])
-def test_moe_layout_matches_one_process(moe_checkpoint, name, world, parallel):
-    hf_dir, gates, reference = moe_checkpoint
-    ref_loss, ref_norm, ref_moe, ref_grads, _ = reference
+@pytest.mark.parametrize("name,world,parallel,model", LAYOUTS, ids=[c[0] for c in LAYOUTS])
+def test_moe_layout_matches_one_process(moe_checkpoint, name, world, parallel, model):
+    hf_dir, reference = moe_checkpoint(model)
+    ref_loss, ref_norm, ref_moe, ref_grads, (_, all_experts) = reference
     results = run_ranks(world, _ranks, hf_dir, parallel)
     merged: dict[str, torch.Tensor] = {}
     for loss, norm, moe, grads, held in results:
@@ -115,7 +120,9 @@ def test_moe_layout_matches_one_process(moe_checkpoint, name, world, parallel):
         if held is not None:
             region, values = held
             box = tuple(slice(a, b) for a, b in region) if region is not None else slice(None)
-            assert torch.equal(values, gates[box]), f"{name}: a rank holds the wrong experts"
+            assert torch.equal(values, all_experts[box]), f"{name}: a rank holds the wrong experts"
+    ep = parallel.get("ep", 1)
+    assert all(r[4][1].shape[0] <= all_experts.shape[0] // ep for r in results)  # E/ep experts or fewer a rank
     assert merged.keys() == ref_grads.keys()
     for key, g in ref_grads.items():
         ours = merged[key][:g.shape[0]]  # tp pads the vocabulary to a multiple of 128 x tp
