@@ -53,12 +53,11 @@ CASES = [
     pytest.param("tp2_cp2_seq1024_packed", 4, ["parallel=tp2_cp2"], LONG, marks=pytest.mark.slow),
     ("fsdp2_ac_full", 2, ["parallel=fsdp", "parallel.activation_checkpoint=full"], []),
     ("fsdp2_ac_selective", 2, ["parallel=fsdp", "parallel.activation_checkpoint=selective"], []),
-    pytest.param("pp2_fsdp2_tp2", 8, ["parallel=pp2_fsdp2_tp2"], [], marks=pytest.mark.slow),
     # All four axes (dp_shard 2 x pp 2 x cp 2 x tp 2): seq_len 32 divides by 2 x cp x tp = 8; the global batch
     # of 8 gives each of the 2 data ranks 2 micro-batches of 2, the 2 that 1F1B needs over 2 stages. On 2 cores
     # it takes about a minute, most of it 16 interpreters importing torch at once. With tied embeddings it also
-    # stands in for the 8-rank fsdp2 x tp2 x cp2 and pp2 x tp2 x cp2 (tied) cases it contains, whose 30-45 s
-    # each the CI budget could not keep.
+    # stands in for the 8-rank fsdp2 x tp2 x cp2, pp2 x tp2 x cp2 (tied) and pp2 x fsdp2 x tp2 cases it contains,
+    # whose 30-45 s each the CI budget could not keep.
     pytest.param("4d_16ranks", 16, ["parallel=4d_16ranks"], TIED, marks=pytest.mark.slow),
     # Expert parallelism over 2 of the data ranks, with the experts FSDP-sharded over the other 2, with TP (+SP),
     # with PP, and with CP (the ep group is the cp pair: each row's halves are routed by different ranks).
