@@ -21,7 +21,8 @@ ROWS, SEQ = 4, 16
 # (id, world size, parallel settings, tests/tiny_hf.py model). ep2 x fsdp2, x tp2, x pp2 and x cp2 train 3 steps
 # in the layout matrix (test_mesh_matrix.py); these check one step's gradients and router metrics exactly.
 LAYOUTS = [
-    ("ep2", 2, dict(dp_shard=2, ep=2), "qwen3-moe"),
+    # Full recompute replays the dispatcher's all-to-alls in backward.
+    ("ep2_ac_full", 2, dict(dp_shard=2, ep=2, activation_checkpoint="full"), "qwen3-moe"),
     ("ep2_hsdp", 4, dict(dp_replicate=2, dp_shard=2, ep=2), "qwen3-moe"),
     ("tp2", 2, dict(dp_shard=1, tp=2), "qwen3-moe"),
     ("cp2", 2, dict(dp_shard=1, cp=2), "qwen3-moe"),

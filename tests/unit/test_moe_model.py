@@ -275,6 +275,9 @@ def test_one_transfer_per_step_and_moe_metrics(tmp_path, compose):
     (["parallel.ep=2", "parallel.dp_shard=2", "parallel.compile=true", "trainer.precision=bf16"], 2,
      r"parallel.compile=true with an MoE model runs without ep, tp and cp for now \(got ep=2, tp=1, cp=1\)"),
     (["parallel.compile=true"], 1, r"parallel.compile=true with an MoE model needs trainer.precision=bf16 \(got fp32\)"),
+    (["parallel.ep=2", "parallel.dp_shard=2", "parallel.activation_checkpoint=selective"], 2,
+     r"activation_checkpoint=selective does not run with parallel.ep=2 yet; use parallel.activation_checkpoint=full"),
+    (["parallel.ep=2", "parallel.dp_shard=2", "parallel.activation_checkpoint=full"], 2, None),
 ])
 def test_moe_layouts_are_checked_before_any_process_group(compose, overrides, world, message):
     from parallel.dims import ParallelDims, validate_layout
