@@ -23,7 +23,7 @@ from checkpoint_convert.mapping import Unit, rename
 from checkpoint_convert.models.registry import family, family_for_hf
 from checkpoint_convert.safetensors_files import (DEFAULT_MAX_SHARD_BYTES, SAFE_INDEX, SAFE_WEIGHTS,
                                                   PlannedShardWriter, ShardWriter, byte_progress, check_out_dir,
-                                                  open_safetensors, read_index, staged_dir)
+                                                  dtype_name, open_safetensors, read_index, staged_dir)
 from trainer.config import ConfigError, DamagedFileError, ModelConfig, RopeScalingConfig
 from trainer.model.gpt import VOCAB_PARAMS
 from trainer.model.init import assign_full, clean_fqn, local_region
@@ -221,7 +221,7 @@ def _rope_parameters(cfg: ModelConfig) -> dict:
 # ----------------------------------------------------------------------------------------- weights
 
 
-class _SafetensorsDir:
+class SafetensorsDir:
     """Tensors of an HF directory by name, memory-mapped: one model.safetensors or an index of shards."""
 
     def __init__(self, path: Path, stack: ExitStack):
@@ -256,10 +256,10 @@ def check_hf_checkpoint(path: Union[str, Path]) -> None:
     file's header (a truncated or corrupt file fails there). For commands whose loading is transformers'."""
     read_hf_config(path)
     with ExitStack() as stack:
-        _SafetensorsDir(Path(path), stack)
+        SafetensorsDir(Path(path), stack)
 
 
-def _ignored(name: str, cfg: ModelConfig) -> bool:
+def ignored_hf_tensor(name: str, cfg: ModelConfig) -> bool:
     # Old checkpoints saved the rotary buffer; tied ones sometimes still carry a copy of the embedding.
     return name.endswith("rotary_emb.inv_freq") or (cfg.tie_word_embeddings and name == "lm_head.weight")
 
@@ -280,7 +280,7 @@ def load_hf_weights(model: nn.Module, path: Union[str, Path], partial: bool = Fa
         params["embedding.word_embeddings.weight"] = params.pop("output_layer.weight")
     used: set[str] = set()
     with ExitStack() as stack:
-        ckpt = _SafetensorsDir(Path(path), stack)
+        ckpt = SafetensorsDir(Path(path), stack)
         for unit in family(cfg.family).table.units(params, cfg):
             missing = [n for n in unit.theirs if n not in ckpt]
             if "lm_head.weight" in missing:
@@ -295,7 +295,7 @@ def load_hf_weights(model: nn.Module, path: Union[str, Path], partial: bool = Fa
             else:
                 _load_converted(ckpt, unit, params, cfg, path)
             used.update(unit.theirs)
-        unexpected = sorted(n for n in ckpt.files if n not in used and not _ignored(n, cfg))
+        unexpected = sorted(n for n in ckpt.files if n not in used and not ignored_hf_tensor(n, cfg))
     if unexpected and not partial:
         raise ConfigError(f"{path}: tensors the {cfg.family} model has no place for: {unexpected}; the weights do "
                           "not belong to this config.json (another model_type or shape?)")
@@ -305,7 +305,7 @@ def _is_rename(unit: Unit) -> bool:
     return len(unit.ours) == len(unit.theirs) == 1 and unit.rule == rename(unit.rule.ours[0], unit.rule.theirs[0])
 
 
-def _load_renamed(ckpt: _SafetensorsDir, theirs: str, ours: str, param: torch.Tensor, cfg: ModelConfig,
+def _load_renamed(ckpt: SafetensorsDir, theirs: str, ours: str, param: torch.Tensor, cfg: ModelConfig,
                   path) -> None:
     """A 1:1 tensor: read only the rows and columns of this rank's part, zeros for padded vocabulary rows."""
     view = ckpt.get_slice(theirs)
@@ -326,7 +326,7 @@ def _load_renamed(ckpt: _SafetensorsDir, theirs: str, ours: str, param: torch.Te
     target[stored:].zero_()
 
 
-def _load_stacked(ckpt: _SafetensorsDir, unit: Unit, param: torch.Tensor, path) -> None:
+def _load_stacked(ckpt: SafetensorsDir, unit: Unit, param: torch.Tensor, path) -> None:
     """Experts stacked on dim 0 from one tensor per expert: only this rank's experts (dim 0 of its part) are
     opened, and of each only the rows and columns of the part are read, so a rank holding some experts (or an
     FSDP shard of them) never reads the others."""
@@ -343,7 +343,7 @@ def _load_stacked(ckpt: _SafetensorsDir, unit: Unit, param: torch.Tensor, path) 
         target[e - e0].copy_(view[tuple(slice(a, b) for a, b in rest)])
 
 
-def _load_converted(ckpt: _SafetensorsDir, unit: Unit, params: Mapping[str, torch.Tensor], cfg: ModelConfig,
+def _load_converted(ckpt: SafetensorsDir, unit: Unit, params: Mapping[str, torch.Tensor], cfg: ModelConfig,
                     path) -> None:
     """A unit with a transform (the fused QKV): its inputs are read whole, i.e. one layer's q, k and v
     projections (weights or biases), fused, and this rank's part of the result is kept."""
@@ -423,7 +423,7 @@ def save_hf(
     state = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
     tensors = to_hf_state_dict(state, cfg, dtype)
     config = hf_config(cfg, **(config_overrides or {}))
-    config.dtype = _dtype_name(tensors)
+    config.dtype = dtype_name(t.dtype for t in tensors.values())
     with staged_dir(out, overwrite) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)
         for name, t in tensors.items():
@@ -454,7 +454,7 @@ def save_hf_stream(
         raise ValueError("layout has output_layer.weight but the config has tie_word_embeddings=true")
     plan = hf_layout(layout, cfg, dtype)
     config = hf_config(cfg, **(config_overrides or {}))
-    config.dtype = _dtype_name({n: torch.empty(0, dtype=dt) for n, (_, dt) in plan.items()})
+    config.dtype = dtype_name(dt for _, dt in plan.values())
     units = {n: u for u in family(cfg.family).table.units(layout, cfg) for n in u.ours}
     with staged_dir(out, overwrite) as tmp:
         writer = PlannedShardWriter(tmp, plan, max_shard_bytes)
@@ -490,8 +490,3 @@ def write_config_files(out: Path, config: PreTrainedConfig) -> None:
     (out / "config.json").write_text(json.dumps(config.to_diff_dict(), indent=2, sort_keys=True) + "\n")
     if not (out / "generation_config.json").exists():
         GenerationConfig.from_model_config(config).save_pretrained(out)
-
-
-def _dtype_name(tensors: Mapping[str, torch.Tensor]) -> str:
-    floats = {t.dtype for t in tensors.values() if t.is_floating_point()}
-    return str(floats.pop()).removeprefix("torch.") if len(floats) == 1 else "float32"

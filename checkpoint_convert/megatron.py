@@ -10,10 +10,11 @@ Conversion chains two declarative tables through meshtron's names: the family ta
 applied here. Every conversion first runs on meta tensors: that checks names and shapes before a byte is
 written, and sizes the progress bar and the output files.
 
-Memory: HF -> Megatron holds one rank file at a time plus the few full tensors in flight; Megatron -> HF
-streams each safetensors file tensor by tensor, so it holds only the tensors in flight. Input files are
-mapped again for every tensor read, so pages read never accumulate in the process (a long-lived mapping
-would grow it to the size of the checkpoint).
+Speed and memory (checkpoint_convert.parallel_io): both directions stream tensor by tensor, a reading thread ahead
+of the writers, at most DEFAULT_INFLIGHT_BYTES in flight. HF -> Megatron converts each full tensor once and writes
+the TP ranks of a stage in parallel, each rank file a torch.save whose records are filled as they are written (never
+a whole rank in memory). Megatron -> HF unpickles each rank file once, memory-mapped, and hands back the pages of
+each tensor once read, so the process does not grow with the checkpoint.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import dataclasses
 import math
 import shutil
 import sys
+import threading
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -31,21 +33,22 @@ from safetensors import safe_open
 from transformers import GenerationConfig
 
 from checkpoint_convert.detect import HF, HF_CONFIG, MEGATRON_LEGACY, refuse_other_kinds
-from checkpoint_convert.hf import (_ignored, _SafetensorsDir, hf_config, pad_vocab_rows, read_hf_config,
-                                   write_config_files)
+from checkpoint_convert.hf import SafetensorsDir, hf_config, pad_vocab_rows, read_hf_config, write_config_files
 from checkpoint_convert.mapping import Unit
+from checkpoint_convert.megatron_common import (MetaShapes, Ours, check_hf_tensors, check_layout, common_dtype,
+                                                 meshtron_shapes)
 from checkpoint_convert.models.megatron_names import (COLUMN, EXTRA_STATE_MODULES, GATED_COLUMN, REPLICATED, ROW,
                                                       SPECS, VOCAB, layer_of, tp_split)
 from checkpoint_convert.models.registry import family
+from checkpoint_convert.parallel_io import Channel, drop_pages, nbytes, one_op_thread, read_ahead, save_streamed
 from checkpoint_convert.safetensors_files import (DEFAULT_MAX_SHARD_BYTES, ST_DTYPES, PlannedShardWriter,
-                                                  byte_progress, check_out_dir, staged_dir)
+                                                  byte_progress, check_out_dir, dtype_name, staged_dir)
 from checkpoint_convert.megatron_format import (CHECKPOINT_VERSION, CKPT_FILE, MODEL_KEY, TRACKER, PathLike,
                                                 config_from_args, first_rank_args, load_rank_file, megatron_args,
                                                 megatron_config, rank_dir, rank_dirs, resolve_iteration_dir,
                                                 vocab_from_args, vocab_note)
-from trainer.model.shapes import check_tp_divisibility, padded_vocab_size
+from trainer.model.shapes import padded_vocab_size
 from trainer.config import ConfigError, ModelConfig
-from trainer.model import GPTModel
 
 __all__ = ["hf_to_megatron", "megatron_to_hf", "load_megatron_as_meshtron", "megatron_config", "megatron_args",
            "config_from_args", "rank_dir"]
@@ -70,22 +73,22 @@ def hf_to_megatron(hf_dir: PathLike, out_dir: PathLike, tp: int, pp: int, spec: 
     hf_dir, out = Path(hf_dir), Path(out_dir)
     refuse_other_kinds(hf_dir, HF, HF_CONFIG)  # HF_CONFIG: the safetensors reader says what is missing
     cfg = read_hf_config(hf_dir)
-    _check_layout(cfg, tp, pp, spec, vocab_divisible_by)
+    check_layout(cfg, tp, pp, spec, vocab_divisible_by)
     check_out_dir(out, overwrite)
     padded = padded_vocab_size(cfg.vocab_size, vocab_divisible_by, tp)
-    expected = _meshtron_shapes(cfg)
+    expected = meshtron_shapes(cfg)
     plan = _plan(spec, [cfg.num_layers // pp] * pp, expected)
     with ExitStack() as stack:
-        src = _SafetensorsDir(hf_dir, stack)
+        src = SafetensorsDir(hf_dir, stack)
         hf_units = family(cfg.family).table.units(expected)
-        _check_hf_tensors(src, hf_units, cfg, hf_dir)
+        check_hf_tensors(src, hf_units, cfg, hf_dir)
 
-        def rank_file(fetch: Callable[[str], torch.Tensor], s: int, r: int) -> dict:
-            ours = _Ours(hf_units, fetch, cfg, expected, what=str(hf_dir))
-            return _megatron_rank_state(plan[s], ours, cfg, tp, r, padded, last=s == pp - 1)
+        def stage(fetch: Callable[[str], torch.Tensor], s: int) -> Iterator[tuple[str, list]]:
+            ours = Ours(hf_units, fetch, cfg, expected, what=str(hf_dir))
+            return _stage_tensors(plan[s], ours, cfg, tp, padded, last=s == pp - 1)
 
         def meta(name: str) -> torch.Tensor:
-            sl = src.handles[src.files[name]].get_slice(name)
+            sl = src.get_slice(name)
             return torch.empty(sl.get_shape(), dtype=ST_DTYPES[sl.get_dtype()], device="meta")
 
         def read(name: str) -> torch.Tensor:
@@ -94,46 +97,64 @@ def hf_to_megatron(hf_dir: PathLike, out_dir: PathLike, tp: int, pp: int, spec: 
             with safe_open(str(src.files[name]), framework="pt") as f:
                 return f.get_tensor(name)
 
-        dry = {(s, r): rank_file(meta, s, r) for s in range(pp) for r in range(tp)}  # raises on any mismatch
-        args = megatron_args(cfg, tp, pp, spec, padded, vocab_divisible_by, _common_dtype(dry[0, 0].values()))
+        dry = {}  # (stage, rank) -> its model state dict of meta tensors; raises on any mismatch
+        for s in range(pp):
+            with MetaShapes():
+                tensors = list(stage(meta, s))
+            for local, parts in tensors:
+                for r in range(tp):
+                    dry.setdefault((s, r), {})[local] = parts[r]
+        args = megatron_args(cfg, tp, pp, spec, padded, vocab_divisible_by, common_dtype(dry[0, 0].values()))
         total = sum(map(_nbytes, dry.values()))
-        with staged_dir(out, overwrite) as tmp, byte_progress(total, progress, f"writing {out.name}") as bar:
+        with staged_dir(out, overwrite) as tmp, byte_progress(total, progress, f"writing {out.name}") as bar, \
+                one_op_thread():
             (tmp / TRACKER).write_text("release")
-            for (s, r) in dry:
-                path = tmp / "release" / rank_dir(r, s, pp) / CKPT_FILE
-                path.parent.mkdir(parents=True)
-                model = rank_file(read, s, r)
-                torch.save({"model": model, "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0,
-                            "args": args}, path)
-                bar.update(_nbytes(model))
-                del model
+            for s in range(pp):
+                paths = [tmp / "release" / rank_dir(r, s, pp) / CKPT_FILE for r in range(tp)]
+                _write_stage(paths, [dry[s, r] for r in range(tp)], stage(read, s), args, bar)
     return out
 
 
-def _check_layout(cfg: ModelConfig, tp: int, pp: int, spec: str, vocab_divisible_by: int) -> None:
-    if spec not in SPECS:
-        raise ConfigError(f"spec={spec!r} is not supported; expected one of {sorted(SPECS)}")
-    for name, value in (("tp", tp), ("pp", pp), ("vocab_divisible_by", vocab_divisible_by)):
-        if not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name}={value!r} must be a positive integer")
-    check_tp_divisibility(cfg, tp, tp_name="tp", field_prefix="")
-    if cfg.num_layers % pp:
-        raise ConfigError(f"pp={pp} does not divide num_layers={cfg.num_layers}; every pipeline stage "
-                          f"gets the same number of layers")
+def _write_stage(paths: list[Path], models: list[dict], tensors: Iterator[tuple[str, list]], args, bar) -> None:
+    """The TP rank files of one pipeline stage, each written by a thread of its own while this one converts: each
+    full tensor is converted once and its TP parts handed to the writers (checkpoint_convert.parallel_io)."""
+    channel, errors = Channel(len(paths)), []
 
+    def write(r: int) -> None:
+        try:
+            paths[r].parent.mkdir(parents=True)
+            model = {k: torch.empty(v.shape, dtype=v.dtype) if isinstance(v, torch.Tensor) else v
+                     for k, v in models[r].items()}  # never touched: no memory until filled
+            records = channel.items(r)
+            save_streamed(paths[r], {"model": model, "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0,
+                                     "args": args}, model, records)
+            if next(records, None) is not None:
+                raise RuntimeError(f"{paths[r]}: more tensors than the file has records")
+        except BaseException as e:  # noqa: BLE001 - raised in the converting thread below
+            errors.append(e)
+            channel.abort()
 
-def _check_hf_tensors(src: _SafetensorsDir, units: list[Unit], cfg: ModelConfig, where: Path) -> None:
-    used = set()
-    for unit in units:
-        missing = [n for n in unit.theirs if n not in src]
-        if "lm_head.weight" in missing:
-            raise KeyError(f"{where}: lm_head.weight is missing but the config has tie_word_embeddings=false")
-        if missing:
-            raise KeyError(f"{where}: tensors {missing} are missing (needed for {list(unit.ours)})")
-        used.update(unit.theirs)
-    unexpected = sorted(n for n in src.files if n not in used and not _ignored(n, cfg))
-    if unexpected:
-        raise KeyError(f"{where}: tensors the {cfg.family} model has no place for: {unexpected}")
+    writers = [threading.Thread(target=write, args=(r,), name=f"write-rank-{r}", daemon=True)
+               for r in range(len(paths))]
+    for w in writers:
+        w.start()
+    try:
+        for local, parts in tensors:
+            for r, t in enumerate(parts):
+                if isinstance(t, torch.Tensor):
+                    channel.put(r, (local, t), nbytes(t))
+                    bar.update(nbytes(t))
+            del parts
+        channel.close()
+    except BaseException as e:
+        channel.close(e)
+        if not errors:
+            raise
+    finally:
+        for w in writers:
+            w.join()
+    if errors:
+        raise errors[0]
 
 
 # ============================================================================ placement over TP x PP
@@ -147,16 +168,9 @@ class _Placed:
     names: dict[str, str]
 
 
-def _meshtron_shapes(cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Every meshtron parameter of the full model, as meta tensors (unpadded vocabulary)."""
-    with torch.device("meta"):
-        model = GPTModel(cfg)
-    return dict(model.named_parameters())
-
-
 def _plan(spec: str, stage_layers: list[int], shapes: dict[str, torch.Tensor]) -> list[list[_Placed]]:
     """Which Megatron tensors each pipeline stage holds, under which local names (`shapes`: the model's
-    meshtron parameters, from :func:`_meshtron_shapes`).
+    meshtron parameters, from :func:`checkpoint_convert.megatron_common.meshtron_shapes`).
 
     Layers are numbered from 0 on every stage; the embedding lives on the first stage, the final norm and
     output layer on the last. With tied embeddings and PP > 1 megatron-core's last stage still registers
@@ -210,53 +224,23 @@ def _merge(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(shards, dim=1 if kind == ROW else 0)
 
 
-def _megatron_rank_state(placed: list[_Placed], ours: "_Ours", cfg: ModelConfig, tp: int, rank: int,
-                         padded: int, last: bool) -> dict:
-    state: dict = {}
+def _stage_tensors(placed: list[_Placed], ours: Ours, cfg: ModelConfig, tp: int, padded: int, last: bool
+                   ) -> Iterator[tuple[str, list]]:
+    """(name in the stage's files, [TP rank 0's tensor, ...]) in file order, None for `_extra_state` entries; each
+    full tensor converted once for all TP ranks."""
     for p in placed:
         full = p.unit.convert_to_theirs([ours.take(n) for n in p.unit.ours], cfg)
         for name, local in p.names.items():
-            t = pad_vocab_rows(name, full[name], torch.Size([padded, *full[name].shape[1:]]))
-            state[local] = _shard(name, t, tp, rank)
+            t = full.pop(name)
+            t = pad_vocab_rows(name, t, torch.Size([padded, *t.shape[1:]]))
+            yield local, [_shard(name, t, tp, r) for r in range(tp)]
+            del t
             module = local.rsplit(".", 1)[0]
             if module.endswith(EXTRA_STATE_MODULES):
-                state[f"{module}._extra_state"] = None
+                yield f"{module}._extra_state", [None] * tp
+        del full
     if last:  # megatron-core's output layer has its extra state even when tied (and then weightless)
-        state["output_layer._extra_state"] = None
-    return state
-
-
-class _Ours:
-    """meshtron tensors by name, converted on demand from another format's tensors.
-
-    Each unit is converted once and its outputs kept until taken, so a fused tensor feeding two
-    consumers (linear_fc1 -> gate and up) is read once. Every output's shape is checked.
-    """
-
-    def __init__(self, units: list[Unit], fetch: Callable[[str], torch.Tensor], cfg: ModelConfig,
-                 expected: dict[str, torch.Tensor], what: str):
-        self.by_name = {n: u for u in units for n in u.ours}
-        self.fetch, self.cfg, self.expected, self.what = fetch, cfg, expected, what
-        self.pending: dict[str, torch.Tensor] = {}
-
-    def take(self, name: str) -> torch.Tensor:
-        if name not in self.pending:
-            unit = self.by_name[name]
-            theirs = [self.fetch(n) for n in unit.theirs]
-            try:
-                ours = unit.convert_to_ours(theirs, self.cfg)
-            except (ValueError, RuntimeError) as e:
-                raise ValueError(f"{self.what}: cannot convert {_shapes(unit.theirs, theirs)}: {e}") from e
-            for n, t in ours.items():
-                if t.shape != self.expected[n].shape:
-                    raise ValueError(f"{self.what}: {_shapes(unit.theirs, theirs)} gives {n} of shape "
-                                     f"{list(t.shape)}, but the model's is {list(self.expected[n].shape)}")
-            self.pending.update(ours)
-        return self.pending.pop(name)
-
-
-def _shapes(names, tensors) -> str:
-    return ", ".join(f"{n} {list(t.shape)}" for n, t in zip(names, tensors))
+        yield "output_layer._extra_state", [None] * tp
 
 
 # ======================================================================================= reading
@@ -286,23 +270,24 @@ class _MegatronCheckpoint:
         if extra:
             raise ValueError(f"{self.dir}: args say TP={self.tp} x PP={self.pp}, but there are also {extra}")
         self.paths = paths
-        # Only names, shapes and dtypes are kept (as meta tensors); `full` maps the files again for each
-        # tensor, so pages read never stay resident and memory does not grow with the checkpoint.
-        models = [[self._model_entries(p) for p in row] for row in paths]
-        self.chunks = [(s, key) for key in models[0][0] for s in range(self.pp)]
-        self.files = [[models[s][r][key] for r in range(self.tp)] for s, key in self.chunks]
+        # Each file is unpickled once, its tensors memory-mapped (`mapped`); `full` hands back the pages of what it
+        # read, so they never stay resident and memory does not grow with the checkpoint. `files`: meta tensors.
+        self.mapped = [[self._model_entries(p) for p in row] for row in paths]
+        self.chunks = [(s, key) for key in self.mapped[0][0] for s in range(self.pp)]
+        self.files = [[{n: _meta_like(t) for n, t in self.mapped[s][r][key].items()} for r in range(self.tp)]
+                      for s, key in self.chunks]
         for v, row in enumerate(self.files):
             keys = [{k for k in f if not k.endswith("._extra_state")} for f in row]
             if any(k != keys[0] for k in keys):
                 raise KeyError(f"{self.dir}: the TP ranks of {self._chunk(v)} hold different tensor names")
         self.cfg = config_from_args(self.args, name=root.name)
-        self.shapes = _meshtron_shapes(self.cfg)
+        self.shapes = meshtron_shapes(self.cfg)
         # TE fuses the pre-attention/pre-MLP norms into the next linear: its names say which spec saved this.
         self.spec = "te" if any(k.endswith(".layer_norm_weight") for row in self.files for k in row[0]) else "local"
         self._index()
 
     def _model_entries(self, path: Path) -> dict[str, dict[str, torch.Tensor]]:
-        """{"model" or "model<c>": {name: meta tensor}} of one rank file; its keys must be what the args say."""
+        """{"model" or "model<c>": {name: mapped tensor}} of one rank file; its keys must be what the args say."""
         found = {k: v for k, v in load_rank_file(path).items() if MODEL_KEY.fullmatch(k)}
         keys = sorted(found, key=lambda k: int(k[5:] or 0))
         vpp = getattr(self.args, "virtual_pipeline_model_parallel_size", None) or 1
@@ -310,7 +295,7 @@ class _MegatronCheckpoint:
         if keys != want or not all(isinstance(found[k], dict) for k in keys):
             raise KeyError(f"{path}: holds model entries {keys}, but args say virtual_pipeline_model_parallel_size="
                            f"{vpp}: expected {want}, each a state dict")
-        return {k: {n: _meta_like(t) for n, t in found[k].items()} for k in keys}
+        return {k: found[k] for k in keys}
 
     def _chunk(self, v: int) -> str:
         s, key = self.chunks[v]
@@ -346,11 +331,13 @@ class _MegatronCheckpoint:
         """The full Megatron tensor (TP shards merged, vocabulary un-padded)."""
         v, local = self.where[name]
         stage, key = self.chunks[v]
-        shards = [load_rank_file(p)[key][local] for p in self.paths[stage]]
+        shards = [self.mapped[stage][r][key][local] for r in range(self.tp)]
         t = _merge(name, shards)
         t = t[:self.cfg.vocab_size] if tp_split(name) == VOCAB else t
         if len(shards) == 1 or tp_split(name) == REPLICATED:  # still a view into the mapped file
             t = t.clone(memory_format=torch.contiguous_format)
+        for shard in shards:
+            drop_pages(shard)
         return t
 
     def meta(self, name: str) -> torch.Tensor:
@@ -361,9 +348,9 @@ class _MegatronCheckpoint:
                              f"{self.cfg.vocab_size}")
         return t[:self.cfg.vocab_size] if tp_split(name) == VOCAB else t
 
-    def meshtron(self, fetch: Callable[[str], torch.Tensor]) -> "_Ours":
+    def meshtron(self, fetch: Callable[[str], torch.Tensor]) -> Ours:
         units = [p.unit for stage in self.plan for p in stage]
-        return _Ours(units, fetch, self.cfg, self.shapes, what=str(self.dir))
+        return Ours(units, fetch, self.cfg, self.shapes, what=str(self.dir))
 
 
 def _meta_like(value):
@@ -379,11 +366,12 @@ def read_checkpoint(megatron_dir: PathLike, iteration: Optional[int], hf_config_
         refuse_other_kinds(Path(hf_config_dir), HF, HF_CONFIG)
         cfg = read_hf_config(hf_config_dir)
         _check_same_model(cfg, ckpt, hf_config_dir)
-        ckpt.cfg, ckpt.shapes = cfg, _meshtron_shapes(cfg)
+        ckpt.cfg, ckpt.shapes = cfg, meshtron_shapes(cfg)
     ckpt.vocab_note = vocab_note(ckpt.args, ckpt.cfg.vocab_size, ckpt.padded_rows(), hf_config_dir)
     ours = ckpt.meshtron(ckpt.meta)
-    for name in ckpt.shapes:
-        ours.take(name)
+    with MetaShapes():
+        for name in ckpt.shapes:
+            ours.take(name)
     return ckpt
 
 
@@ -443,15 +431,19 @@ def write_hf_dir(ckpt, out: Path, hf_config_dir: Optional[PathLike], progress: b
         for unit in units:
             yield from unit.convert_to_theirs([ours.take(n) for n in unit.ours], cfg).items()
 
-    planned = {name: (t.shape, t.dtype) for name, t in hf_tensors(ckpt.meta)}  # every shape before writing
+    with MetaShapes():
+        planned = {name: (t.shape, t.dtype) for name, t in hf_tensors(ckpt.meta)}  # every shape before writing
     total = sum(math.prod(shape) * dt.itemsize for shape, dt in planned.values())
-    with staged_dir(out, overwrite) as tmp, byte_progress(total, progress, f"writing {out.name}") as bar:
-        writer = PlannedShardWriter(tmp, planned, max_shard_bytes)  # one tensor in memory, not a shard
-        for name, t in hf_tensors(ckpt.full):
+    with staged_dir(out, overwrite) as tmp, byte_progress(total, progress, f"writing {out.name}") as bar, \
+            one_op_thread():
+        writer = PlannedShardWriter(tmp, planned, max_shard_bytes)  # tensors in flight only, not a shard
+        # Read and converted in a thread of its own, a bounded number of bytes ahead of the writes here.
+        for name, t in read_ahead(hf_tensors(ckpt.full), lambda item: nbytes(item[1])):
             writer.add(name, t)  # refuses a name, shape or dtype the dry run did not plan
-            bar.update(t.numel() * t.element_size())
+            bar.update(nbytes(t))
+            del t
         writer.finish()
-        _write_hf_config(tmp, cfg, hf_config_dir, _dtype_name({dt for _, dt in planned.values()}))
+        _write_hf_config(tmp, cfg, hf_config_dir, dtype_name(dt for _, dt in planned.values()))
 
 
 def _write_hf_config(tmp: Path, cfg: ModelConfig, hf_config_dir: Optional[PathLike], dtype: str) -> None:
@@ -475,15 +467,3 @@ def _write_hf_config(tmp: Path, cfg: ModelConfig, hf_config_dir: Optional[PathLi
 def _nbytes(tensors) -> int:
     tensors = tensors.values() if isinstance(tensors, dict) else tensors
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
-
-
-def _common_dtype(tensors) -> torch.dtype:
-    floats = {t.dtype for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()}
-    return floats.pop() if len(floats) == 1 else torch.float32
-
-
-def _dtype_name(dtypes: set) -> str:
-    floats = {d for d in dtypes if d.is_floating_point}
-    return str(floats.pop()).removeprefix("torch.") if len(floats) == 1 else "float32"
-
-

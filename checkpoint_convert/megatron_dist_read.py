@@ -17,7 +17,8 @@ from typing import Callable, Optional
 import torch
 
 from checkpoint_convert.detect import MEGATRON_TORCH_DIST, refuse_other_kinds
-from checkpoint_convert.megatron import _meshtron_shapes, _Ours, meshtron_state, read_checkpoint, write_hf_dir
+from checkpoint_convert.megatron import meshtron_state, read_checkpoint, write_hf_dir
+from checkpoint_convert.megatron_common import Ours, meshtron_shapes
 from checkpoint_convert.megatron_dist import CONFIG_FILE, DcpFiles, check_config, read_common_state
 from checkpoint_convert.megatron_format import TRACKER, PathLike, config_from_args, resolve_iteration_dir
 from checkpoint_convert.models.megatron_names import MEGATRON_TE, VOCAB, layer_of, tp_split
@@ -53,7 +54,7 @@ class TorchDistCheckpoint:
         if self.args is None or not hasattr(self.args, "num_layers"):
             raise ValueError(f"{self.dir}: its common state holds no args namespace; cannot tell the model's shape")
         self.cfg = config_from_args(self.args, name=root.name)
-        self.shapes = _meshtron_shapes(self.cfg)
+        self.shapes = meshtron_shapes(self.cfg)
         self._index()
 
     def _index(self) -> None:
@@ -135,8 +136,8 @@ class TorchDistCheckpoint:
                 parts.append(self.files.tensor(key, [s.layer] + [0] * len(shape), [1] + shape)[0])
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
-    def meshtron(self, fetch: Callable[[str], torch.Tensor]) -> _Ours:
-        return _Ours(MEGATRON_TE.units(self.shapes), fetch, self.cfg, self.shapes, what=str(self.dir))
+    def meshtron(self, fetch: Callable[[str], torch.Tensor]) -> Ours:
+        return Ours(MEGATRON_TE.units(self.shapes), fetch, self.cfg, self.shapes, what=str(self.dir))
 
 
 def _few(names: list[str], n: int = 6) -> str:

@@ -31,13 +31,15 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata
 from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
 from checkpoint_convert.detect import HF, HF_CONFIG, refuse_other_kinds
-from checkpoint_convert.hf import _SafetensorsDir, pad_vocab_rows, read_hf_config
+from checkpoint_convert.hf import SafetensorsDir, pad_vocab_rows, read_hf_config
 from checkpoint_convert.mapping import Unit
-from checkpoint_convert.megatron import _check_hf_tensors, _check_layout, _common_dtype, _meshtron_shapes, _Ours
+from checkpoint_convert.megatron_common import (MetaShapes, Ours, check_hf_tensors, check_layout, common_dtype,
+                                                 meshtron_shapes)
 from checkpoint_convert.megatron_dist import CHECKPOINT_CONFIG, COMMON_FILE, CONFIG_FILE
 from checkpoint_convert.megatron_format import CHECKPOINT_VERSION, TRACKER, PathLike, megatron_args
 from checkpoint_convert.models.megatron_names import EXTRA_STATE_MODULES, MEGATRON_TE, layer_of
 from checkpoint_convert.models.registry import family
+from checkpoint_convert.parallel_io import nbytes, one_op_thread, read_ahead
 from checkpoint_convert.safetensors_files import ST_DTYPES, byte_progress, check_out_dir, staged_dir
 from trainer.config import ModelConfig
 from trainer.model.shapes import padded_vocab_size
@@ -80,14 +82,14 @@ def hf_to_megatron_dist(hf_dir: PathLike, out_dir: PathLike, tp: int = 1, pp: in
     hf_dir, out = Path(hf_dir), Path(out_dir)
     refuse_other_kinds(hf_dir, HF, HF_CONFIG)
     cfg = read_hf_config(hf_dir)
-    _check_layout(cfg, tp, pp, spec, vocab_divisible_by)
+    check_layout(cfg, tp, pp, spec, vocab_divisible_by)
     check_out_dir(out, overwrite)
     padded = padded_vocab_size(cfg.vocab_size, vocab_divisible_by, tp)
-    expected = _meshtron_shapes(cfg)
+    expected = meshtron_shapes(cfg)
     with ExitStack() as stack:
-        src = _SafetensorsDir(hf_dir, stack)
+        src = SafetensorsDir(hf_dir, stack)
         hf_units = family(cfg.family).table.units(expected)
-        _check_hf_tensors(src, hf_units, cfg, hf_dir)
+        check_hf_tensors(src, hf_units, cfg, hf_dir)
 
         def meta(name: str) -> torch.Tensor:
             sl = src.get_slice(name)
@@ -99,18 +101,20 @@ def hf_to_megatron_dist(hf_dir: PathLike, out_dir: PathLike, tp: int = 1, pp: in
                 return f.get_tensor(name)
 
         def tensor(entry: _Entry, fetch: Callable[[str], torch.Tensor]) -> torch.Tensor:
-            ours = _Ours(hf_units, fetch, cfg, expected, what=str(hf_dir))
+            ours = Ours(hf_units, fetch, cfg, expected, what=str(hf_dir))
             t = entry.unit.convert_to_theirs([ours.take(n) for n in entry.unit.ours], cfg)[entry.name]
             t = pad_vocab_rows(entry.name, t, torch.Size([padded, *t.shape[1:]]))
             return t.unsqueeze(0) if entry.layer is not None else t
 
         entries = _entries(cfg, expected, spec)
-        shapes = {e: tensor(e, meta) for e in entries if e.unit is not None}  # raises on any mismatch
+        with MetaShapes():
+            shapes = {e: tensor(e, meta) for e in entries if e.unit is not None}  # raises on any mismatch
         items = [_write_item(e, shapes.get(e), cfg.num_layers) for e in entries]
-        args = megatron_args(cfg, tp, pp, spec, padded, vocab_divisible_by, _common_dtype(shapes.values()))
+        args = megatron_args(cfg, tp, pp, spec, padded, vocab_divisible_by, common_dtype(shapes.values()))
         args.ckpt_format, args.use_dist_ckpt, args.no_save_optim, args.no_save_rng = "torch_dist", True, True, True
         total = sum(math.prod(t.shape) * t.element_size() for t in shapes.values())
-        with staged_dir(out, overwrite) as tmp, byte_progress(total, progress, f"writing {out.name}") as bar:
+        with staged_dir(out, overwrite) as tmp, byte_progress(total, progress, f"writing {out.name}") as bar, \
+                one_op_thread():
             (tmp / TRACKER).write_text("release")
             release = tmp / "release"
             release.mkdir()
@@ -118,16 +122,29 @@ def hf_to_megatron_dist(hf_dir: PathLike, out_dir: PathLike, tp: int = 1, pp: in
                         "num_floating_point_operations_so_far": 0, "content_metadata": CONTENT_METADATA},
                        release / COMMON_FILE)
             by_index = {item.index: e for item, e in zip(items, entries)}
+            # DCP asks for the tensors in plan order (one file: no reordering by size); they are read and converted
+            # in a thread of their own, a bounded number of bytes ahead of DCP's writes.
+            ahead = read_ahead(((e, tensor(e, read).contiguous()) for e in entries if e.unit is not None),
+                               lambda item: nbytes(item[1]))
+            early: dict[_Entry, torch.Tensor] = {}
 
             def resolve(item: WriteItem):
                 entry = by_index[item.index]
                 if entry.unit is None:
                     return _none_object()
-                t = tensor(entry, read).contiguous()
-                bar.update(t.numel() * t.element_size())
+                while entry not in early:  # any other order still works, holding what came early
+                    got, t = next(ahead, (None, None))
+                    if got is None:
+                        raise RuntimeError(f"DCP asked for {entry.key} twice, or for an item not in the plan")
+                    early[got] = t
+                t = early.pop(entry)
+                bar.update(nbytes(t))
                 return t
 
-            _dcp_save(release, _StreamingPlanner(items, resolve))
+            try:
+                _dcp_save(release, _StreamingPlanner(items, resolve))
+            finally:
+                ahead.close()  # stops the reading thread if DCP stopped early
             (release / CONFIG_FILE).write_text(json.dumps(CHECKPOINT_CONFIG))  # last, as megatron-core does
     return out
 
@@ -170,8 +187,10 @@ def _dcp_save(path: Path, planner: "_StreamingPlanner") -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # the intent, here
         try:
-            dcp.save({}, storage_writer=dcp.FileSystemWriter(path, single_file_per_rank=True, thread_count=1),
-                     planner=planner, no_dist=True)
+            # No fsync, like the safetensors and legacy writers (and cp): the staged directory is renamed into place
+            # only once everything is written, so an interrupted conversion never looks complete.
+            writer = dcp.FileSystemWriter(path, single_file_per_rank=True, thread_count=1, sync_files=False)
+            dcp.save({}, storage_writer=writer, planner=planner, no_dist=True)
         except dcp.CheckpointException as e:
             raise next(iter(e.failures.values()))[0] from None
 

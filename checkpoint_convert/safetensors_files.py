@@ -14,7 +14,7 @@ import os
 import shutil
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -34,6 +34,12 @@ ST_CODES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16
             torch.int64: "I64"}
 ST_DTYPES = {code: dtype for dtype, code in ST_CODES.items()}
 _ST_ORDER = ("BOOL", "U8", "I8", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64")
+
+
+def dtype_name(dtypes: Iterable[torch.dtype]) -> str:
+    """config.json's `dtype` for tensors of these dtypes: their one floating dtype ("bfloat16"), else float32."""
+    floats = {d for d in dtypes if d.is_floating_point}
+    return str(floats.pop()).removeprefix("torch.") if len(floats) == 1 else "float32"
 
 
 class ShardWriter:
@@ -117,10 +123,14 @@ class PlannedShardWriter:
             raise ValueError(f"{name}: got {list(t.shape)} {t.dtype}, planned {list(shape)} {dt}")
         path, start = self.where[name]
         data = t.detach().cpu().contiguous().reshape(-1)
-        with open(path, "r+b") as f:
-            f.seek(start)
-            if data.numel():
-                f.write(data.view(torch.uint8).numpy().data)
+        fd = os.open(path, os.O_WRONLY)  # a descriptor per write: writers may run in several threads
+        try:
+            view = memoryview(data.view(torch.uint8).numpy()) if data.numel() else memoryview(b"")
+            while view:  # pwrite may write less than asked (Linux: at most 2 GiB - 4 KiB a call)
+                done = os.pwrite(fd, view, start)
+                view, start = view[done:], start + done
+        finally:
+            os.close(fd)
         self.left.discard(name)
 
     def finish(self) -> None:

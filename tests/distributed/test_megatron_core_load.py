@@ -15,37 +15,12 @@ import torch
 
 from checkpoint_convert.megatron import hf_to_megatron, rank_dir
 from tests.distributed.launcher import run_ranks
+from tests.distributed.megatron_core_models import core_gpt_model
 from tests.tiny_hf import VARIANTS, save_tiny_hf
 
 with warnings.catch_warnings():  # megatron-core warns about missing Transformer Engine / Apex on import
     warnings.simplefilter("ignore")
     pytest.importorskip("megatron.core")
-
-
-def _core_model(args: argparse.Namespace):
-    """GPTModel for this rank, configured from a converted checkpoint's args."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    cfg = TransformerConfig(
-        num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
-        num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
-        kv_channels=args.kv_channels, normalization=args.normalization, layernorm_epsilon=args.norm_epsilon,
-        gated_linear_unit=args.swiglu, activation_func=torch.nn.functional.silu, add_bias_linear=args.add_bias_linear,
-        add_qkv_bias=args.add_qkv_bias, qk_layernorm=args.qk_layernorm, window_size=args.window_size,
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size, use_cpu_initialization=True,
-        params_dtype=args.params_dtype, pipeline_dtype=args.params_dtype)
-    spec = get_gpt_layer_local_spec(qk_layernorm=args.qk_layernorm, normalization=args.normalization)
-    return GPTModel(
-        cfg, spec, vocab_size=args.padded_vocab_size, max_sequence_length=args.max_position_embeddings,
-        pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base,
-        rotary_percent=args.rotary_percent, rope_scaling=args.use_rope_scaling,
-        rope_scaling_factor=args.rope_scaling_factor)
 
 
 def _load_all(rank: int, world: int, layouts: dict) -> list[str]:
@@ -62,7 +37,7 @@ def _load_all(rank: int, world: int, layouts: dict) -> list[str]:
         for name, meg in dirs.items():
             with torch.serialization.safe_globals([argparse.Namespace]):
                 ckpt = torch.load(Path(meg) / "release" / path_of / "model_optim_rng.pt", weights_only=True)
-            model = _core_model(ckpt["args"])
+            model = core_gpt_model(ckpt["args"])
             assert model.state_dict().keys() == ckpt["model"].keys(), (name, tp, pp)  # _extra_state included
             model.load_state_dict(ckpt["model"], strict=True)
             for key, value in model.state_dict().items():

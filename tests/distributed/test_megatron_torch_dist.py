@@ -33,10 +33,10 @@ from checkpoint_convert.megatron_dist import read_dcp_metadata
 from checkpoint_convert.megatron_dist_read import load_megatron_dist_as_meshtron, megatron_dist_to_hf
 from checkpoint_convert.megatron_dist_write import hf_to_megatron_dist
 from tests.distributed.launcher import run_ranks
+from tests.distributed.megatron_core_models import core_gpt_model
 from tests.tiny_hf import VARIANTS, save_tiny_hf
 from tests.unit.test_hf_parity import _read_safetensors_dir
 from trainer.model import GPTModel
-from trainer.model.shapes import padded_vocab_size
 
 transformers = pytest.importorskip("transformers")
 with warnings.catch_warnings():  # megatron-core warns about missing Transformer Engine / Apex on import
@@ -71,43 +71,6 @@ def _on_cpu() -> None:
         return (q - k > window[0]) | (k - q > window[1])
 
     fused_softmax.get_sliding_window_causal_mask = window_mask
-
-
-def _core_model(args: argparse.Namespace):
-    """megatron-core's GPTModel for this rank, configured from a checkpoint's args as Megatron-LM would."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    tp = ps.get_tensor_model_parallel_world_size()
-    cfg = TransformerConfig(
-        num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
-        num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
-        kv_channels=args.kv_channels, normalization=args.normalization, layernorm_epsilon=args.norm_epsilon,
-        gated_linear_unit=args.swiglu, activation_func=torch.nn.functional.silu, add_bias_linear=args.add_bias_linear,
-        add_qkv_bias=args.add_qkv_bias, qk_layernorm=args.qk_layernorm, window_size=args.window_size,
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
-        use_cpu_initialization=True, params_dtype=args.params_dtype, pipeline_dtype=args.params_dtype,
-        hidden_dropout=0.0, attention_dropout=0.0)
-    model = GPTModel(
-        cfg, get_gpt_layer_local_spec(qk_layernorm=args.qk_layernorm, normalization=args.normalization),
-        # Megatron-LM pads for the run's own TP (here 256 rows at TP=2): more rows than the files' 128.
-        vocab_size=padded_vocab_size(args.vocab_size, args.make_vocab_size_divisible_by, tp),
-        max_sequence_length=args.max_position_embeddings, pre_process=ps.is_pipeline_first_stage(),
-        post_process=ps.is_pipeline_last_stage(), parallel_output=False,
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base,
-        rotary_percent=args.rotary_percent, rope_scaling=args.use_rope_scaling,
-        rope_scaling_factor=args.rope_scaling_factor).eval()
-    if args.use_rope_scaling:  # megatron-core hard-codes Llama 3.1's band edges; the tiny model's are its own
-        rope = model.rotary_pos_emb
-        base = 1.0 / (args.rotary_base ** (torch.arange(0, args.kv_channels, 2, dtype=torch.float32)
-                                           / args.kv_channels))
-        bands = {k: args.meshtron_rope_scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
-                                                             "original_max_position_embeddings")}
-        rope.inv_freq = rope._apply_scaling(base, **bands)
-    return model
 
 
 def _forward(model, ids: torch.Tensor, args: argparse.Namespace):
@@ -175,7 +138,7 @@ def _megatron_core(rank: int, world: int, jobs: dict, ids: torch.Tensor, hf_logi
         ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
         for name, (ours, saved_root) in jobs.items():
             args = dist_checkpointing.load_common_state_dict(str(Path(ours) / "release"))["args"]
-            model = _core_model(args)
+            model = core_gpt_model(args, pad_vocab_for_run=True, parallel_output=False, dropout=0.0)
             loaded, in_file_only, asked_only = dist_checkpointing.load(
                 {"model": model.sharded_state_dict()}, str(Path(ours) / "release"), strict=StrictHandling.RETURN_ALL)
             model.load_state_dict(loaded["model"], strict=True)

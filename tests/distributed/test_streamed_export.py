@@ -136,7 +136,7 @@ def _rank(rank: int, world_size: int, tmp: str) -> dict:
 
     hf.save_hf_stream = small_shards
     reads: dict[str, int] = {}
-    get_slice = hf._SafetensorsDir.get_slice
+    get_slice = hf.SafetensorsDir.get_slice
 
     class CountingSlice:
         def __init__(self, view, name):
@@ -150,7 +150,7 @@ def _rank(rank: int, world_size: int, tmp: str) -> dict:
             reads[self.name] = reads.get(self.name, 0) + t.numel()
             return t
 
-    hf._SafetensorsDir.get_slice = lambda self, name: CountingSlice(get_slice(self, name), name)
+    hf.SafetensorsDir.get_slice = lambda self, name: CountingSlice(get_slice(self, name), name)
     results = {}
     root = Path(tmp)
     for name, parallel, variant in LAYOUTS:

@@ -107,7 +107,7 @@ def test_sliced_expert_reads_touch_only_the_part_asked_for(tmp_path, monkeypatch
     from contextlib import ExitStack
 
     with ExitStack() as stack:
-        ckpt = hf._SafetensorsDir(tmp_path / "hf", stack)
+        ckpt = hf.SafetensorsDir(tmp_path / "hf", stack)
         get_slice = ckpt.get_slice
         ckpt.get_slice = lambda n: opened.append(n) or get_slice(n)
         hf._load_stacked(ckpt, unit, Param(), tmp_path / "hf")
