@@ -1,7 +1,8 @@
 """MoE models from HF checkpoints (Qwen3-MoE: 8 experts, top-2; Mixtral: 4 experts; Qwen2-MoE: 4 experts and a
 gated shared expert) give one process's loss, router metrics and gradients after one step at each layout:
-expert parallelism alone and with FSDP, HSDP, TP (+SP), PP, CP and FSDP x TP, and the MoE layer under TP and
-CP without ep. Each rank also holds exactly its slice of the experts as one process reads them."""
+FSDP, expert parallelism with HSDP, full recompute, TP (+SP) and FSDP x TP, and the MoE layer under TP and CP
+without ep. Each rank also holds exactly its slice of the experts as one process reads them. The layouts run
+one micro-batch per forward and the reference four, so the auxiliary losses (per row) must not depend on it."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ ROWS, SEQ = 4, 16
 # (id, world size, parallel settings, tests/tiny_hf.py model). ep2 x fsdp2, x tp2, x pp2 and x cp2 train 3 steps
 # in the layout matrix (test_mesh_matrix.py); these check one step's gradients and router metrics exactly.
 LAYOUTS = [
+    # FSDP alone: each rank reads its Shard(0) of the stacked experts from the HF checkpoint.
+    ("fsdp2", 2, dict(dp_shard=2), "qwen3-moe"),
     # Full recompute replays the dispatcher's all-to-alls in backward.
     ("ep2_ac_full", 2, dict(dp_shard=2, ep=2, activation_checkpoint="full"), "qwen3-moe"),
     ("ep2_hsdp", 4, dict(dp_replicate=2, dp_shard=2, ep=2), "qwen3-moe"),
