@@ -5,9 +5,10 @@ Expert parallelism (GShard, Lepikhin et al. 2020; torchtitan's layout). The expe
 over an ``ep`` axis carved from the data ranks (dp_shard x cp, parallel/dims.py EP_MESH_AXES): the stacked
 [E, ...] weights become DTensors sharded on dim 0 over ep, so rank r of the group holds experts
 [r E/ep, (r+1) E/ep) and checkpoints keep the global [E, ...] tensors (DCP reshards them to any ep). FSDP then
-shards each rank's experts over the data ranks outside its ep group (dp_shard_mod_ep, with tp under sequence
-parallelism, and dp_replicate as HSDP's replica axis); the router and shared experts stay data-parallel like any
-dense weight.
+shards each rank's experts over the data ranks outside its ep group (dp_shard_mod_ep, and dp_replicate as
+HSDP's replica axis). Under tp the experts are Replicate over tp as well (a DTensor on (ep, tp)), each tp rank
+computing whole experts for its own tokens, with partial gradients the DTensor sums over tp. The router and
+shared experts are sharded like dense weights (over data x tp ranks under tp).
 
 A layer's forward on each rank: route its own tokens (all E router logits, as on one process), sort the
 assignments by expert, which groups them by the rank holding that expert, then
@@ -29,7 +30,8 @@ parallelism (tp) the MoE layer sees its rank's S/tp tokens of each row: routing 
 routes its own, and the per-row load-balancing statistics are the row's: the (row, expert) assignment counts
 are all-reduced over the ranks holding the row (cp x tp), each rank adds its own tokens' share of P and of the
 z-loss, and the shares sum to one process's numbers (trainer/model/moe.py). The router and experts then hold
-partial gradients on each tp rank: FSDP's mesh for the MoE layer includes tp, so its reduce-scatter sums them.
+partial gradients on each tp rank: FSDP's mesh for the MoE layer includes tp, so its reduce-scatter sums them
+(and without ep the experts are part of that unit).
 """
 
 from __future__ import annotations
