@@ -106,8 +106,8 @@ def _layer_plan(layer: nn.Module, sequence_parallel: bool) -> dict[str, Parallel
     }
     if isinstance(layer.mlp, MoELayer):
         # An MoE layer is not split over tp: under sequence parallelism (required, parallel/dims.py) each rank
-        # routes its own S/tp tokens through whole experts, like a data-parallel rank; its weights stay plain
-        # tensors that FSDP shards over data x tp ranks (parallel/expert_parallel.py).
+        # routes its own S/tp tokens through whole experts, like a data-parallel rank; FSDP shards its weights
+        # over data x tp ranks, or under ep the experts over dp_shard_mod_ep (parallel/expert_parallel.py).
         plan["mlp"] = PrepareModuleInputOutput(
             input_layouts=(Shard(1), None), desired_input_layouts=(Shard(1), None), use_local_input=True,
             output_layouts=Shard(1), desired_output_layouts=Shard(1))
