@@ -25,6 +25,7 @@ HF -> meshtron needs no conversion: train with model.hf_path=DIR at any mesh.
 examples:
   %(prog)s hf-to-megatron --hf Llama-3.2-1B --out megatron-dist
   %(prog)s hf-to-megatron --hf Llama-3.2-1B --out megatron-tp2pp2 --format torch --tp 2 --pp 2
+  %(prog)s hf-to-megatron --hf Qwen3-30B-A3B --out megatron-ep8 --format torch --tp 1 --pp 4 --ep 8
   %(prog)s megatron-to-hf --megatron megatron-tp2pp2 --out Llama-3.2-1B-back
   %(prog)s meshtron-to-hf --checkpoint outputs/run/checkpoints --out my-model-hf
   %(prog)s verify --hf my-model-hf --checkpoint outputs/run/checkpoints
@@ -79,8 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "args and used for vocabulary padding, default 1)")
     c.add_argument("--pp", type=_positive, metavar="P",
                    help="pipeline-parallel size (torch: required; torch_dist: recorded in the args, default 1)")
+    c.add_argument("--ep", type=_positive, default=1, metavar="E",
+                   help="expert-parallel size of a mixture of experts (torch: files mp_rank_TT[_PPP]_EEE, EP rank k "
+                        "holding experts k*E/EP..; torch_dist: recorded in the args; default 1)")
     c.add_argument("--spec", choices=("local", "te"), default="local",
-                   help="megatron-core layer spec the names follow (te: Transformer Engine, fused norms)")
+                   help="megatron-core layer spec the names follow (te: Transformer Engine, fused norms; MoE experts "
+                        "as TEGroupedMLP's linear_fc1.weight<e>)")
     c.add_argument("--vocab-divisible-by", type=_positive, default=128, metavar="N",
                    help="pad the vocabulary to a multiple of N x TP, as Megatron's "
                         "--make-vocab-size-divisible-by (default 128)")
@@ -218,8 +223,9 @@ def _hf_to_megatron(args: argparse.Namespace) -> int:
         from checkpoint_convert.megatron_dist_write import hf_to_megatron_dist as convert
 
     out = convert(args.hf, args.out, tp=tp, pp=pp, spec=args.spec, vocab_divisible_by=args.vocab_divisible_by,
-                  progress=args.progress)
-    layout = f"TP={tp}, PP={pp}" if args.format == "torch" else "loads at any TP x PP"
+                  progress=args.progress, ep=args.ep)
+    layout = f"TP={tp}, PP={pp}" + (f", EP={args.ep}" if args.ep > 1 else "") if args.format == "torch" \
+        else "loads at any TP x PP"
     print(f"wrote Megatron-LM {args.format} checkpoint ({layout}, spec {args.spec}) to {out}")
     return 0
 

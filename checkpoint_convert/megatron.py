@@ -1,4 +1,5 @@
-"""Megatron-LM legacy (`torch` format) checkpoints <-> HF safetensors and meshtron, at any TP x PP.
+"""Megatron-LM legacy (`torch` format) checkpoints <-> HF safetensors and meshtron, at any TP x PP (x EP for
+mixtures of experts: checkpoint_convert.megatron_moe).
 
 Each rank file (layout and args: `checkpoint_convert.megatron_format`) holds {"model": the megatron-core
 GPTModel state dict of that rank (layers numbered from 0 on every pipeline stage), "checkpoint_version":
@@ -6,8 +7,8 @@ GPTModel state dict of that rank (layers numbered from 0 on every pipeline stage
 
 Conversion chains two declarative tables through meshtron's names: the family table (HF <-> meshtron,
 `checkpoint_convert.models.<family>`) and the Megatron table (meshtron <-> megatron-core,
-`checkpoint_convert.models.megatron_names`). Both work on full tensors; TP splits and PP placement are
-applied here. Every conversion first runs on meta tensors: that checks names and shapes before a byte is
+`checkpoint_convert.models.megatron_names`). Both work on full tensors; TP splits and PP x EP placement
+(checkpoint_convert.megatron_layout) are applied here. Every conversion first runs on meta tensors: that checks names and shapes before a byte is
 written, and sizes the progress bar and the output files.
 
 Speed and memory (checkpoint_convert.parallel_io): both directions stream tensor by tensor, a reading thread ahead
@@ -19,7 +20,6 @@ each tensor once read, so the process does not grow with the checkpoint.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import shutil
 import sys
@@ -33,12 +33,12 @@ from safetensors import safe_open
 from transformers import GenerationConfig
 
 from checkpoint_convert.detect import HF, HF_CONFIG, MEGATRON_LEGACY, refuse_other_kinds
-from checkpoint_convert.hf import SafetensorsDir, hf_config, pad_vocab_rows, read_hf_config, write_config_files
-from checkpoint_convert.mapping import Unit
+from checkpoint_convert.hf import SafetensorsDir, hf_config, read_hf_config, write_config_files
 from checkpoint_convert.megatron_common import (MetaShapes, Ours, check_hf_tensors, check_layout, common_dtype,
                                                  meshtron_shapes)
-from checkpoint_convert.models.megatron_names import (COLUMN, EXTRA_STATE_MODULES, GATED_COLUMN, REPLICATED, ROW,
-                                                      SPECS, VOCAB, layer_of, tp_split)
+from checkpoint_convert.megatron_layout import merge, plan, stage_tensors
+from checkpoint_convert.megatron_moe import check_expert_layout, expert_tp, same_moe
+from checkpoint_convert.models.megatron_names import REPLICATED, VOCAB, layer_of, tp_split
 from checkpoint_convert.models.registry import family
 from checkpoint_convert.parallel_io import Channel, drop_pages, nbytes, one_op_thread, read_ahead, save_streamed
 from checkpoint_convert.safetensors_files import (DEFAULT_MAX_SHARD_BYTES, ST_DTYPES, PlannedShardWriter,
@@ -63,8 +63,9 @@ TOKENIZER_GLOBS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json",
 
 
 def hf_to_megatron(hf_dir: PathLike, out_dir: PathLike, tp: int, pp: int, spec: str = "local",
-                   vocab_divisible_by: int = 128, progress: bool = True, *, overwrite: bool = False) -> Path:
-    """Write an HF checkpoint as a Megatron-LM `release` checkpoint at TP x PP. Returns out_dir.
+                   vocab_divisible_by: int = 128, progress: bool = True, *, overwrite: bool = False,
+                   ep: int = 1) -> Path:
+    """Write an HF checkpoint as a Megatron-LM `release` checkpoint at TP x PP (x EP for experts). Returns out_dir.
 
     Raises (before writing anything) ConfigError for an unsupported architecture or a TP/PP/spec that does
     not fit the model, KeyError for missing or unexpected HF tensors (e.g. no lm_head.weight with untied
@@ -74,18 +75,19 @@ def hf_to_megatron(hf_dir: PathLike, out_dir: PathLike, tp: int, pp: int, spec: 
     refuse_other_kinds(hf_dir, HF, HF_CONFIG)  # HF_CONFIG: the safetensors reader says what is missing
     cfg = read_hf_config(hf_dir)
     check_layout(cfg, tp, pp, spec, vocab_divisible_by)
+    check_expert_layout(cfg, tp, ep)
     check_out_dir(out, overwrite)
     padded = padded_vocab_size(cfg.vocab_size, vocab_divisible_by, tp)
     expected = meshtron_shapes(cfg)
-    plan = _plan(spec, [cfg.num_layers // pp] * pp, expected)
+    placed = plan(spec, [cfg.num_layers // pp] * pp, expected, cfg, ep)
     with ExitStack() as stack:
         src = SafetensorsDir(hf_dir, stack)
-        hf_units = family(cfg.family).table.units(expected)
+        hf_units = family(cfg.family).table.units(expected, cfg)
         check_hf_tensors(src, hf_units, cfg, hf_dir)
 
-        def stage(fetch: Callable[[str], torch.Tensor], s: int) -> Iterator[tuple[str, list]]:
+        def stage(fetch: Callable[[str], torch.Tensor], s: int) -> Iterator[tuple[Optional[int], str, list]]:
             ours = Ours(hf_units, fetch, cfg, expected, what=str(hf_dir))
-            return _stage_tensors(plan[s], ours, cfg, tp, padded, last=s == pp - 1)
+            return stage_tensors(placed[s], ours, cfg, tp, padded, last=s == pp - 1)
 
         def meta(name: str) -> torch.Tensor:
             sl = src.get_slice(name)
@@ -97,27 +99,31 @@ def hf_to_megatron(hf_dir: PathLike, out_dir: PathLike, tp: int, pp: int, spec: 
             with safe_open(str(src.files[name]), framework="pt") as f:
                 return f.get_tensor(name)
 
-        dry = {}  # (stage, rank) -> its model state dict of meta tensors; raises on any mismatch
+        dry = {}  # (stage, EP rank, TP rank) -> its model state dict of meta tensors; raises on any mismatch
         for s in range(pp):
             with MetaShapes():
                 tensors = list(stage(meta, s))
-            for local, parts in tensors:
-                for r in range(tp):
-                    dry.setdefault((s, r), {})[local] = parts[r]
-        args = megatron_args(cfg, tp, pp, spec, padded, vocab_divisible_by, common_dtype(dry[0, 0].values()))
+            for ep_rank, local, parts in tensors:
+                for e in range(ep) if ep_rank is None else (ep_rank,):
+                    for r in range(tp):
+                        dry.setdefault((s, e, r), {})[local] = parts[r]
+        args = megatron_args(cfg, tp, pp, spec, padded, vocab_divisible_by, common_dtype(dry[0, 0, 0].values()), ep)
         total = sum(map(_nbytes, dry.values()))
         with staged_dir(out, overwrite) as tmp, byte_progress(total, progress, f"writing {out.name}") as bar, \
                 one_op_thread():
             (tmp / TRACKER).write_text("release")
             for s in range(pp):
-                paths = [tmp / "release" / rank_dir(r, s, pp) / CKPT_FILE for r in range(tp)]
-                _write_stage(paths, [dry[s, r] for r in range(tp)], stage(read, s), args, bar)
+                paths = [tmp / "release" / rank_dir(r, s, pp, e, ep) / CKPT_FILE for e in range(ep) for r in range(tp)]
+                _write_stage(paths, [dry[s, e, r] for e in range(ep) for r in range(tp)], stage(read, s), args, bar,
+                             tp)
     return out
 
 
-def _write_stage(paths: list[Path], models: list[dict], tensors: Iterator[tuple[str, list]], args, bar) -> None:
-    """The TP rank files of one pipeline stage, each written by a thread of its own while this one converts: each
-    full tensor is converted once and its TP parts handed to the writers (checkpoint_convert.parallel_io)."""
+def _write_stage(paths: list[Path], models: list[dict], tensors: Iterator[tuple[Optional[int], str, list]], args,
+                 bar, tp: int) -> None:
+    """The rank files of one pipeline stage (EP-major, then TP), each written by a thread of its own while this one
+    converts: each full tensor is converted once and its TP parts handed to the writers of every EP rank holding it
+    (checkpoint_convert.parallel_io)."""
     channel, errors = Channel(len(paths)), []
 
     def write(r: int) -> None:
@@ -139,11 +145,12 @@ def _write_stage(paths: list[Path], models: list[dict], tensors: Iterator[tuple[
     for w in writers:
         w.start()
     try:
-        for local, parts in tensors:
-            for r, t in enumerate(parts):
-                if isinstance(t, torch.Tensor):
-                    channel.put(r, (local, t), nbytes(t))
-                    bar.update(nbytes(t))
+        for ep_rank, local, parts in tensors:
+            for e in range(len(paths) // tp) if ep_rank is None else (ep_rank,):
+                for r, t in enumerate(parts):
+                    if isinstance(t, torch.Tensor):
+                        channel.put(e * tp + r, (local, t), nbytes(t))
+                        bar.update(nbytes(t))
             del parts
         channel.close()
     except BaseException as e:
@@ -157,92 +164,6 @@ def _write_stage(paths: list[Path], models: list[dict], tensors: Iterator[tuple[
         raise errors[0]
 
 
-# ============================================================================ placement over TP x PP
-
-
-@dataclasses.dataclass(frozen=True)
-class _Placed:
-    """A Megatron-table unit on one pipeline stage: its global Megatron names -> names in the stage's file."""
-
-    unit: Unit
-    names: dict[str, str]
-
-
-def _plan(spec: str, stage_layers: list[int], shapes: dict[str, torch.Tensor]) -> list[list[_Placed]]:
-    """Which Megatron tensors each pipeline stage holds, under which local names (`shapes`: the model's
-    meshtron parameters, from :func:`checkpoint_convert.megatron_common.meshtron_shapes`).
-
-    Layers are numbered from 0 on every stage; the embedding lives on the first stage, the final norm and
-    output layer on the last. With tied embeddings and PP > 1 megatron-core's last stage still registers
-    output_layer.weight (a copy kept equal to the embedding through the embedding group), so it is written
-    there from the embedding; with PP = 1 there is no output_layer.weight at all.
-    """
-    starts = [sum(stage_layers[:s]) for s in range(len(stage_layers))]
-    last = len(stage_layers) - 1
-    stages: list[list[_Placed]] = [[] for _ in stage_layers]
-    units = SPECS[spec].units(shapes)
-    for unit in units:
-        layer = layer_of(unit.theirs[0])
-        if layer is None:
-            s = 0 if unit.theirs[0].startswith("embedding.") else last
-            stages[s].append(_Placed(unit, {n: n for n in unit.theirs}))
-            continue
-        s = max(i for i, start in enumerate(starts) if layer[0] >= start and stage_layers[i])
-        stages[s].append(_Placed(unit, {n: f"decoder.layers.{layer[0] - starts[s]}.{layer_of(n)[1]}"
-                                        for n in unit.theirs}))
-    if "output_layer.weight" not in shapes and last > 0:  # tied embeddings
-        emb = next(u for u in units if u.theirs == ("embedding.word_embeddings.weight",))
-        stages[last].append(_Placed(emb, {"embedding.word_embeddings.weight": "output_layer.weight"}))
-    return stages
-
-
-def _shard(name: str, full: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
-    """TP rank `rank`'s part of a full Megatron tensor (megatron-core's Column/RowParallelLinear layout)."""
-    kind = tp_split(name)
-    if tp == 1 or kind == REPLICATED:
-        part = full
-    elif kind in (COLUMN, VOCAB, ROW):
-        dim = 1 if kind == ROW else 0
-        if full.shape[dim] % tp:
-            raise ValueError(f"{name} {list(full.shape)}: dim {dim} does not split into {tp} equal parts")
-        part = full.chunk(tp, dim)[rank]
-    else:  # GATED_COLUMN: [gate; up] -> [gate_r; up_r], so each rank's SwiGLU pairs its own halves
-        gate, up = full.chunk(2, 0)
-        part = torch.cat([gate.chunk(tp, 0)[rank], up.chunk(tp, 0)[rank]])
-    # Own storage: torch.save would otherwise write the whole tensor a slice views.
-    return part.clone(memory_format=torch.contiguous_format)
-
-
-def _merge(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
-    """Inverse of :func:`_shard` over all TP ranks."""
-    kind = tp_split(name)
-    if len(shards) == 1 or kind == REPLICATED:
-        return shards[0]
-    if kind == GATED_COLUMN:
-        halves = [s.chunk(2, 0) for s in shards]
-        return torch.cat([h[0] for h in halves] + [h[1] for h in halves])
-    return torch.cat(shards, dim=1 if kind == ROW else 0)
-
-
-def _stage_tensors(placed: list[_Placed], ours: Ours, cfg: ModelConfig, tp: int, padded: int, last: bool
-                   ) -> Iterator[tuple[str, list]]:
-    """(name in the stage's files, [TP rank 0's tensor, ...]) in file order, None for `_extra_state` entries; each
-    full tensor converted once for all TP ranks."""
-    for p in placed:
-        full = p.unit.convert_to_theirs([ours.take(n) for n in p.unit.ours], cfg)
-        for name, local in p.names.items():
-            t = full.pop(name)
-            t = pad_vocab_rows(name, t, torch.Size([padded, *t.shape[1:]]))
-            yield local, [_shard(name, t, tp, r) for r in range(tp)]
-            del t
-            module = local.rsplit(".", 1)[0]
-            if module.endswith(EXTRA_STATE_MODULES):
-                yield f"{module}._extra_state", [None] * tp
-        del full
-    if last:  # megatron-core's output layer has its extra state even when tied (and then weightless)
-        yield "output_layer._extra_state", [None] * tp
-
-
 # ======================================================================================= reading
 
 
@@ -251,7 +172,8 @@ class _MegatronCheckpoint:
 
     Its model chunks in model order: one per pipeline stage ("model"), or V per stage with virtual pipeline
     stages ("model0" .. "model<V-1>"), chunk c of stage s holding the (c x PP + s)-th run of layers
-    (megatron-core's get_transformer_layer_offset): each chunk is numbered from layer 0 like a stage.
+    (megatron-core's get_transformer_layer_offset): each chunk is numbered from layer 0 like a stage. With expert
+    parallelism each stage has EP files per TP rank (checkpoint_convert.megatron_moe); `files[v][e][r]`.
     """
 
     def __init__(self, megatron_dir: PathLike, iteration: Optional[int]):
@@ -261,29 +183,37 @@ class _MegatronCheckpoint:
         self.args = first_rank_args(self.dir)
         self.tp = getattr(self.args, "tensor_model_parallel_size", 1)
         self.pp = getattr(self.args, "pipeline_model_parallel_size", 1)
-        paths = [[self.dir / rank_dir(r, s, self.pp) / CKPT_FILE for r in range(self.tp)] for s in range(self.pp)]
-        missing = [str(p.relative_to(self.dir)) for row in paths for p in row if not p.is_file()]
+        self.ep = getattr(self.args, "expert_model_parallel_size", None) or 1
+        expert_tp(self.args, self.tp)
+        layout = f"TP={self.tp} x PP={self.pp}" + (f" x EP={self.ep}" if self.ep > 1 else "")
+        paths = [[[self.dir / rank_dir(r, s, self.pp, e, self.ep) / CKPT_FILE for r in range(self.tp)]
+                  for e in range(self.ep)] for s in range(self.pp)]
+        flat = [p for stage in paths for row in stage for p in row]
+        missing = [str(p.relative_to(self.dir)) for p in flat if not p.is_file()]
         if missing:
-            raise FileNotFoundError(f"{self.dir}: args say TP={self.tp} x PP={self.pp} but rank files {missing} "
-                                    f"are missing")
-        extra = sorted({p.name for p in rank_dirs(self.dir)} - {p.parent.name for row in paths for p in row})
+            raise FileNotFoundError(f"{self.dir}: args say {layout} but rank files {missing} are missing")
+        extra = sorted({p.name for p in rank_dirs(self.dir)} - {p.parent.name for p in flat})
         if extra:
-            raise ValueError(f"{self.dir}: args say TP={self.tp} x PP={self.pp}, but there are also {extra}")
+            raise ValueError(f"{self.dir}: args say {layout}, but there are also {extra}")
         self.paths = paths
         # Each file is unpickled once, its tensors memory-mapped (`mapped`); `full` hands back the pages of what it
         # read, so they never stay resident and memory does not grow with the checkpoint. `files`: meta tensors.
-        self.mapped = [[self._model_entries(p) for p in row] for row in paths]
-        self.chunks = [(s, key) for key in self.mapped[0][0] for s in range(self.pp)]
-        self.files = [[{n: _meta_like(t) for n, t in self.mapped[s][r][key].items()} for r in range(self.tp)]
-                      for s, key in self.chunks]
-        for v, row in enumerate(self.files):
-            keys = [{k for k in f if not k.endswith("._extra_state")} for f in row]
-            if any(k != keys[0] for k in keys):
-                raise KeyError(f"{self.dir}: the TP ranks of {self._chunk(v)} hold different tensor names")
+        self.mapped = [[[self._model_entries(p) for p in row] for row in stage] for stage in paths]
+        self.chunks = [(s, key) for key in self.mapped[0][0][0] for s in range(self.pp)]
+        self.files = [[[{n: _meta_like(t) for n, t in self.mapped[s][e][r][key].items()} for r in range(self.tp)]
+                       for e in range(self.ep)] for s, key in self.chunks]
+        for v, stage in enumerate(self.files):
+            for row in stage:
+                keys = [{k for k in f if not k.endswith("._extra_state")} for f in row]
+                if any(k != keys[0] for k in keys):
+                    raise KeyError(f"{self.dir}: the TP ranks of {self._chunk(v)} hold different tensor names")
         self.cfg = config_from_args(self.args, name=root.name)
+        check_expert_layout(self.cfg, self.tp, self.ep, where=f"{self.dir}: ")
         self.shapes = meshtron_shapes(self.cfg)
         # TE fuses the pre-attention/pre-MLP norms into the next linear: its names say which spec saved this.
-        self.spec = "te" if any(k.endswith(".layer_norm_weight") for row in self.files for k in row[0]) else "local"
+        first = [k for stage in self.files for k in stage[0][0]]
+        self.spec = "te" if any(k.endswith(".layer_norm_weight") for k in first) else "local"
+        self.experts = "sequential" if any(".mlp.experts.local_experts." in k for k in first) else "grouped"
         self._index()
 
     def _model_entries(self, path: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -303,36 +233,39 @@ class _MegatronCheckpoint:
 
     def padded_rows(self) -> int:
         """Vocabulary rows the checkpoint holds (padding included), over all TP ranks."""
-        v, local = self.where["embedding.word_embeddings.weight"]
-        return sum(f[local].shape[0] for f in self.files[v])
+        v, e, local = self.where["embedding.word_embeddings.weight"]
+        return sum(f[local].shape[0] for f in self.files[v][e])
 
     def _index(self) -> None:
-        """global Megatron name -> (stage, local name); checks the names against the model the args describe."""
-        counts = [1 + max((layer_of(k)[0] for k in row[0] if layer_of(k)), default=-1) for row in self.files]
+        """global Megatron name -> (chunk, EP rank, local name); checks the names against the model the args
+        describe, on every EP rank."""
+        counts = [1 + max((layer_of(k)[0] for k in stage[0][0] if layer_of(k)), default=-1) for stage in self.files]
         if sum(counts) != self.cfg.num_layers:
             raise ValueError(f"{self.dir}: stages hold {counts} layers, but args say num_layers={self.cfg.num_layers}")
-        self.plan = _plan(self.spec, counts, self.shapes)
-        self.where: dict[str, tuple[int, str]] = {}
+        self.plan = plan(self.spec, counts, self.shapes, self.cfg, self.ep, self.experts)
+        self.where: dict[str, tuple[int, int, str]] = {}
         for s, placed in enumerate(self.plan):
-            want = {local for p in placed for local in p.names.values()}
-            have = {k for k in self.files[s][0] if not k.endswith("._extra_state")}
-            missing, unexpected = sorted(want - have), sorted(have - want)
-            if "output_layer.weight" in missing and not self.cfg.tie_word_embeddings:
-                raise KeyError(f"{self.dir}: output_layer.weight is missing on the last pipeline stage but args "
-                               f"say untie_embeddings_and_output_weights=True")
-            if missing or unexpected:
-                raise KeyError(f"{self.dir}: {self._chunk(s)} ({self.spec} spec) is missing {missing} and has "
-                               f"unexpected {unexpected}")
+            for e in range(self.ep):
+                want = {local for p in placed for at, local in p.names.values() if at in (None, e)}
+                have = {k for k in self.files[s][e][0] if not k.endswith("._extra_state")}
+                missing, unexpected = sorted(want - have), sorted(have - want)
+                if "output_layer.weight" in missing and not self.cfg.tie_word_embeddings:
+                    raise KeyError(f"{self.dir}: output_layer.weight is missing on the last pipeline stage but args "
+                                   f"say untie_embeddings_and_output_weights=True")
+                if missing or unexpected:
+                    where = self._chunk(s) + (f", expert-parallel rank {e}" if self.ep > 1 else "")
+                    raise KeyError(f"{self.dir}: {where} ({self.spec} spec) is missing {missing} and has "
+                                   f"unexpected {unexpected}")
             for p in placed:
-                for name, local in p.names.items():
-                    self.where.setdefault(name, (s, local))  # a tied last-stage copy is never read
+                for name, (at, local) in p.names.items():
+                    self.where.setdefault(name, (s, at or 0, local))  # a tied last-stage copy is never read
 
     def full(self, name: str) -> torch.Tensor:
         """The full Megatron tensor (TP shards merged, vocabulary un-padded)."""
-        v, local = self.where[name]
+        v, e, local = self.where[name]
         stage, key = self.chunks[v]
-        shards = [self.mapped[stage][r][key][local] for r in range(self.tp)]
-        t = _merge(name, shards)
+        shards = [self.mapped[stage][e][r][key][local] for r in range(self.tp)]
+        t = merge(name, shards)
         t = t[:self.cfg.vocab_size] if tp_split(name) == VOCAB else t
         if len(shards) == 1 or tp_split(name) == REPLICATED:  # still a view into the mapped file
             t = t.clone(memory_format=torch.contiguous_format)
@@ -341,8 +274,8 @@ class _MegatronCheckpoint:
         return t
 
     def meta(self, name: str) -> torch.Tensor:
-        s, local = self.where[name]
-        t = _merge(name, [f[local] for f in self.files[s]])
+        v, e, local = self.where[name]
+        t = merge(name, [f[local] for f in self.files[v][e]])
         if tp_split(name) == VOCAB and t.shape[0] < self.cfg.vocab_size:
             raise ValueError(f"{self.dir}: {name} has {t.shape[0]} vocabulary rows, fewer than vocab_size="
                              f"{self.cfg.vocab_size}")
@@ -381,7 +314,7 @@ def _check_same_model(hf: ModelConfig, ckpt: _MegatronCheckpoint, where: PathLik
     if vocab_from_args(ckpt.args)[0] is not None:  # else only the padded size is known: the HF config says
         fields += ("vocab_size",)
     diff = [f"{f}: config.json {getattr(hf, f)} vs checkpoint {getattr(ckpt.cfg, f)}" for f in fields
-            if getattr(hf, f) != getattr(ckpt.cfg, f)]
+            if getattr(hf, f) != getattr(ckpt.cfg, f)] + same_moe(hf.moe, ckpt.cfg.moe)
     if diff:
         raise ConfigError(f"hf_config_dir {where} describes another model than the Megatron checkpoint in "
                           f"{ckpt.dir}: " + "; ".join(diff))
@@ -424,7 +357,7 @@ def write_hf_dir(ckpt, out: Path, hf_config_dir: Optional[PathLike], progress: b
                  max_shard_bytes: int) -> None:
     """A checked checkpoint (read_checkpoint) as an HF directory, one tensor in memory at a time."""
     cfg = ckpt.cfg
-    units = family(cfg.family).table.units(ckpt.shapes)
+    units = family(cfg.family).table.units(ckpt.shapes, cfg)
 
     def hf_tensors(fetch) -> Iterator[tuple[str, torch.Tensor]]:
         ours = ckpt.meshtron(fetch)

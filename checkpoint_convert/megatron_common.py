@@ -47,17 +47,24 @@ class _MetaParameters(TorchFunctionMode):
 
 
 class MetaShapes(TorchFunctionMode):
-    """The dry runs' mode: torch.cat of meta tensors computed here, from shapes alone. torch's own meta kernel for
-    cat is written in Python and its first call imports torch._dynamo (about a second, more than converting a small
-    model). Anything else runs as usual; sizes that do not fit raise RuntimeError, as torch.cat does."""
+    """The dry runs' mode: torch.cat and torch.stack (the experts') of meta tensors computed here, from shapes alone.
+    torch's own meta kernels for them are written in Python and the first call imports torch._dynamo (about a
+    second, more than converting a small model). Anything else runs as usual; sizes that do not fit raise
+    RuntimeError, as torch.cat and torch.stack do."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.cat:
+        if func is torch.cat or func is torch.stack:
             tensors = list(args[0] if args else kwargs["tensors"])
             dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
             if tensors and all(isinstance(t, torch.Tensor) and t.is_meta for t in tensors) and "out" not in kwargs:
-                return _meta_cat(tensors, dim)
+                if func is torch.cat:
+                    return _meta_cat(tensors, dim)
+                if any(t.shape != tensors[0].shape for t in tensors):
+                    raise RuntimeError(f"stack expects each tensor to be equal size, but got "
+                                       f"{[list(t.shape) for t in tensors]}")
+                d = dim % (tensors[0].dim() + 1)
+                return _meta_cat([t.unsqueeze(d) for t in tensors], d)
         return func(*args, **kwargs)
 
 

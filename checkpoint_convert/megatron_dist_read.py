@@ -5,6 +5,9 @@ Megatron tensors are named as in checkpoint_convert.models.megatron_names (MEGAT
 norms the TE way under both layer specs) and found under whichever key form the checkpoint uses: stacked over
 layers (`decoder.layers.<rest>`, at index N), per layer (`decoder.layers.N.<rest>`), fc1 split in `_w`/`_v`.
 Each is read from only its own chunks; the HF side is written as for the legacy format (one tensor in memory).
+Routed experts are one global tensor per layer, `mlp.experts.experts.linear_fc1.weight` [E, 2F, H] (stacked over
+layers too unless layers are heterogeneous), or with singleton_local_shards one per expert,
+`decoder.layers.N.mlp.experts.experts.<e>.linear_fc1.weight_w` / `_v`, stacked back here.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from checkpoint_convert.megatron import meshtron_state, read_checkpoint, write_h
 from checkpoint_convert.megatron_common import Ours, meshtron_shapes
 from checkpoint_convert.megatron_dist import CONFIG_FILE, DcpFiles, check_config, read_common_state
 from checkpoint_convert.megatron_format import TRACKER, PathLike, config_from_args, resolve_iteration_dir
-from checkpoint_convert.models.megatron_names import MEGATRON_TE, VOCAB, layer_of, tp_split
+from checkpoint_convert.models.megatron_names import VOCAB, layer_of, megatron_units, tp_split
 from checkpoint_convert.safetensors_files import DEFAULT_MAX_SHARD_BYTES, check_out_dir
 from trainer.config import ModelConfig
 
@@ -33,10 +36,18 @@ _MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")  # model tensors: 
 @dataclass(frozen=True)
 class _Stored:
     """Where a Megatron tensor lies: DCP keys concatenated on dim 0 (fc1's _w, _v), each either holding the
-    tensor itself (layer None) or stacked over layers with it at index `layer`."""
+    tensor itself (layer None) or stacked over layers with it at index `layer`; with `experts` > 0 the keys are
+    that many equal groups (one per expert), each concatenated, then stacked."""
 
     keys: tuple[str, ...]
     layer: Optional[int]
+    experts: int = 0
+
+    def combine(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        if self.experts:
+            n = len(parts) // self.experts
+            return torch.stack([torch.cat(parts[e * n:(e + 1) * n]) for e in range(self.experts)])
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 class TorchDistCheckpoint:
@@ -55,6 +66,8 @@ class TorchDistCheckpoint:
             raise ValueError(f"{self.dir}: its common state holds no args namespace; cannot tell the model's shape")
         self.cfg = config_from_args(self.args, name=root.name)
         self.shapes = meshtron_shapes(self.cfg)
+        # Only the TE spec's MoE layers keep a pre_mlp_layernorm of their own (megatron_names.layer_tables).
+        self.spec = "te" if any(".pre_mlp_layernorm." in k for k in self.tensors) else "local"
         self._index()
 
     def _index(self) -> None:
@@ -62,7 +75,7 @@ class TorchDistCheckpoint:
         of the checkpoint may be left over (MoE experts, say, or a family the args do not say)."""
         self.where: dict[str, _Stored] = {}
         missing = []
-        for unit in MEGATRON_TE.units(self.shapes):
+        for unit in megatron_units(self.shapes, self.cfg, self.spec, "dist"):
             for name in unit.theirs:
                 found = self._locate(name)
                 if found is None:
@@ -85,8 +98,16 @@ class TorchDistCheckpoint:
             return _Stored((name,), None) if name in self.tensors else None
         layer, rest = at
         forms = [(rest,)]
-        if rest.startswith("mlp.linear_fc1."):  # singleton_local_shards: gate and up as two tensors
+        experts = rest.startswith("mlp.experts.experts.")
+        if rest.endswith("linear_fc1.weight") and not experts:  # singleton_local_shards: gate and up apart
             forms.append((rest + "_w", rest + "_v"))
+        if experts:  # singleton_local_shards: one tensor per expert (fc1's gate and up apart), per layer only
+            head, tail = rest.rsplit(".", 2)[0], rest.split(".", 3)[3]
+            parts = (tail + "_w", tail + "_v") if tail.startswith("linear_fc1.") else (tail,)
+            e = self.cfg.moe.num_moe_experts
+            single = tuple(f"decoder.layers.{layer}.{head}.{i}.{p}" for i in range(e) for p in parts)
+            if all(k in self.tensors for k in single):
+                return _Stored(single, None, e)
         for parts in forms:
             stacked = tuple(f"decoder.layers.{p}" for p in parts)
             if all(k in self.tensors for k in stacked):
@@ -114,7 +135,11 @@ class TorchDistCheckpoint:
         s = self.where[name]
         parts = [torch.empty(self._part_shape(k, s.layer), dtype=self.tensors[k].properties.dtype, device="meta")
                  for k in s.keys]
-        t = torch.cat(parts) if len(parts) > 1 else parts[0]
+        if s.experts:  # torch.stack of meta tensors would import torch._dynamo (megatron_common.MetaShapes)
+            one = _Stored(s.keys[:len(s.keys) // s.experts], None).combine(parts[:len(s.keys) // s.experts])
+            t = torch.empty([s.experts, *one.shape], dtype=one.dtype, device="meta")
+        else:
+            t = s.combine(parts)
         if tp_split(name) == VOCAB:
             if t.shape[0] < self.cfg.vocab_size:
                 raise ValueError(f"{self.dir}: {name} has {t.shape[0]} vocabulary rows, fewer than vocab_size="
@@ -134,10 +159,11 @@ class TorchDistCheckpoint:
                 parts.append(self.files.tensor(key, [0] * len(shape), shape))
             else:
                 parts.append(self.files.tensor(key, [s.layer] + [0] * len(shape), [1] + shape)[0])
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
+        return s.combine(parts)
 
     def meshtron(self, fetch: Callable[[str], torch.Tensor]) -> Ours:
-        return Ours(MEGATRON_TE.units(self.shapes), fetch, self.cfg, self.shapes, what=str(self.dir))
+        units = megatron_units(self.shapes, self.cfg, self.spec, "dist")
+        return Ours(units, fetch, self.cfg, self.shapes, what=str(self.dir))
 
 
 def _few(names: list[str], n: int = 6) -> str:

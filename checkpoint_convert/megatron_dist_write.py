@@ -37,7 +37,8 @@ from checkpoint_convert.megatron_common import (MetaShapes, Ours, check_hf_tenso
                                                  meshtron_shapes)
 from checkpoint_convert.megatron_dist import CHECKPOINT_CONFIG, COMMON_FILE, CONFIG_FILE
 from checkpoint_convert.megatron_format import CHECKPOINT_VERSION, TRACKER, PathLike, megatron_args
-from checkpoint_convert.models.megatron_names import EXTRA_STATE_MODULES, MEGATRON_TE, layer_of
+from checkpoint_convert.megatron_moe import check_expert_layout
+from checkpoint_convert.models.megatron_names import EXTRA_STATE_MODULES, layer_of, megatron_units
 from checkpoint_convert.models.registry import family
 from checkpoint_convert.parallel_io import nbytes, one_op_thread, read_ahead
 from checkpoint_convert.safetensors_files import ST_DTYPES, byte_progress, check_out_dir, staged_dir
@@ -55,6 +56,10 @@ _LINEARS = tuple(m for m in EXTRA_STATE_MODULES if m != "output_layer")
 EXTRA_STATE = {"local": _LINEARS,
                "te": _LINEARS + ("self_attention.core_attention", "self_attention.q_layernorm",
                                  "self_attention.k_layernorm")}
+# An MoE layer's: the attention's as above, the shared expert's linears, and one per routed expert and linear, those
+# global [num_layers, E] (SequentialMLP.sharded_state_dict; `shard_<layer>.<e>_<L>.<E>`).
+_SHARED_LINEARS = ("mlp.shared_experts.linear_fc1", "mlp.shared_experts.linear_fc2")
+_EXPERT_LINEARS = ("mlp.experts.experts.linear_fc1", "mlp.experts.experts.linear_fc2")
 # What Megatron-LM's save_checkpoint records (_build_sharded_state_dict_metadata without the process group, no
 # distributed optimizer): its load builds the model's sharded_state_dict with it, so the layout matches ours.
 CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
@@ -72,23 +77,25 @@ class _Entry:
 
 
 def hf_to_megatron_dist(hf_dir: PathLike, out_dir: PathLike, tp: int = 1, pp: int = 1, spec: str = "local",
-                        vocab_divisible_by: int = 128, progress: bool = True, *, overwrite: bool = False) -> Path:
+                        vocab_divisible_by: int = 128, progress: bool = True, *, overwrite: bool = False,
+                        ep: int = 1) -> Path:
     """Write an HF checkpoint as a Megatron-LM torch_dist `release` checkpoint. Returns out_dir.
 
-    tp and pp are what the args record and pad the vocabulary for (a multiple of vocab_divisible_by x tp);
-    megatron-core loads the files at any TP x PP that fits the model. Refusals before anything is written are
+    tp, pp and ep are what the args record (tp also pads the vocabulary, to a multiple of vocab_divisible_by x tp);
+    megatron-core loads the files at any TP x PP x EP that fits the model. Refusals before anything is written are
     those of checkpoint_convert.megatron.hf_to_megatron (ConfigError, KeyError, ValueError, FileExistsError).
     """
     hf_dir, out = Path(hf_dir), Path(out_dir)
     refuse_other_kinds(hf_dir, HF, HF_CONFIG)
     cfg = read_hf_config(hf_dir)
     check_layout(cfg, tp, pp, spec, vocab_divisible_by)
+    check_expert_layout(cfg, tp, ep)
     check_out_dir(out, overwrite)
     padded = padded_vocab_size(cfg.vocab_size, vocab_divisible_by, tp)
     expected = meshtron_shapes(cfg)
     with ExitStack() as stack:
         src = SafetensorsDir(hf_dir, stack)
-        hf_units = family(cfg.family).table.units(expected)
+        hf_units = family(cfg.family).table.units(expected, cfg)
         check_hf_tensors(src, hf_units, cfg, hf_dir)
 
         def meta(name: str) -> torch.Tensor:
@@ -110,7 +117,7 @@ def hf_to_megatron_dist(hf_dir: PathLike, out_dir: PathLike, tp: int = 1, pp: in
         with MetaShapes():
             shapes = {e: tensor(e, meta) for e in entries if e.unit is not None}  # raises on any mismatch
         items = [_write_item(e, shapes.get(e), cfg.num_layers) for e in entries]
-        args = megatron_args(cfg, tp, pp, spec, padded, vocab_divisible_by, common_dtype(shapes.values()))
+        args = megatron_args(cfg, tp, pp, spec, padded, vocab_divisible_by, common_dtype(shapes.values()), ep)
         args.ckpt_format, args.use_dist_ckpt, args.no_save_optim, args.no_save_rng = "torch_dist", True, True, True
         total = sum(math.prod(t.shape) * t.element_size() for t in shapes.values())
         with staged_dir(out, overwrite) as tmp, byte_progress(total, progress, f"writing {out.name}") as bar, \
@@ -150,9 +157,15 @@ def hf_to_megatron_dist(hf_dir: PathLike, out_dir: PathLike, tp: int = 1, pp: in
 
 
 def _entries(cfg: ModelConfig, shapes: dict[str, torch.Tensor], spec: str) -> list[_Entry]:
-    """Every write, layer by layer in model order (embedding first, final norm and output layer last)."""
+    """Every write, layer by layer in model order (embedding first, final norm and output layer last).
+
+    Stacked over layers (`decoder.layers.<rest>`, the layer's [1, ...] chunk) unless megatron-core stores the layers
+    one by one (`decoder.layers.<N>.<rest>` whole): it does when the args give moe_layer_freq as a list, which
+    they do exactly when meshtron's config has one (a mix of dense and MoE layers; TransformerBlock's
+    non_homogeneous_layers)."""
+    per_layer = cfg.moe.enabled and cfg.moe.moe_layer_freq is not None
     entries, seen_layers = [], set()
-    for unit in MEGATRON_TE.units(shapes):  # torch_dist names norms the TE way under both specs
+    for unit in megatron_units(shapes, cfg, spec, "dist"):  # torch_dist names dense norms the TE way, both specs
         (name,) = unit.theirs
         at = layer_of(name)
         if at is None:
@@ -161,13 +174,30 @@ def _entries(cfg: ModelConfig, shapes: dict[str, torch.Tensor], spec: str) -> li
         layer, rest = at
         if layer not in seen_layers:  # the layer's objects before its tensors
             seen_layers.add(layer)
-            for module in EXTRA_STATE[spec]:
-                if module.endswith("layernorm") and not cfg.qk_layernorm:
-                    continue
-                key = f"decoder.layers.{module}._extra_state/shard_{layer}_{cfg.num_layers}"
-                entries.append(_Entry(key, key, None, layer))
-        entries.append(_Entry(f"decoder.layers.{rest}", name, unit, layer))
+            entries += [_Entry(key, key, None, layer) for key in _extra_state_keys(cfg, spec, layer, per_layer)]
+        if per_layer:
+            entries.append(_Entry(name, name, unit, None))
+        else:
+            entries.append(_Entry(f"decoder.layers.{rest}", name, unit, layer))
     return entries
+
+
+def _extra_state_keys(cfg: ModelConfig, spec: str, layer: int, per_layer: bool) -> list[str]:
+    """The DCP object keys of one layer's `_extra_state`s, as megatron-core's ShardedObject.unique_key."""
+    moe = cfg.moe.is_moe_layer(layer)
+    modules = [m for m in EXTRA_STATE[spec] if not (m.endswith("layernorm") and not cfg.qk_layernorm)
+               and not (moe and m.startswith("mlp."))]
+    if moe and cfg.moe.moe_shared_expert_intermediate_size:
+        modules += _SHARED_LINEARS
+    prefix, at, of = ((f"decoder.layers.{layer}.", "0", "1") if per_layer
+                      else ("decoder.layers.", str(layer), str(cfg.num_layers)))
+    keys = [f"{prefix}{m}._extra_state/shard_{at}_{of}" for m in modules]
+    if moe:
+        experts = cfg.moe.num_moe_experts
+        for m in _EXPERT_LINEARS:
+            keys += [f"{prefix}{m}._extra_state/shard_{e}_{experts}" if per_layer else
+                     f"{prefix}{m}._extra_state/shard_{layer}.{e}_{cfg.num_layers}.{experts}" for e in range(experts)]
+    return keys
 
 
 def _write_item(entry: _Entry, t: Optional[torch.Tensor], num_layers: int) -> WriteItem:

@@ -4,6 +4,7 @@
     release/ or iter_0000100/
         mp_rank_00/model_optim_rng.pt          PP = 1: mp_rank_<tp:02d>
         mp_rank_00_000/model_optim_rng.pt      PP > 1: mp_rank_<tp:02d>_<pp:03d>
+        mp_rank_00[_000]_001/...               EP > 1 (experts): _<ep:03d> appended (checkpoint_convert.megatron_moe)
 
 Each rank file is what Megatron-LM's save_checkpoint writes (megatron/training/checkpointing.py,
 generate_state_dict): {"args": argparse.Namespace, "checkpoint_version": 3.0, "iteration", "model" (or "model0",
@@ -27,6 +28,7 @@ from typing import Optional, Union
 
 import torch
 
+from checkpoint_convert.megatron_moe import moe_args, moe_family, moe_from_args
 from trainer.config import ConfigError, DamagedFileError, ModelConfig, RopeScalingConfig
 
 PathLike = Union[str, Path]
@@ -37,19 +39,20 @@ CHECKPOINT_VERSION = 3.0
 TRANSFORMER_IMPL = {"local": "local", "te": "transformer_engine"}
 
 
-def rank_dir(tp_rank: int, pp_rank: int, pp: int) -> str:
-    return f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+def rank_dir(tp_rank: int, pp_rank: int, pp: int, ep_rank: int = 0, ep: int = 1) -> str:
+    base = f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+    return base if ep == 1 else f"{base}_{ep_rank:03d}"
 
 
 def megatron_args(cfg: ModelConfig, tp: int, pp: int, spec: str, padded_vocab: int, vocab_divisible_by: int,
-                  dtype: torch.dtype) -> argparse.Namespace:
+                  dtype: torch.dtype, ep: int = 1) -> argparse.Namespace:
     """The model arguments Megatron-LM reads back (load_args_from_checkpoint, check_checkpoint_args).
 
     megatron-core's llama3 rope scaling hard-codes low/high frequency factors 1/4 and an original context
     of 8192; the exact values go in meshtron_rope_scaling so a round trip keeps them.
     """
     rs = cfg.rope_scaling
-    return argparse.Namespace(
+    args = argparse.Namespace(
         num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size,
         num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.num_query_groups,
         group_query_attention=cfg.num_query_groups != cfg.num_attention_heads, kv_channels=cfg.head_dim,
@@ -73,6 +76,8 @@ def megatron_args(cfg: ModelConfig, tp: int, pp: int, spec: str, padded_vocab: i
         meshtron_family=cfg.family, meshtron_name=cfg.name,
         meshtron_rope_scaling=dataclasses.asdict(rs) if rs else None,
     )
+    vars(args).update(moe_args(cfg, tp, ep, spec))  # nothing for a dense model: its args are as they were
+    return args
 
 
 def config_from_args(args: argparse.Namespace, name: str = "megatron") -> ModelConfig:
@@ -89,8 +94,7 @@ def config_from_args(args: argparse.Namespace, name: str = "megatron") -> ModelC
         if arg(key, want) != want:
             raise ConfigError(f"Megatron checkpoint has {key}={arg(key)!r}; only {key}={want!r} is supported "
                               f"(Llama/Mistral/Qwen2/Qwen3 decoders)")
-    if arg("num_experts"):
-        raise ConfigError(f"Megatron checkpoint has num_experts={arg('num_experts')}; MoE is not supported")
+    moe = moe_from_args(args, args.num_layers)
     heads, hidden = args.num_attention_heads, args.hidden_size
     groups = arg("num_query_groups") if arg("group_query_attention") and arg("num_query_groups") else heads
     kv = arg("kv_channels")
@@ -98,8 +102,8 @@ def config_from_args(args: argparse.Namespace, name: str = "megatron") -> ModelC
     if window is not None and (len(window) != 2 or window[1] != 0):
         raise ConfigError(f"Megatron checkpoint has window_size={window!r}; only causal (left, 0) is supported")
     sliding = window[0] + 1 if window is not None and window[0] >= 0 else None
-    fam = arg("meshtron_family") or ("qwen3" if arg("qk_layernorm") else "qwen2" if arg("add_qkv_bias")
-                                     else "mistral" if sliding else "llama")
+    fam = arg("meshtron_family") or (moe_family(args, moe) if moe.enabled else "qwen3" if arg("qk_layernorm")
+                                     else "qwen2" if arg("add_qkv_bias") else "mistral" if sliding else "llama")
     scaling = None
     if arg("use_rope_scaling"):
         # megatron-core's defaults for what its arguments do not carry (rotary_pos_embedding._apply_scaling).
@@ -118,7 +122,7 @@ def config_from_args(args: argparse.Namespace, name: str = "megatron") -> ModelC
         tie_word_embeddings=not arg("untie_embeddings_and_output_weights", False),
         add_qkv_bias=bool(arg("add_qkv_bias")), qk_layernorm=bool(arg("qk_layernorm")), sliding_window=sliding,
         init_std=float(arg("init_method_std", 0.02)),
-        make_vocab_size_divisible_by=arg("make_vocab_size_divisible_by", 128),
+        make_vocab_size_divisible_by=arg("make_vocab_size_divisible_by", 128), moe=moe,
     )
     cfg.validate()
     return cfg
@@ -363,7 +367,7 @@ def _damaged(path: Path, error: str) -> DamagedFileError:
 
 
 def rank_dirs(path: Path) -> list[Path]:
-    return sorted(p for p in path.glob("mp_rank_*") if re.fullmatch(r"mp_rank_\d{2}(_\d{3})?", p.name))
+    return sorted(p for p in path.glob("mp_rank_*") if re.fullmatch(r"mp_rank_\d{2}(_\d{3}){0,2}", p.name))
 
 
 def first_rank_args(path: Path) -> argparse.Namespace:
