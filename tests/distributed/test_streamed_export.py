@@ -1,7 +1,7 @@
 """Issue 12 on gloo ranks: the streamed HF export and the sliced HF load against what they replace.
 
-One spawn of 2 ranks runs every layout (fsdp2, tp2, pp2 gpipe with tied embeddings, pp2 interleaved), each
-with a padded vocabulary:
+One spawn of 2 ranks runs every layout (fsdp2, tp2, pp2 gpipe with tied embeddings, pp2 interleaved, a Mixtral
+MoE at ep2), each with a padded vocabulary:
 - the streamed export (trainer.export.export_hf) of the freshly initialised model gives the same bytes as one
   process's save_hf (init is layout-independent), and after a layout-dependent perturbation of every local
   shard the same bytes as the old path, parallel.parallelize.full_state_dict + save_hf, on the same ranks;
@@ -34,6 +34,8 @@ LAYOUTS = [
     ("pp2_gpipe_tied", ["parallel=fsdp", "parallel.dp_shard=1", "parallel.pp=2", "parallel.pp_schedule=gpipe"],
      ["model.tie_word_embeddings=true"]),
     ("pp2_interleaved", ["parallel=pp2_interleaved", "parallel.dp_shard=1"], []),
+    # Experts split over ep 2: each stacked [E, ...] tensor is gathered from the ep ranks' Shard(0).
+    ("ep2_mixtral", ["parallel=fsdp", "parallel.ep=2"], ["model.family=mixtral", "model.moe.num_moe_experts=4"]),
 ]
 SHARD_BYTES = 20_000  # several shards and an index, so their grouping is compared too
 
