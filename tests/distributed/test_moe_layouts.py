@@ -1,7 +1,7 @@
 """MoE models from HF checkpoints (Qwen3-MoE: 8 experts, top-2; Mixtral: 4 experts; Qwen2-MoE: 4 experts and a
 gated shared expert) give one process's loss, router metrics and gradients after one step at each layout:
-FSDP, expert parallelism with HSDP, full recompute, TP (+SP) and FSDP x TP, and the MoE layer under TP and CP
-without ep. Each rank also holds exactly its slice of the experts as one process reads them. The layouts run
+FSDP, expert parallelism with HSDP, full recompute, TP (+SP) and FSDP x TP, and the MoE layer under TP without
+ep (under CP: the matrix's ep2 x cp2). Each rank also holds exactly its slice of the experts as one process reads them. The layouts run
 one micro-batch per forward and the reference four, so the auxiliary losses (per row) must not depend on it."""
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ LAYOUTS = [
     ("ep2_ac_full", 2, dict(dp_shard=2, ep=2, activation_checkpoint="full"), "qwen3-moe"),
     ("ep2_hsdp", 4, dict(dp_replicate=2, dp_shard=2, ep=2), "qwen3-moe"),
     ("tp2", 2, dict(dp_shard=1, tp=2), "qwen3-moe"),
-    ("cp2", 2, dict(dp_shard=1, cp=2), "qwen3-moe"),
     # ep x fsdp x tp: 8 ranks, each expert on one ep rank of its tp coordinate and sharded over 2 more.
     ("qwen3_moe_ep2_fsdp2_tp2", 8, dict(dp_shard=4, ep=2, tp=2), "qwen3-moe"),
     ("mixtral_ep2_fsdp2_tp2", 8, dict(dp_shard=4, ep=2, tp=2), "mixtral"),
