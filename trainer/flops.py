@@ -49,6 +49,15 @@ PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
 )
 
 
+def moe_layer_params(cfg: ModelConfig, experts: int) -> int:
+    """Weights of one MoE layer's MLP with ``experts`` routed experts counted: the router, their gate/up/down,
+    the shared expert and its gate (``experts`` = top-k for what a token uses, all E for what a rank holds)."""
+    m, h = cfg.moe, cfg.hidden_size
+    shared = m.moe_shared_expert_intermediate_size or 0
+    return (h * m.num_moe_experts + 3 * h * (experts * m.expert_ffn(cfg.ffn_hidden_size) + shared)
+            + (h if m.moe_shared_expert_gate else 0))
+
+
 def matmul_params_per_token(cfg: ModelConfig, padded_vocab: Optional[int] = None) -> int:
     """Weights of every matmul one token goes through: the layers' and the output layer's."""
     h, hd = cfg.hidden_size, cfg.head_dim
@@ -57,11 +66,7 @@ def matmul_params_per_token(cfg: ModelConfig, padded_vocab: Optional[int] = None
     dense = 3 * h * cfg.ffn_hidden_size
     m = cfg.moe
     moe_layers = len(m.moe_layers(cfg.num_layers)) if m.enabled else 0
-    moe = 0
-    if moe_layers:
-        shared = m.moe_shared_expert_intermediate_size or 0
-        moe = (h * m.num_moe_experts + 3 * h * (m.moe_router_topk * m.expert_ffn(cfg.ffn_hidden_size) + shared)
-               + (h if m.moe_shared_expert_gate else 0))
+    moe = moe_layer_params(cfg, m.moe_router_topk) if moe_layers else 0
     return (cfg.num_layers * (qkv + proj) + (cfg.num_layers - moe_layers) * dense + moe_layers * moe
             + h * (padded_vocab or cfg.vocab_size))
 

@@ -18,6 +18,7 @@ from trainer.config import Config, ConfigError, device_type, resolved_yaml, vali
 from trainer.distributed import RankInfo, broadcast_str, init_distributed, rank_info
 from trainer.data.build import batches_in_order
 from trainer.data.loader import GlobalBatchLoader
+from trainer.flops import moe_layer_params
 from trainer.loss import DocumentLoss
 from trainer.model.shapes import padded_vocab_size
 from trainer.metrics import MetricsLogger, StepMeter, perplexity
@@ -325,13 +326,8 @@ def cfg_param_count(cfg: Config) -> int:
     attn += (q + 2 * kv) * hd if m.add_qkv_bias else 0
     attn += 2 * hd if m.qk_layernorm else 0
     dense_mlp = 3 * h * m.ffn_hidden_size
-    moe, moe_layers, moe_mlp = m.moe, 0, 0
-    if moe.enabled:
-        moe_layers = len(moe.moe_layers(m.num_layers))
-        shared = moe.moe_shared_expert_intermediate_size or 0
-        moe_mlp = (moe.num_moe_experts * h  # router
-                   + moe.num_moe_experts * 3 * h * moe.expert_ffn(m.ffn_hidden_size)  # stacked gate, up, down
-                   + 3 * h * shared + (h if moe.moe_shared_expert_gate else 0))
+    moe_layers = len(m.moe.moe_layers(m.num_layers)) if m.moe.enabled else 0
+    moe_mlp = moe_layer_params(m, m.moe.num_moe_experts) if moe_layers else 0  # all E experts are held
     mlps = (m.num_layers - moe_layers) * dense_mlp + moe_layers * moe_mlp
     heads = m.vocab_size * h * (1 if m.tie_word_embeddings else 2)
     return m.num_layers * (attn + 2 * h) + mlps + heads + h
