@@ -10,6 +10,8 @@ import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+from trainer.torch_compat import HAS_GROUPED_MM
+
 # Outputs worth keeping: expensive to recompute, and the bulk of a block's FLOPs.
 _SAVE = {
     torch.ops.aten.mm.default,
@@ -32,7 +34,7 @@ try:  # varlen's op is registered by importing its module; older torch releases 
     _SAVE.add(torch.ops.aten._cudnn_attention_forward.default)
 except (ImportError, AttributeError):
     pass
-if hasattr(torch.ops.aten, "_grouped_mm"):  # the MoE expert GEMMs (trainer/model/moe.py), where torch has it
+if HAS_GROUPED_MM:  # the MoE expert GEMMs (trainer/model/moe.py), where torch has it
     _SAVE.add(torch.ops.aten._grouped_mm.default)
 
 

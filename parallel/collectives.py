@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from trainer.torch_compat import clip_grads_with_norm_
+
 
 def mesh_group(mesh):
     """The process group of every rank of the mesh: the world's (build_mesh spans it), checked."""
@@ -67,5 +69,5 @@ def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float, mesh=None
             if p.grad is not None:
                 by_mesh.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p)
         for group in by_mesh.values():
-            torch.nn.utils.clip_grads_with_norm_(group, max_norm, finite)
+            clip_grads_with_norm_(group, max_norm, finite)
     return total

@@ -33,6 +33,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from trainer.model.attention import (TokenLayout, allowed_mask, choose_kernel, flex_block_mask, flex_forward,
                                      sdpa_forward)
+from trainer.torch_compat import all_gather_autograd
 
 CPGroup = Union[DeviceMesh, dist.ProcessGroup]
 
@@ -100,7 +101,7 @@ class ContextParallelAttention(nn.Module):
     def _gather(self, t: torch.Tensor, dim: int) -> torch.Tensor:
         # Functional collectives carry autograd: all-gather forward, reduce-scatter (sum) backward, which
         # is exactly the gradient of "every rank reads every shard". Both work on gloo.
-        return funcol.all_gather_single_autograd(t.contiguous(), gather_dim=dim, group=self.group)
+        return all_gather_autograd(t.contiguous(), gather_dim=dim, group=self.group)
 
     def _keys(self, layout: TokenLayout) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         # Row indices and document ids of the gathered keys: integers, no gradient, the same for every layer.

@@ -11,7 +11,7 @@ Tied embeddings across stages follow Megatron: the last stage holds its own copy
 ``output_layer.weight``; after backward both copies receive the sum of their gradients
 (:func:`tied_embedding_grad_sync`), so they stay equal after every optimizer step.
 
-The schedules are torch's own (checked on torch 2.13, CPU/gloo): GPipe, 1F1B, Interleaved 1F1B,
+The schedules are torch's own (checked on torch 2.11 and 2.13, CPU/gloo): GPipe, 1F1B, Interleaved 1F1B,
 Interleaved Zero Bubble (ZB1P, loop placement) and ZB-V (V placement); each trains and evaluates
 (forward only, ``schedule.eval``) with results equal to a single-process run.
 """
@@ -26,7 +26,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import (
     Schedule1F1B,
     ScheduleGPipe,
@@ -39,6 +38,7 @@ from torch.distributed.tensor import DTensor
 from trainer.config import ConfigError
 from trainer.loss import DocumentLoss
 from trainer.model.gpt import GPTModel
+from trainer.torch_compat import pipeline_stage_class
 
 SCHEDULES = {
     "gpipe": ScheduleGPipe,
@@ -244,7 +244,8 @@ class PipelineRunner:
                               f"expected one of {list(SCHEDULES)}")
         num_stages = pp_mesh.size() * len(stage_modules)
         group = pp_mesh.get_group()
-        self.stages = [PipelineStage(m, s, num_stages, device, group=group) for s, m in stage_modules]
+        stage_cls = pipeline_stage_class()
+        self.stages = [stage_cls(m, s, num_stages, device, group=group) for s, m in stage_modules]
         self.has_first = any(stage.is_first for stage in self.stages)
         self.has_last = any(stage.is_last for stage in self.stages)
         self.normalizer = 1.0

@@ -58,6 +58,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate
 
 from trainer.config import ModelConfig
 from trainer.model.layers import SwiGLUMLP
+from trainer.torch_compat import HAS_GROUPED_MM
 
 # Columns of a layer's router record after its E per-expert assignment counts.
 AUX, Z, DROPPED = 0, 1, 2
@@ -288,7 +289,7 @@ def grouped_mm_usable(device: torch.device, dtype: torch.dtype, *widths: int) ->
     """torch._grouped_mm can run the expert GEMMs: it exists, every row stride (hidden and expert widths) is a
     multiple of 16 bytes, and a tiny problem on this device and dtype runs (once per process: torch 2.13 runs
     fp32 and bf16 on CPU; CUDA's kernel depends on the GPU and dtype). Call it outside compiled code."""
-    if not hasattr(torch, "_grouped_mm"):
+    if not HAS_GROUPED_MM:
         return False
     size = torch.empty((), dtype=dtype).element_size()
     if any(w * size % 16 for w in widths):
