@@ -61,8 +61,7 @@ def _forward(model: GPTModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def _skip_without_varlen(backend: str, cfg: dict) -> None:
-    gqa = cfg.get("num_query_groups", CFG.num_query_groups) != CFG.num_attention_heads
-    missing = attn.varlen_missing(gqa, bool(cfg.get("sliding_window")))
+    missing = attn.varlen_missing()  # None on every supported torch, GQA and window included
     if backend == "varlen" and missing:
         pytest.skip(missing)
 
@@ -85,9 +84,12 @@ def test_packed_rows_equal_each_document_alone(backend, cfg):
     for r, lengths in enumerate(DOCS):
         start = 0
         for n in lengths:
-            alone = {"input_ids": batch["input_ids"][r:r + 1, start:start + n],
-                     "position_ids": torch.arange(n)[None]}
-            torch.testing.assert_close(packed[r:r + 1, start:start + n], _forward(model, alone), **TIGHT,
+            # Each document alone in a row of the same length S, trailing padding after it (one document per
+            # row, as the loader makes them): one shape, so flex compiles once and not once per length.
+            alone = _batch(docs=[(n,)])
+            alone["input_ids"][0, :n] = batch["input_ids"][r, start:start + n]
+            out = _forward(model, alone)[:, :n]
+            torch.testing.assert_close(packed[r:r + 1, start:start + n], out, **TIGHT,
                                        msg=lambda m: f"{backend} row {r} doc at {start}: {m}")
             start += n
 
@@ -119,7 +121,7 @@ def test_the_fused_kernel_runs_forward_and_backward(backend, packed, monkeypatch
     _skip_without_varlen(backend, {})
     # auto: packed rows take varlen where this torch's varlen_attn can (GQA here), else flex.
     expected = {"sdpa": "sdpa", "flex": "flex", "varlen": "varlen"}.get(backend) or (
-        ("varlen" if attn.varlen_missing(True, False) is None else "flex") if packed else "sdpa")
+        ("varlen" if attn.varlen_missing() is None else "flex") if packed else "sdpa")
     _no_dense_mask(monkeypatch)
     model = _model(backend)
     batch = _batch() if packed else _batch(docs=[(S,), (S,), (S,)])
@@ -139,6 +141,20 @@ def test_the_fused_kernel_runs_forward_and_backward(backend, packed, monkeypatch
         assert any("_varlen_attn" in n for n in cpu), cpu
     if expected == "sdpa":
         assert any("_scaled_dot_product_flash_attention" in n for n in cpu), cpu
+
+
+def test_sdpa_on_packed_gqa_rows_is_never_the_math_kernel():
+    """An explicit sdpa on packed rows of a grouped-query model: the dense mask goes to the memory-efficient
+    kernel (k/v heads repeated first, trainer/model/attention.py sdpa_forward), not the math fallback."""
+    model = _model("sdpa")
+    batch = _batch()
+
+    def step():
+        _forward(model, batch).sum().backward()
+
+    cuda, cpu = _kernels(step)
+    assert not any("_scaled_dot_product_attention_math" in n for n in cpu), "math fallback ran"
+    assert any("_efficient_attention" in n for n in cpu), cpu
 
 
 def test_sdpa_on_one_document_rows_is_flash_eligible():

@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from trainer import torch_compat
 from trainer.config import ConfigError, ModelConfig
 from trainer.data.attention_meta import attention_metadata, document_run_lengths, one_document_rows
 from trainer.data.packing import PAD_DOC
@@ -165,7 +166,7 @@ def test_auto_on_cuda_picks_per_micro_batch():
 
 
 def test_auto_falls_back_to_flex_on_a_torch_without_usable_varlen(monkeypatch):
-    monkeypatch.setattr(attn, "varlen_missing", lambda gqa, window: "torch 2.x has no varlen_attn")
+    monkeypatch.setattr(attn, "varlen_missing", lambda: "torch 2.x has no varlen_attn")
     assert choose_kernel(_layout(packed=True), _OnCuda(), _OnCuda(H=2)) == "flex"
 
 
@@ -175,33 +176,70 @@ def test_explicit_backends_are_kept():
         assert choose_kernel(_layout(packed=True, backend=backend), q, q) == backend
 
 
-def _old_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+# varlen_attn's signature in each release (parameters after the seven positional ones).
+def _varlen_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                 window_size=(-1, -1)):
     raise AssertionError("signature only")
 
 
-def _clear_varlen_caches():
-    attn.varlen_params.cache_clear()
-    attn.varlen_missing.cache_clear()
+def _varlen_2_13(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                 window_size=(-1, -1), enable_gqa=False):
+    raise AssertionError("signature only")
 
 
-def test_varlen_missing_reads_the_installed_signature(monkeypatch):
+def _varlen_2_9(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+    raise AssertionError("signature only")
+
+
+@pytest.fixture
+def installed_varlen(monkeypatch):
+    """installed_varlen(fn): make fn this torch's varlen_attn (None: no varlen module) for the detection."""
     import torch.nn.attention.varlen as varlen_mod
 
-    _clear_varlen_caches()
-    try:
-        assert attn.varlen_missing(True, True) is None  # torch 2.13: window_size and enable_gqa
-        monkeypatch.setattr(varlen_mod, "varlen_attn", _old_varlen)
-        _clear_varlen_caches()
-        assert attn.varlen_missing(False, False) is None  # plain causal MHA: is_causal is enough
-        gqa = attn.varlen_missing(True, False)
-        assert "enable_gqa" in gqa and torch.__version__ in gqa and "grouped-query" in gqa
-        assert "window_size" in attn.varlen_missing(False, True)
-        monkeypatch.setitem(sys.modules, "torch.nn.attention.varlen", None)
-        _clear_varlen_caches()
-        assert "has no torch.nn.attention.varlen" in attn.varlen_missing(False, False)
-    finally:
-        monkeypatch.undo()
-        _clear_varlen_caches()
+    def install(fn):
+        if fn is None:
+            monkeypatch.setitem(sys.modules, "torch.nn.attention.varlen", None)
+        else:
+            monkeypatch.setattr(varlen_mod, "varlen_attn", fn)
+        torch_compat.varlen_params.cache_clear()
+
+    yield install
+    monkeypatch.undo()
+    torch_compat.varlen_params.cache_clear()
+
+
+@pytest.mark.parametrize("release", [_varlen_2_11, _varlen_2_13], ids=["2.11", "2.13"])
+def test_auto_picks_varlen_for_packed_gqa_rows_on_cuda_with_every_supported_torch(installed_varlen, release):
+    installed_varlen(release)
+    assert torch_compat.varlen_missing() is None
+    q, k = _OnCuda(H=4), _OnCuda(H=2)  # grouped-query: 2 query heads per k/v head
+    assert choose_kernel(_layout(packed=True), q, k) == "varlen"
+    assert choose_kernel(_layout(packed=True, window=4), q, k) == "varlen"
+    check_attention_backend(dataclasses.replace(TINY, attention_backend="varlen"), "cuda")
+    check_attention_backend(dataclasses.replace(TINY, attention_backend="varlen", sliding_window=8), "cuda")
+    # 2.13 takes the flag; 2.11 has none and flash takes the grouped heads as they are.
+    gqa = torch_compat.varlen_kwargs((-1, 0), gqa=True)
+    assert gqa == ({"window_size": (-1, 0), "enable_gqa": True} if release is _varlen_2_13
+                   else {"window_size": (-1, 0)})
+    assert torch_compat.varlen_kwargs((3, 0), gqa=False) == {"window_size": (3, 0)}
+
+
+def test_the_installed_torch_runs_varlen_for_gqa():
+    """No supported release refuses varlen: its signature has window_size (and enable_gqa or not)."""
+    torch_compat.varlen_params.cache_clear()
+    assert torch_compat.varlen_missing() is None
+    assert "window_size" in torch_compat.varlen_params()
+
+
+def test_a_torch_without_window_size_or_varlen_is_refused_naming_the_release_needed(installed_varlen):
+    installed_varlen(_varlen_2_9)
+    missing = torch_compat.varlen_missing()
+    assert "window_size" in missing and torch.__version__ in missing and ">= 2.11" in missing
+    with pytest.raises(ConfigError, match=re.escape(missing) + ".*flex"):
+        check_attention_backend(dataclasses.replace(TINY, attention_backend="varlen"), "cuda")
+    assert choose_kernel(_layout(packed=True), _OnCuda(), _OnCuda(H=2)) == "flex"
+    installed_varlen(None)
+    assert "has no torch.nn.attention.varlen" in torch_compat.varlen_missing()
 
 
 # -------------------------------------------------------------------------------------- refusals
@@ -222,7 +260,7 @@ def test_varlen_is_refused_under_cp_and_on_a_torch_without_it(monkeypatch):
     check_attention_backend(dataclasses.replace(TINY, attention_backend="flex"), "cuda", context_parallel=True)
     with pytest.raises(ConfigError, match="context parallelism"):
         check_attention_backend(cfg, "cuda", context_parallel=True)
-    monkeypatch.setattr(attn, "varlen_missing", lambda gqa, window: f"torch {torch.__version__} lacks it")
+    monkeypatch.setattr(attn, "varlen_missing", lambda: f"torch {torch.__version__} lacks it")
     with pytest.raises(ConfigError, match=re.escape(f"torch {torch.__version__} lacks it") + ".*flex"):
         check_attention_backend(cfg, "cuda")
 
@@ -304,6 +342,20 @@ def test_sdpa_takes_is_causal_exactly_when_the_layout_is_plain(monkeypatch):
         seen.clear()
         model(ids, position_ids=pos, document_ids=doc)
         assert seen == [(None, False)] * 2
+
+
+def test_sdpa_with_a_mask_repeats_grouped_heads_exactly_like_enable_gqa():
+    """On CUDA a dense mask with grouped k/v heads repeats the heads first (so the memory-efficient kernel,
+    not the math one, takes it): the same pairing as enable_gqa, checked here with the expansion forced."""
+    gen = torch.Generator().manual_seed(2)
+    B, H, G, S, d = 2, 6, 2, 10, 8
+    q, k, v = (torch.randn(B, h, S, d, generator=gen) for h in (H, G, G))
+    i = torch.arange(S).expand(B, S)
+    doc = torch.tensor([[0] * 4 + [1] * 6, [0] * 10])
+    mask = allowed_mask(i, i, 3, doc, doc)
+    grouped = attn.sdpa_forward(q, k, v, mask, expand_groups=False)
+    torch.testing.assert_close(attn.sdpa_forward(q, k, v, mask, expand_groups=True), grouped, rtol=0, atol=1e-6)
+    assert torch.equal(attn.sdpa_forward(q, k, v, mask), grouped)  # on CPU the default keeps enable_gqa
 
 
 # ------------------------------------------------------------------------------------------- varlen

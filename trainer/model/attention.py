@@ -25,7 +25,6 @@ parallelism replaces with a version that gathers K/V across ranks (parallel/cont
 from __future__ import annotations
 
 import functools
-import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -35,6 +34,7 @@ from torch import nn
 
 from trainer.config import ConfigError, ModelConfig
 from trainer.model.layers import RMSNorm, apply_rotary
+from trainer.torch_compat import varlen_kwargs, varlen_missing
 
 
 @dataclass
@@ -99,38 +99,6 @@ def row_index(batch: int, seq_len: int, device: torch.device) -> torch.Tensor:
 # ------------------------------------------------------------------------------------ kernel choice
 
 
-@functools.lru_cache(maxsize=None)
-def varlen_params() -> Optional[frozenset[str]]:
-    """The parameter names of this torch's ``varlen_attn`` (None where it has none), read once."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    return frozenset(inspect.signature(varlen_attn).parameters)
-
-
-@functools.lru_cache(maxsize=None)
-def varlen_missing(gqa: bool, window: bool) -> Optional[str]:
-    """Why this torch's ``varlen_attn`` cannot run our attention, or None when it can.
-
-    torch 2.13 has ``window_size`` and ``enable_gqa``; older releases had only ``is_causal`` (or no
-    torch.nn.attention.varlen at all), which serves plain multi-head causal attention but neither GQA
-    nor a sliding window.
-    """
-    params = varlen_params()
-    if params is None:
-        return f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn"
-    if "window_size" not in params and "is_causal" not in params:
-        return f"torch {torch.__version__}'s varlen_attn takes neither window_size nor is_causal"
-    needed = [name for name, used in (("enable_gqa", gqa), ("window_size", window)) if used]
-    lacking = [name for name in needed if name not in params]
-    if lacking:
-        why = {"enable_gqa": "grouped-query attention", "window_size": "a sliding window"}
-        return (f"torch {torch.__version__}'s varlen_attn has no {' or '.join(lacking)} parameter "
-                f"(needed for {' and '.join(why[n] for n in lacking)})")
-    return None
-
-
 def check_attention_backend(model_cfg: ModelConfig, device_type: str, context_parallel: bool = False) -> None:
     """Refuse a backend that cannot train here, before any process group or tensor exists."""
     backend = model_cfg.attention_backend
@@ -149,8 +117,7 @@ def check_attention_backend(model_cfg: ModelConfig, device_type: str, context_pa
             "model.attention_backend=varlen cannot run under context parallelism (cp > 1): each rank's "
             "zigzag query chunks attend to all-gathered keys, which are not contiguous per-document "
             "sequences; use model.attention_backend=flex (or auto, which picks flex under cp)")
-    gqa = model_cfg.num_query_groups != model_cfg.num_attention_heads
-    missing = varlen_missing(gqa, bool(model_cfg.sliding_window))
+    missing = varlen_missing()
     if missing:
         raise ConfigError(f"model.attention_backend=varlen is not usable: {missing}; use "
                           f"model.attention_backend=flex (or auto, which falls back to flex)")
@@ -171,10 +138,9 @@ def choose_kernel(layout: TokenLayout, q: torch.Tensor, k: torch.Tensor, context
         return "sdpa"
     if not context_parallel and layout.is_plain_causal(seq_len):
         return "sdpa"  # one document per row: flash via is_causal
-    gqa = q.shape[1] != k.shape[1]
     usable = (not context_parallel and _half_precision(q)
               and (layout.doc_lens is not None or layout.document_ids is None)
-              and varlen_missing(gqa, layout.window_bites(seq_len)) is None)
+              and varlen_missing() is None)
     return "varlen" if usable else "flex"
 
 
@@ -213,8 +179,20 @@ def flex_block_mask(batch: int, q_len: int, kv_len: int, device: torch.device, q
 
     per_row = any(t is not None for t in (q_pos, k_pos, q_doc))
     # On CUDA the compiled builder never materialises the [B, S, S] mask; on CPU (tests) eager is enough.
-    return create_block_mask(flex_mask_mod(q_pos, k_pos, window, q_doc, k_doc), batch if per_row else None,
-                             None, q_len, kv_len, device=device, _compile=device.type == "cuda")
+    build = _compiled_block_mask_builder() if device.type == "cuda" else create_block_mask
+    return build(flex_mask_mod(q_pos, k_pos, window, q_doc, k_doc), batch if per_row else None, None, q_len,
+                 kv_len, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_block_mask_builder():
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    # One compiled builder per process, torch's recommended form in 2.11-2.14. `_compile=True` is deprecated
+    # there and wraps create_block_mask in a new torch.compile on every call, i.e. compiles on every call.
+    # Each micro-batch's mask_mod is a new closure of the same code: dynamo guards on the code and the
+    # captured tensors' shapes, so fixed-shape micro-batches reuse one compiled builder.
+    return torch.compile(create_block_mask)
 
 
 @functools.lru_cache(maxsize=None)
@@ -272,17 +250,14 @@ def varlen_setup(layout: TokenLayout, q: torch.Tensor, k: torch.Tensor) -> tuple
     if not q.is_cuda:
         raise ValueError("model.attention_backend=varlen: varlen_attn is a CUDA-only flash kernel, got "
                          f"tensors on {q.device.type}")
-    missing = varlen_missing(gqa, window != (-1, 0))
+    missing = varlen_missing()
     if missing:
         raise ValueError(f"model.attention_backend=varlen: {missing}")
     if q.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"model.attention_backend=varlen runs flash in bf16/fp16, got {q.dtype} without "
                          f"autocast; use trainer.precision=bf16")
-    # torch releases before window_size had only is_causal (varlen_missing refused what they cannot do).
-    kwargs = {"window_size": window} if "window_size" in varlen_params() else {"is_causal": True}
-    if gqa:
-        kwargs["enable_gqa"] = True
-    return varlen_attn, cu_seqlens(layout.doc_lens, B, S, q.device), kwargs
+    # Grouped key/value heads go to flash as they are, on every torch (trainer/torch_compat.py says why).
+    return varlen_attn, cu_seqlens(layout.doc_lens, B, S, q.device), varlen_kwargs(window, gqa)
 
 
 def varlen_tokens(attn: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor,
@@ -295,11 +270,25 @@ def varlen_tokens(attn: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     return out.view(B, S, H, d).transpose(1, 2)
 
 
-def sdpa_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    # enable_gqa repeats each k/v head over its query heads, the same pairing as HF's repeat_kv.
+def sdpa_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                 expand_groups: Optional[bool] = None) -> torch.Tensor:
+    """SDPA, causal (``mask`` None) or with the dense boolean mask.
+
+    enable_gqa repeats each k/v head over its query heads, the same pairing as HF's repeat_kv. On CUDA a dense
+    mask with grouped k/v heads would go to the math kernel (flash takes no mask, the memory-efficient kernel
+    no GQA: SDPA's priority is flash, efficient, math), which materialises [B, H, S, S] fp32 scores, 8.6 GB per
+    layer at 8K tokens and 32 heads. There the k/v heads are repeated first (``expand_groups``, default: on
+    CUDA with a mask), so the memory-efficient kernel takes the call for the price of H/G-fold k/v copies.
+    """
     gqa = q.shape[1] != k.shape[1]
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if expand_groups is None:
+        expand_groups = q.is_cuda
+    if gqa and expand_groups:
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        gqa = False
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
