@@ -21,7 +21,7 @@ from trainer.data.loader import GlobalBatchLoader
 from trainer.flops import moe_layer_params
 from trainer.loss import DocumentLoss
 from trainer.model.shapes import padded_vocab_size
-from trainer.metrics import MetricsLogger, StepMeter, perplexity
+from trainer.metrics import MetricsLogger, StepMeter, perplexity, without_missing_wandb
 from trainer.checkpoint import EXIT_CHECKPOINT_FAILED, EXIT_NONFINITE, EXIT_PREEMPTED, Checkpointer, RunExit, find_resume
 from trainer.optim import StageOptimizers
 from trainer.signals import PreemptionSignals
@@ -115,6 +115,7 @@ def train(cfg: Config, info: Optional[RankInfo] = None) -> Path:
     clock = StartupClock()
     return_freed_memory()  # before anything large is allocated (trainer/host_memory.py)
     cfg, dims = prepare(cfg, info.world_size)
+    cfg = without_missing_wandb(cfg, info.is_main)
     tokenizer = load_tokenizer(cfg.data, cfg.model.hf_path)
     check_vocab_fits(tokenizer, cfg.model.vocab_size)
     device = pick_device(cfg.trainer.device, info.local_rank)

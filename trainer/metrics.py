@@ -26,6 +26,22 @@ def wandb_mode(cfg: LoggingConfig, env: Optional[dict] = None) -> str:
     return "online" if (cfg.wandb_api_key or env.get("WANDB_API_KEY")) else "offline"
 
 
+def without_missing_wandb(cfg: Config, is_main: bool) -> Config:
+    """``cfg`` with wandb logging off when it is asked for but the package is not installed (it is only needed
+    for its curves; metrics.jsonl has every number), said in one line by the main rank at start-up instead of
+    an ImportError after the data and model are built. WANDB_MODE=disabled turns it off without a word."""
+    import dataclasses
+    import importlib.util
+
+    if not cfg.logging.wandb or wandb_mode(cfg.logging) == "disabled" or importlib.util.find_spec("wandb"):
+        return cfg
+    if is_main:
+        print("meshtron: warning: logging.wandb=true but wandb is not installed: metrics go to metrics.jsonl only "
+              "(pip install wandb for its curves, or set logging.wandb=false to silence this)",
+              file=sys.stderr, flush=True)
+    return dataclasses.replace(cfg, logging=dataclasses.replace(cfg.logging, wandb=False))
+
+
 class MetricsLogger:
     """One JSON object per logged step in ``metrics.jsonl``, a tqdm bar, and (optionally) a wandb run.
 

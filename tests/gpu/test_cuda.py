@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.cli_env import cli_env
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -35,7 +36,7 @@ def test_logits_match_transformers_on_cuda(tmp_path):
 
 
 def _train(tmp_path: Path, *overrides: str) -> list[dict]:
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "WANDB_MODE": "disabled"}
+    env = cli_env(tmp_path)
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "trainer", f"trainer.output_dir={out}", "trainer.device=cuda",
                            "logging.wandb=false", "trainer.export_hf=false", *overrides],

@@ -5,7 +5,6 @@ attention through auto) and one-document rows; and the layouts settle after a fe
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -13,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tests.cli_env import cli_env
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -24,7 +25,7 @@ RUN = ["data.seq_len=256", "trainer.global_batch_size=8", "parallel.microbatch_s
 
 
 def _run(tmp: Path, name: str, *overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp / "cache"), "WANDB_MODE": "disabled", "TORCH_LOGS": "recompiles"}
+    env = cli_env(tmp, TORCH_LOGS="recompiles")
     proc = subprocess.run([sys.executable, "-m", "trainer", f"trainer.output_dir={tmp / name}", *MODEL, *RUN,
                            *overrides], cwd=tmp, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"

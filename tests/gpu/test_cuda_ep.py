@@ -5,13 +5,14 @@ tests/distributed/test_moe_layouts.py and the ep2 cases of tests/distributed/tes
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.cli_env import cli_env
 
 pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
 
@@ -23,7 +24,7 @@ RUN = ["model.hidden_size=64", "model.ffn_hidden_size=128", "model.num_layers=2"
 
 
 def _losses(tmp: Path, name: str, nproc: int, extra: list[str]) -> list[float]:
-    env = {**os.environ, "WANDB_MODE": "disabled", "XDG_CACHE_HOME": str(tmp / "cache")}
+    env = cli_env(tmp)
     launcher = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", str(nproc)]
     cmd = [*launcher, "-m", "trainer"] if nproc > 1 else [sys.executable, "-m", "trainer"]
     out = tmp / name

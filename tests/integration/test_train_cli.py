@@ -183,3 +183,26 @@ def test_trains_from_hf_checkpoint_and_torchrun(tmp_path):
     expected = total / count
     first = read_metrics(tmp_path / "run")[0]["loss"]
     assert first == pytest.approx(expected, rel=1e-5)
+
+
+def test_trains_without_wandb_installed_with_one_warning(tmp_path):
+    """logging.wandb defaults to true; without the package the run says so once at start-up and trains."""
+    site = tmp_path / "site"
+    site.mkdir()
+    # sys.modules["wandb"] = None: `import wandb` fails and importlib.util.find_spec("wandb") is None, as when
+    # the package is absent.
+    (site / "sitecustomize.py").write_text("import sys\nsys.modules['wandb'] = None\n")
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
+    env["PYTHONPATH"] = os.pathsep.join([str(site)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
+    overrides = [o for o in FAST if not o.startswith("logging.wandb")]
+    cmd = [sys.executable, "-m", "trainer", f"trainer.output_dir={tmp_path / 'run'}", "trainer.max_steps=2",
+           *overrides]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warnings = [line for line in proc.stderr.splitlines() if "wandb" in line]
+    assert len(warnings) == 1 and "wandb is not installed" in warnings[0] and "logging.wandb=false" in warnings[0]
+    assert proc.stdout.index("ready in") > 0 and "Traceback" not in proc.stderr
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2]
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["logging"]["wandb"] is False
+    assert not (tmp_path / "run" / "wandb").exists()

@@ -260,8 +260,18 @@ def _column_values(path: Path, values: Iterator[object], field: str, bad: OnBad,
             bad(path, f"{path}: row {row}", _not_text(field, value))
 
 
+def require_package(name: str, what: str) -> None:
+    """A format's reader package (installed with meshtron's dependencies) may be missing on a minimal
+    install: refuse in one line naming it, before any row is read."""
+    import importlib.util
+
+    if importlib.util.find_spec(name) is None:
+        raise ConfigError(f"{what} is read with the {name} package, which is not installed; pip install {name}")
+
+
 def open_parquet(path: Path, field: str):
     """The ParquetFile, checked to hold the text column."""
+    require_package("pyarrow", "data.format=parquet")
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -289,6 +299,7 @@ def _read_parquet(part: Part, field: str, bad: OnBad, progress: Progress = None)
 
 
 def _read_hf_disk(part: Part, field: str, bad: OnBad, progress: Progress = None) -> Iterator[str]:
+    require_package("datasets", "data.format=hf_disk")
     import datasets  # slow to import; only runs that read this format pay for it
 
     path = part.path
