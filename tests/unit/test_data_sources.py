@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -220,3 +221,17 @@ def test_bundled_source_is_named_as_such(tok, cache):
     corpus = load_source_corpus(data_sources(DataConfig())[0], tok, DataConfig(), cache)
     assert corpus.name == "the bundled train.jsonl" and corpus.num_docs > 100
     assert build_split(DataConfig(), tok, "train", cache).rows.name == "the bundled train.jsonl"
+
+
+@pytest.mark.parametrize("fmt, package", [("hf_disk", "datasets"), ("parquet", "pyarrow")])
+def test_a_format_whose_reader_is_not_installed_is_named_in_one_line(tmp_path, tok, cache, monkeypatch, fmt,
+                                                                     package):
+    """datasets and pyarrow are needed only by the formats that read with them: a minimal install (the GPU
+    machine's) refuses those formats naming the package, and trains on the others."""
+    path = write_hf_disk(tmp_path / "hf", DOCS) if fmt == "hf_disk" else write_parquet(tmp_path / "c.parquet", DOCS)
+    (tmp_path / "c.txt").write_text("\n\n".join(DOCS) + "\n", encoding="utf-8")
+    monkeypatch.setitem(sys.modules, package, None)  # import fails and find_spec is None, as when not installed
+    with pytest.raises(ConfigError, match=rf"data.format={fmt} is read with the {package} package, which is not "
+                                          rf"installed; pip install {package}"):
+        load(tok, cache, path, fmt)
+    assert load(tok, cache, tmp_path / "c.txt", "text").num_docs == len(DOCS)
