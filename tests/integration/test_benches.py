@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import subprocess
@@ -50,6 +51,40 @@ def test_gpu_throughput_cpu_smoke():
     assert re.search(r"^goal: MFU >= 40% of datasheet \(packed\): n/a", proc.stdout, re.M), proc.stdout
     assert re.search(r"^goal: >= 1.5x hf-sdpa-pad real tokens/s: [\d.]+x \(meshtron-sdpa\S*\) -> (met|missed)$",
                      proc.stdout, re.M), proc.stdout
+
+
+def test_gpu_proof_dry_run_runs_every_stage_on_the_cpu(tmp_path):
+    """bench/gpu_proof.py --dry-run: each stage printed with its time box and command, then run on the CPU and
+    passed or skipped (the probe stops after the environment, every tests/gpu case skips, the bench smoke
+    measures the transformers baseline and refuses the CUDA-only configurations), results under --out."""
+    out = tmp_path / "proof"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_proof.py"), "--dry-run", "--out", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    summary = [json.loads(line) for line in (out / "summary.jsonl").read_text().splitlines()]
+    assert [s["stage"] for s in summary] == ["wheels", "env", "probe", "tests", "bench"]
+    assert summary[0]["outcome"].startswith("skipped") and all(s["outcome"] == "passed" for s in summary[1:])
+    for stage in ("env", "probe", "tests", "bench"):
+        assert re.search(rf"^=== {stage} \(time box \d+ s, at \+\d+ s\): ", proc.stdout, re.M), stage
+    probe = [json.loads(line) for line in (out / "probe.log").read_text().splitlines() if line.startswith("{")]
+    assert probe[0]["check"] == "env" and probe[0]["ok"] and probe[0]["varlen_missing"] is None
+    assert probe[-1] == {"check": "stop", "reason": "no CUDA device: the kernel checks need one"}
+    tests = (out / "tests.log").read_text()
+    assert re.search(r"^=+ (\d+) skipped in ", tests, re.M) and " passed" not in tests and "failed" not in tests
+    assert "meshtron-varlen+chunk: skipped: needs CUDA" in (out / "bench.log").read_text()
+    assert "gpu_proof: 5 of 5 stages passed or skipped" in proc.stdout
+
+
+def test_gpu_proof_refuses_bad_arguments_before_any_stage(tmp_path):
+    script = str(ROOT / "bench" / "gpu_proof.py")
+    bad = subprocess.run([sys.executable, script, "--dry-run", "--wheels", str(tmp_path / "none"), "--out",
+                          str(tmp_path / "o")], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--wheels" in bad.stderr and "not a directory" in bad.stderr
+    assert not (tmp_path / "o").exists()
+    if subprocess.run(["which", "nvidia-smi"], capture_output=True).returncode != 0:
+        gpu = subprocess.run([sys.executable, script, "--out", str(tmp_path / "o")], capture_output=True, text=True,
+                             timeout=60)
+        assert gpu.returncode == 2 and "--dry-run" in gpu.stderr and not (tmp_path / "o").exists()
 
 
 def test_trainer_overhead_smoke():
