@@ -129,6 +129,7 @@ def main(argv=None) -> int:
     p.add_argument("--tests-s", type=float, default=210, help="time box of tests/gpu")
     p.add_argument("--test-timeout-s", type=float, default=120, help="timeout of one test (pytest-timeout)")
     p.add_argument("--bench-s", type=float, default=170, help="time box of the throughput bench")
+    p.add_argument("--config-s", type=float, default=65, help="time box of one bench configuration")
     p.add_argument("--skip", nargs="+", default=[], choices=["probe", "tests", "bench"], help="stages to leave out")
     args = p.parse_args(argv)
     if args.wheels is not None and not args.wheels.is_dir():
@@ -159,11 +160,13 @@ def main(argv=None) -> int:
         stages.run("tests", [python, "-m", "pytest", "-v", "-rA", "-p", "no:cacheprovider", *timeout,
                              f"--junitxml={out / 'junit.xml'}", *TESTS], args.tests_s)
     if "bench" not in args.skip:
-        bench = [python, "bench/gpu_throughput.py", "--configs", *BENCH_CONFIGS, "--time-limit",
-                 f"{max(args.bench_s - 40, 10):.0f}"]
+        # The bench writes its table at the end: no configuration may start later than one configuration's
+        # timeout before the stage's box closes, or a cut-short stage would lose the ones that ran.
+        per_config = min(args.config_s, args.bench_s / 2)
+        bench = [python, "bench/gpu_throughput.py", "--configs", *BENCH_CONFIGS, "--config-timeout",
+                 f"{per_config:.0f}", "--time-limit", f"{max(args.bench_s - per_config - 15, 1):.0f}"]
         bench += (["--device", "cpu", "--warmup", "1", "--steps", "1"] if args.dry_run
-                  else ["--warmup", "2", "--steps", "5", "--config-timeout", f"{args.bench_s - 30:.0f}",
-                        "--append-results", str(out / "RESULTS.md")])
+                  else ["--warmup", "2", "--steps", "5", "--append-results", str(out / "RESULTS.md")])
         stages.run("bench", bench, args.bench_s)
 
     failed = {n: o for n, o in stages.outcomes.items() if not (o.startswith("passed") or o.startswith("skipped"))}
