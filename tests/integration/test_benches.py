@@ -75,6 +75,14 @@ def test_gpu_proof_dry_run_runs_every_stage_on_the_cpu(tmp_path):
     assert "gpu_proof: 5 of 5 stages passed or skipped" in proc.stdout
 
 
+def test_tests_gpu_collects_from_any_cwd(tmp_path):
+    """`pytest <checkout>/tests/gpu` from another directory collects every case (they skip without CUDA)."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only",
+                           str(ROOT / "tests" / "gpu")], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert re.search(r"^(\d+) tests collected", proc.stdout, re.M), proc.stdout[-2000:]
+
+
 def test_gpu_proof_refuses_bad_arguments_before_any_stage(tmp_path):
     script = str(ROOT / "bench" / "gpu_proof.py")
     bad = subprocess.run([sys.executable, script, "--dry-run", "--wheels", str(tmp_path / "none"), "--out",
