@@ -7,10 +7,11 @@
 Stages run in order, each in its own subprocess under its own time box, and each writes its log under --out and a
 line to --out/summary.jsonl as soon as it ends, so a run cut short keeps every finished stage's results:
 
-1. env: installs --wheels (for our lent H100/H200: hydra-core, omegaconf and antlr4, the imports of `python -m
-   trainer` its image lacks; it has pytest and pytest-timeout) into --out/site with pip --target, puts it and
-   this checkout on PYTHONPATH for the stages after it, and records the GPU, driver, Python and packages.
-2. probe: bench/gpu_probe.py, the kernel facts (varlen with GQA and a window, flex, SDPA dispatch, _grouped_mm).
+1. wheels: installs --wheels (for our lent H100/H200: hydra-core, omegaconf and antlr4, the imports of `python -m
+   trainer` its image lacks; it has pytest and pytest-timeout) into --out/site with pip --target, and puts it
+   and this checkout on PYTHONPATH for the stages after it; nvidia-smi records the GPU and driver.
+2. probe: bench/gpu_probe.py, first the environment (Python, torch, CUDA, packages), then the kernel facts
+   (varlen with GQA and a window, flex, SDPA dispatch, _grouped_mm).
 3. tests: tests/gpu, the cases that prove the most per second first (TESTS below), each with its own timeout.
 4. bench: bench/gpu_throughput.py on the Llama-3.2-1B shape at seq 8192: the transformers padded baseline and
    meshtron's packed paths, appended to --out/RESULTS.md.
@@ -104,22 +105,6 @@ def install_wheels(stages: Stages, wheels: Path | None, python: str) -> None:
     stages.env["PYTHONPATH"] = os.pathsep.join([str(site), stages.env["PYTHONPATH"]])
 
 
-ENV_REPORT = """
-import importlib.metadata as md, platform, torch
-def version(package):
-    try:
-        return md.version(package)
-    except md.PackageNotFoundError:
-        return None
-cuda = torch.cuda.is_available()
-print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
-      "device", torch.cuda.get_device_name() if cuda else None, "capability",
-      torch.cuda.get_device_capability() if cuda else None)
-print({p: version(p) for p in ("transformers", "triton", "hydra-core", "omegaconf", "antlr4-python3-runtime",
-                               "pytest", "pytest-timeout", "numpy", "safetensors", "wandb", "datasets")})
-"""
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, help="results directory (default $OUT, else /tmp/meshtron-gpu-proof)")
@@ -148,7 +133,6 @@ def main(argv=None) -> int:
     print(f"gpu_proof: results under {out}" + (" (dry run on the CPU)" if args.dry_run else ""), flush=True)
 
     install_wheels(stages, args.wheels, python)
-    stages.run("env", [python, "-c", ENV_REPORT], 60, shown=f"{python} -c ENV_REPORT (Python, torch, CUDA, packages)")
     if not args.dry_run and shutil.which("nvidia-smi"):
         stages.run("nvidia-smi", ["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
                                   "--format=csv,noheader"], 30)

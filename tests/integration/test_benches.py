@@ -62,9 +62,9 @@ def test_gpu_proof_dry_run_runs_every_stage_on_the_cpu(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     summary = [json.loads(line) for line in (out / "summary.jsonl").read_text().splitlines()]
-    assert [s["stage"] for s in summary] == ["wheels", "env", "probe", "tests", "bench"]
+    assert [s["stage"] for s in summary] == ["wheels", "probe", "tests", "bench"]
     assert summary[0]["outcome"].startswith("skipped") and all(s["outcome"] == "passed" for s in summary[1:])
-    for stage in ("env", "probe", "tests", "bench"):
+    for stage in ("probe", "tests", "bench"):
         assert re.search(rf"^=== {stage} \(time box \d+ s, at \+\d+ s\): ", proc.stdout, re.M), stage
     probe = [json.loads(line) for line in (out / "probe.log").read_text().splitlines() if line.startswith("{")]
     assert probe[0]["check"] == "env" and probe[0]["ok"] and probe[0]["varlen_missing"] is None
@@ -72,7 +72,7 @@ def test_gpu_proof_dry_run_runs_every_stage_on_the_cpu(tmp_path):
     tests = (out / "tests.log").read_text()
     assert re.search(r"^=+ (\d+) skipped in ", tests, re.M) and " passed" not in tests and "failed" not in tests
     assert "meshtron-varlen+chunk: skipped: needs CUDA" in (out / "bench.log").read_text()
-    assert "gpu_proof: 5 of 5 stages passed or skipped" in proc.stdout
+    assert "gpu_proof: 4 of 4 stages passed or skipped" in proc.stdout
 
 
 def test_tests_gpu_collects_from_any_cwd(tmp_path):
