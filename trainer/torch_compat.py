@@ -25,6 +25,9 @@ Differences handled here (read from each release's source, 2026-12-06):
   gloo has no pair to its own rank ("Pair is not connected"). 2.13 and 2.14 warm ``PipelineStage``s up by a
   vote that does not call it. :func:`pipeline_stage_class` drops the self-addressed warm-up ops: co-located stages
   hand their tensors over locally in every release, so a link to oneself is never used.
+
+Outside Python, one more: torchrun's ``--shutdown-timeout`` is missing from 2.11 (its agent waits a fixed 30 s
+for the workers after a signal); slurm/train.sbatch passes it only where ``--help`` lists it.
 """
 
 from __future__ import annotations
