@@ -58,13 +58,14 @@ from torch.distributed.checkpoint.state_dict import (
 from checkpoint_convert.integrity import (COMPLETE, LATEST, DamagedCheckpoint, check_files, recorded_files,
                                           total_bytes, write_complete, write_rank_manifest)
 from trainer.config import Config, ConfigError, resolved_yaml
+from trainer.signals import EXIT_INTERRUPTED, EXIT_PREEMPTED  # noqa: F401 - re-exported with the other codes
 
 TMP_PREFIX = ".tmp_step_"
 
 # Exit codes of a run that stopped on purpose (documented in README, "Checkpoints and resume").
 EXIT_NONFINITE = 3  # non-finite loss or gradient norm (trainer.nonfinite=stop, or too many skips)
 EXIT_CHECKPOINT_FAILED = 4  # a checkpoint (e.g. a background async save) failed
-EXIT_PREEMPTED = 75  # SIGTERM/SIGUSR1: a checkpoint was saved; requeue the job to resume (sysexits EX_TEMPFAIL)
+# EXIT_PREEMPTED (75) and EXIT_INTERRUPTED (130, Ctrl-C) live with the signals: trainer/signals.py.
 
 TIED_COPY_FQN = "output_layer.weight"
 EMBEDDING_FQN = "embedding.word_embeddings.weight"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -22,7 +23,7 @@ from trainer.flops import moe_layer_params
 from trainer.loss import DocumentLoss
 from trainer.model.shapes import padded_vocab_size
 from trainer.metrics import MetricsLogger, StepMeter, perplexity, without_missing_wandb
-from trainer.checkpoint import EXIT_CHECKPOINT_FAILED, EXIT_NONFINITE, EXIT_PREEMPTED, Checkpointer, RunExit, find_resume
+from trainer.checkpoint import EXIT_CHECKPOINT_FAILED, EXIT_NONFINITE, Checkpointer, RunExit, find_resume
 from trainer.optim import StageOptimizers
 from trainer.signals import PreemptionSignals
 from trainer.step import batch_facts, evaluate, forward_backward, local_batch, step_totals
@@ -170,7 +171,7 @@ def train(cfg: Config, info: Optional[RankInfo] = None) -> Path:
 
     signals, own_signals = PreemptionSignals.for_run()
     try:
-        stop_if_signalled_before_the_steps(signals, info, device, start)
+        stop_if_signalled_before_the_steps(signals, info, device, start, out)
         _run_steps(cfg, info, pm, opt, ckpt, loader, logger, val, device, start, tokens, signals)
     except RunExit as stop:
         if stop.code != EXIT_CHECKPOINT_FAILED:
@@ -266,23 +267,33 @@ def _run_steps(cfg: Config, info: RankInfo, pm, opt: StageOptimizers, ckpt: Chec
             ckpt.save(step, pm, opt, loader, tokens)
         if preempted:
             ckpt.wait()
-            raise RunExit(EXIT_PREEMPTED, f"preempted by {signals.name} at step {step}: checkpoint "
-                                          f"saved under {ckpt.root}; rerun the same command to resume")
+            raise RunExit(signals.exit_code, f"{signals.what} at step {step}: checkpoint saved under "
+                                             f"{ckpt.root.resolve()}; {resume_hint(ckpt.root.parent)}")
         if saving or "val_loss" in record:  # their time is not the next step's
             boundary = time.perf_counter()
 
 
 def stop_if_signalled_before_the_steps(signals: PreemptionSignals, info: RankInfo, device: torch.device,
-                                       start: int) -> None:
-    """A SIGTERM/SIGUSR1 that came during start-up (handlers are installed by the entry point's first lines)
-    ends the run before its first step, exit 75: nothing new to save. All ranks agree first (one collective
-    per run, not per step), so a signal to one rank stops every rank at the same place."""
+                                       start: int, out) -> None:
+    """A SIGTERM/SIGUSR1 (or Ctrl-C) that came during start-up (handlers are installed by the entry point's
+    first lines) ends the run before its first step, exit 75 (130): nothing new to save. All ranks agree
+    first (one collective per run, not per step), so a signal to one rank stops every rank at the same place."""
     flagged = ranks_where(signals.name is not None, info, device)
     if not flagged:
         return
     saved = f"the checkpoint of step {start} stands" if start else "nothing to save yet"
-    raise RunExit(EXIT_PREEMPTED, f"preempted by {signals.name or 'a signal'} on rank(s) {flagged} during start-up, "
-                                  f"before step {start + 1}: {saved}; rerun the same command to resume")
+    raise RunExit(signals.exit_code, f"{signals.what} on rank(s) {flagged} during start-up, before step "
+                                     f"{start + 1}: {saved}; {resume_hint(out)}")
+
+
+def resume_hint(output_dir) -> str:
+    """How to continue this run: the same command finds its checkpoints only in the same output directory, and
+    the default trainer.output_dir is a new timestamped one on every start, so name it unless it was given."""
+    given = any(arg.lstrip("+").startswith("trainer.output_dir=") for arg in sys.argv[1:])
+    if given:
+        return "rerun the same command to resume"
+    return (f"to resume, rerun the same command with trainer.output_dir={Path(output_dir).resolve()} (without "
+            f"it, a new timestamped output directory starts afresh)")
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
