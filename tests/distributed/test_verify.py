@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from parallel.dims import ParallelDims
 from trainer.config import ModelConfig
-from trainer.verify import compare, shrink_model
+from trainer.verify import compare, shrink_model, verdict
 
 
 def test_shrunk_model_keeps_structure_and_fits_the_mesh():
@@ -48,6 +48,19 @@ def test_compare_reports_relative_loss_and_parameter_differences(tmp_path):
     assert worst == 0.5
 
 
+def test_the_verdict_follows_from_the_printed_comparisons():
+    """Each gating comparison is printed against its own bound, and the verdict is what those lines say: a
+    parameter difference of 1.4e-05 passes the 10 x 1e-5 bound, and says so, instead of printing the loss
+    tolerance beside it."""
+    lines, ok = verdict(3e-6, 1.4e-5, 1e-5)
+    assert ok and lines == ["max relative loss difference 3.00e-06: ok (at most 1.0e-05, verify.tolerance)",
+                            "max parameter difference 1.40e-05: ok (at most 1.0e-04, 10 x verify.tolerance)"]
+    lines, ok = verdict(2e-5, 1.4e-5, 1e-5)
+    assert not ok and lines[0].startswith("max relative loss difference 2.00e-05: TOO LARGE") and "ok" in lines[1]
+    lines, ok = verdict(0.0, 2e-4, 1e-5)
+    assert not ok and "TOO LARGE" in lines[1]
+
+
 @pytest.mark.distributed
 def test_verify_passes_for_tp2(tmp_path):
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
@@ -58,3 +71,6 @@ def test_verify_passes_for_tp2(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "meshtron verify: OK" in proc.stdout
     assert "rel diff" in proc.stdout and "'tp': 2" in proc.stdout
+    assert "max relative loss difference" in proc.stdout
+    assert ": ok (at most 1.0e-04, 10 x verify.tolerance)" in proc.stdout
+    assert not list(tmp_path.glob("meshtron-verify-*")), "an OK verify leaves its runs behind"
