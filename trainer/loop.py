@@ -125,9 +125,6 @@ def train(cfg: Config, info: Optional[RankInfo] = None) -> Path:
     init_distributed(info, device, cfg.trainer.dist_timeout_s)
     mesh = None if dims.is_single else dims.build_mesh(device.type, cfg.trainer.dist_timeout_s)
     out = Path(broadcast_str(cfg.trainer.output_dir) if info.world_size > 1 else cfg.trainer.output_dir)
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(resolved_yaml(cfg))
 
     G = cfg.trainer.global_batch_size
     clock.mark("import")  # and set-up: config checks, tokenizer, process group, mesh
@@ -154,6 +151,9 @@ def train(cfg: Config, info: Optional[RankInfo] = None) -> Path:
         if info.is_main:
             truncate_metrics(out / "metrics.jsonl", start)
     clock.mark("weights")
+    if info.is_main:  # only now: a data, weights or checkpoint error above leaves no output directory behind
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(resolved_yaml(cfg))
     n_params = cfg_param_count(cfg)
     logger = MetricsLogger(cfg, out, cfg.trainer.max_steps, start_step=start, enabled=info.is_main)
     accum = G // (dims.dp * cfg.parallel.microbatch_size)

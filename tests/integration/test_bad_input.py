@@ -92,6 +92,7 @@ def test_truncated_hf_weights_exit_2_naming_the_file(tmp_path, hf_dir):
     bad = _truncated(hf_dir, tmp_path / "hf", "model.safetensors")
     assert_one_line(cli(tmp_path, *FAST, f"model.hf_path={bad.parent}"),
                     f"{bad}: not a readable safetensors file", "file not fully covered", "again")
+    assert not (tmp_path / "run").exists()  # the output directory appears once data and weights are ready
 
 
 def test_hf_weights_of_another_model_exit_2_naming_the_tensors(tmp_path, hf_dir):
@@ -104,6 +105,7 @@ def test_hf_weights_of_another_model_exit_2_naming_the_tensors(tmp_path, hf_dir)
     save_file(tensors, str(weights), metadata={"format": "pt"})
     assert_one_line(cli(tmp_path, *FAST, f"model.hf_path={weights.parent}"),
                     "model.layers.1.mlp.down_proj.weight", "are missing", "re-download or re-export")
+    assert not (tmp_path / "run").exists()
 
 
 def test_truncated_tokenizer_exits_2_naming_the_file(tmp_path):
@@ -129,6 +131,7 @@ def test_damaged_megatron_pair_exits_2_naming_the_file(tmp_path, damage, needle)
     path.write_bytes(b"NOTMEGA\0\0" + raw[9:] if damage == "idx" else raw[:-10])
     line = assert_one_line(cli(tmp_path, *FAST, "data.format=megatron", f"data.path={prefix}"), f"{path}: ", needle)
     assert "meshtron-preprocess" in line
+    assert not (tmp_path / "run").exists()
 
 
 def _once_and_in_torchruns_summary(proc: subprocess.CompletedProcess, *needles: str) -> None:
