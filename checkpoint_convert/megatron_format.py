@@ -178,14 +178,14 @@ def resolve_iteration_dir(root: Path, iteration: Optional[int]) -> tuple[Path, i
         path = root / f"iter_{iteration:07d}"
         if not path.is_dir():
             have = sorted(p.name for p in root.glob("iter_*")) + (["release"] if (root / "release").is_dir() else [])
-            raise FileNotFoundError(f"{path} does not exist (iteration={iteration}); {root} has {have or 'none'}")
+            raise FileNotFoundError(f"{path} does not exist (--iteration {iteration}); {root} has {have or 'none'}")
         return path, iteration
     tracker = root / TRACKER
     if not tracker.is_file():
         if any(root.glob("mp_rank_*")):  # the iteration directory itself
             return root, 0
         raise FileNotFoundError(f"{root} has no {TRACKER}; expected a Megatron-LM checkpoint directory "
-                                f"(or pass iteration=N for its iter_NNNNNNN directory)")
+                                f"(or pass --iteration N for its iter_NNNNNNN directory)")
     text = tracker.read_text().strip()
     if text == "release":
         return root / "release", 0

@@ -53,9 +53,10 @@ class ParallelDims:
         if dp_shard == -1:
             if world_size % others:
                 raise ConfigError(
-                    f"cannot infer parallel.dp_shard: world size {world_size} is not divisible by "
-                    f"dp_replicate*tp*pp*cp = {cfg.dp_replicate}*{cfg.tp}*{cfg.pp}*{cfg.cp} = {others}"
-                )
+                    f"parallel.dp_replicate*tp*pp*cp = {cfg.dp_replicate}*{cfg.tp}*{cfg.pp}*{cfg.cp} = {others} "
+                    f"processes per model replica does not divide world size {world_size}; start a multiple "
+                    f"of {others} processes (torchrun --nproc_per_node {others}, or srun/sbatch tasks) or lower "
+                    f"those degrees so their product divides {world_size}")
             dp_shard = world_size // others
         dims = cls(cfg.dp_replicate, dp_shard, cfg.tp, cfg.pp, cfg.cp, world_size, cfg.ep)
         dims._validate()

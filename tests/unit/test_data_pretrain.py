@@ -245,6 +245,12 @@ def test_no_val_split_when_fraction_is_zero(tmp_path, tok, cache):
     one_doc = DataConfig(path=str(write_text(tmp_path / "one.txt", DOCS[:1])), val_fraction=0.1)
     with pytest.raises(ConfigError, match="1 document.*leaves none for training"):
         build_split(one_doc, tok, "train", cache)
+    (tmp_path / "empty.txt").write_text("\n\n")
+    empty = DataConfig(path=str(tmp_path / "empty.txt"), val_fraction=0.1)
+    with pytest.raises(ConfigError, match=r"holds no documents \(empty files, or every row blank or skipped\): check "
+                                          r"data.path and data.format") as err:
+        build_split(empty, tok, "train", cache)
+    assert "val_path" not in str(err.value)  # a validation file would not help an empty training file
 
 
 def test_too_little_data_names_corpus_and_seq_len(tmp_path, tok, cache):

@@ -204,6 +204,7 @@ def test_srun_style_tasks_print_a_configuration_error_once(tmp_path):
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [2, 2], outs
-    line = "meshtron: configuration error: cannot infer parallel.dp_shard: world size 2 is not divisible"
+    line = ("meshtron: configuration error: parallel.dp_replicate*tp*pp*cp = 1*3*1*1 = 3 processes per model "
+            "replica does not divide world size 2; start a multiple of 3 processes")
     assert outs[0][1].startswith(line) and outs[0][1].count("\n") == 1, outs[0][1]
     assert outs[1][1] == "", outs[1][1]

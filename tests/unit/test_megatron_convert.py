@@ -225,6 +225,11 @@ def test_iteration_directories_hf_config_tokenizer_and_sharded_output(hf_dirs, t
         megatron_to_hf(meg, tmp_path / "none", progress=False)
     _nothing_written(tmp_path / "none")
     assert megatron_config(meg, iteration=100).num_layers == 4
+    with pytest.raises(FileNotFoundError, match=r"iter_0000007 does not exist \(--iteration 7\)"):
+        megatron_config(meg, iteration=7)
+    (meg / "latest_checkpointed_iteration.txt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"or pass --iteration N for its iter_NNNNNNN directory"):
+        megatron_config(meg)
     again = megatron_to_hf(meg, tmp_path / "again", iteration=100, progress=False)
     assert _read_safetensors_dir(again).keys() == _read_safetensors_dir(src).keys()
 

@@ -174,6 +174,7 @@ def test_errors_are_one_line_with_exit_2(tmp_path, capsys):
                             "--workers", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"meshtron-preprocess: error: {bad}:51: field 'text' is int")
+    assert "--on-bad-row skip" in err and "data." not in err  # this command's flag, not the trainer's key
     with pytest.raises(SystemExit) as exit_:
         preprocess.main(["--input", str(bad), "--format", "csv", "--output-prefix", out])
     assert exit_.value.code == 2

@@ -26,6 +26,7 @@ import argparse
 import functools
 import multiprocessing as mp
 import os
+import re
 import shutil
 import sys
 import time
@@ -193,16 +194,29 @@ def run(args: argparse.Namespace) -> dict:
             "seconds": elapsed, "parts": len(parts), "resumed_parts": sum(finished), "bad_rows": meta["bad_rows"]}
 
 
+# The data layer's messages name the trainer's config keys; here the same settings are flags.
+FLAGS = {"data.on_bad_row": "--on-bad-row", "data.text_field": "--text-field", "data.chat_template": "--chat-template",
+         "data.train_on": "--train-on", "data.tokenizer": "--tokenizer", "data.format": "--format",
+         "data.path": "--input"}
+
+
+def as_flags(message: str) -> str:
+    """A data-layer error in this command's terms: `data.on_bad_row=skip` -> `--on-bad-row skip`."""
+    keys = "|".join(re.escape(k) for k in FLAGS)
+    return re.sub(rf"\b({keys})(=(\S+?))?(?=[\s),;:]|$)",
+                  lambda m: FLAGS[m[1]] + (f" {m[3]}" if m[3] else ""), message)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
         out = run(args)
     except ConfigError as e:
-        print(f"meshtron-preprocess: error: {e}", file=sys.stderr)
+        print(f"meshtron-preprocess: error: {as_flags(str(e))}", file=sys.stderr)
         return 2
     secs = max(out["seconds"], 1e-9)
     for path, n in out["bad_rows"].items():
-        print(f"skipped {n} bad row{'' if n == 1 else 's'} in {path} (--on-bad-row=skip)", file=sys.stderr)
+        print(f"skipped {n} bad row{'' if n == 1 else 's'} in {path} (--on-bad-row skip)", file=sys.stderr)
     print(f"wrote {out['prefix']}.bin/.idx: {out['documents']} documents, {out['tokens']} tokens in "
           f"{out['seconds']:.1f} s ({out['documents'] / secs:,.0f} docs/s, {out['tokens'] / secs:,.0f} tokens/s; "
           f"{out['parts']} parts, {out['resumed_parts']} already done)")

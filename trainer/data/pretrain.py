@@ -281,6 +281,9 @@ def load_source_corpus(source: DataSource, tokenizer: PreTrainedTokenizerBase, d
 
 def held_out_count(num_docs: int, data_cfg: DataConfig, name: str) -> int:
     """How many trailing documents of the training files are held out for validation."""
+    if num_docs == 0:
+        raise ConfigError(f"{name} holds no documents (empty files, or every row blank or skipped): check "
+                          f"data.path and data.format")
     n_val = max(1, round(num_docs * data_cfg.val_fraction))
     if num_docs - n_val < 1:
         raise ConfigError(f"{name} has {num_docs} document(s): holding out data.val_fraction="
