@@ -4,6 +4,7 @@ of workers; Megatron-readable output; resume; one-line errors."""
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -134,7 +135,7 @@ def test_append_eod_ends_documents_with_eos(tmp_path, tok):
         np.testing.assert_array_equal(rows[0][f], rows[1][f], err_msg=f)
 
 
-def test_resume_skips_finished_parts(tmp_path, tok, monkeypatch):
+def test_resume_skips_finished_parts(tmp_path, tok, monkeypatch, capsys):
     for name, seed in (("a", 4), ("b", 5), ("c", 6)):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs(20, seed)))
     inputs = [tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "c.jsonl"]
@@ -150,8 +151,10 @@ def test_resume_skips_finished_parts(tmp_path, tok, monkeypatch):
     monkeypatch.setattr(pretrain, "tokenize_part", interrupted)
     argv = [a for i in inputs for a in ("--input", str(i))] + ["--format", "jsonl_text", "--output-prefix",
                                                                str(tmp_path / "out")]
-    with pytest.raises(KeyboardInterrupt):
-        preprocess.main(argv)
+    assert preprocess.main(argv) == 130  # Ctrl-C: one line, no traceback, saying what is kept and why
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"meshtron-preprocess: interrupted (1 finished part kept in {tmp_path / 'out.parts'}: the same "
+                   f"command resumes from them; delete it to start over)")
     assert calls == ["a.jsonl", "b.jsonl"] and not (tmp_path / "out.idx").exists()
     calls.clear()
     monkeypatch.setattr(pretrain, "tokenize_part", lambda part, *a, **k: calls.append(part.path.name)
@@ -175,6 +178,7 @@ def test_errors_are_one_line_with_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"meshtron-preprocess: error: {bad}:51: field 'text' is int")
     assert "--on-bad-row skip" in err and "data." not in err  # this command's flag, not the trainer's key
+    assert not Path(f"{out}.parts").exists()  # a bad row needs another input or flag: no run could resume
     with pytest.raises(SystemExit) as exit_:
         preprocess.main(["--input", str(bad), "--format", "csv", "--output-prefix", out])
     assert exit_.value.code == 2

@@ -207,13 +207,37 @@ def as_flags(message: str) -> str:
                   lambda m: FLAGS[m[1]] + (f" {m[3]}" if m[3] else ""), message)
 
 
+def _parts_dir(output_prefix: str) -> Path:
+    return Path(f"{Path(output_prefix).expanduser()}.parts")
+
+
+def _kept_parts(output_prefix: str) -> str:
+    """After an interruption: keep ``<prefix>.parts/`` only when it holds finished parts the same command resumes
+    from, and say so; a directory with none is removed."""
+    parts_dir = _parts_dir(output_prefix)
+    if not parts_dir.is_dir():
+        return ""
+    done = sum(read_meta(Path(str(m).removesuffix(".meta.json"))) is not None
+               for m in parts_dir.glob("part-*.meta.json"))
+    if not done:
+        shutil.rmtree(parts_dir, ignore_errors=True)
+        return ""
+    return (f" ({done} finished part{'' if done == 1 else 's'} kept in {parts_dir}: the same command resumes "
+            f"from them; delete it to start over)")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
         out = run(args)
     except ConfigError as e:
+        # Fixing it changes an input or a flag, and the parts are keyed by both: the next run starts over anyway.
+        shutil.rmtree(_parts_dir(args.output_prefix), ignore_errors=True)
         print(f"meshtron-preprocess: error: {as_flags(str(e))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"meshtron-preprocess: interrupted{_kept_parts(args.output_prefix)}", file=sys.stderr)
+        return 130
     secs = max(out["seconds"], 1e-9)
     for path, n in out["bad_rows"].items():
         print(f"skipped {n} bad row{'' if n == 1 else 's'} in {path} (--on-bad-row skip)", file=sys.stderr)
