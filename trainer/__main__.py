@@ -49,7 +49,38 @@ def _run(cfg: DictConfig) -> None:
             dist.destroy_process_group()
 
 
+def usage() -> str:
+    """meshtron's own short usage, printed before Hydra's generic --help: the groups and their presets."""
+    from pathlib import Path
+
+    import conf
+
+    root = Path(conf.__file__).parent
+    groups = [(d.name, sorted(f.stem for f in d.glob("*.yaml"))) for d in sorted(root.iterdir()) if d.is_dir()
+              and any(d.glob("*.yaml"))]
+    lines = ["usage: python -m trainer [group=preset ...] [key=value ...]",
+             "       torchrun --nproc_per_node N -m trainer ...   (several processes; slurm/train.sbatch on Slurm)",
+             "",
+             "Train as conf/config.yaml composes it, changed by Hydra overrides. Groups and their presets:"]
+    lines += [f"  {name:<12} {', '.join(presets)}" for name, presets in groups if name != "experiment"]
+    lines += [f"  {'+experiment':<12} {', '.join(dict(groups).get('experiment', []))}  (bundles for real runs)",
+              "",
+              "Examples:",
+              "  python -m trainer                                       # the tiny model on the bundled corpus (CPU)",
+              "  python -m trainer model=tiny_moe trainer.max_steps=50   # a tiny mixture of experts",
+              "  python -m trainer model=llama3_2_1b model.hf_path=/models/Llama-3.2-1B data.path=corpus.jsonl \\",
+              "      data.format=jsonl_text trainer.precision=bf16",
+              "  python -m trainer --cfg job                             # print the composed config, do not train",
+              "",
+              "Every key with its meaning: README.md, sections Configuration, Parallel training, Data, Checkpoints",
+              "and resume. Hydra's own help follows.",
+              ""]
+    return "\n".join(lines)
+
+
 def main() -> None:
+    if any(arg in ("--help", "-h") for arg in sys.argv[1:]):
+        print(usage(), flush=True)
     run_hydra(_run)  # Hydra's own override errors exit 2 in one line too
 
 

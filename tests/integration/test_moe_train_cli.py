@@ -55,3 +55,11 @@ def test_moe_trains_from_hf_and_exports(tmp_path):
     assert type(model).__name__ == "Qwen3MoeForCausalLM"
     with torch.no_grad():
         assert torch.isfinite(model(torch.randint(0, 2048, (1, 16))).logits).all()
+
+
+def test_the_tiny_moe_preset_trains_as_the_readme_says(tmp_path):
+    """`python -m trainer model=tiny_moe`: the runnable MoE example of the README, on the bundled corpus."""
+    run_trainer(tmp_path, *FAST, "model=tiny_moe", "trainer.max_steps=4", "optim.warmup_steps=0")
+    rows = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["loss"] < rows[0]["loss"]
+    assert all(r["moe_aux_loss"] > 0 and r["moe_load_imbalance"] >= 1.0 for r in rows)

@@ -206,3 +206,14 @@ def test_trains_without_wandb_installed_with_one_warning(tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2]
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["logging"]["wandb"] is False
     assert not (tmp_path / "run" / "wandb").exists()
+
+
+def test_help_prints_meshtrons_usage_before_hydras(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "trainer", "--help"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert out.startswith("usage: python -m trainer [group=preset ...] [key=value ...]")
+    assert re.search(r"^  model +.*\btiny, tiny_moe$", out, re.M) and re.search(r"^  parallel +.*\btp2_pp2\b", out, re.M)
+    assert "README.md" in out and out.index("Hydra's own help follows") < out.index("powered by Hydra")
+    assert not (tmp_path / "outputs").exists()  # help trains nothing

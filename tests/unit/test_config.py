@@ -8,7 +8,7 @@ from hydra.errors import ConfigCompositionException
 
 from trainer.config import Config, ConfigError, redact_secrets, resolved_yaml, validate_config
 
-PRESETS = ["tiny", "llama3_8b", "llama3_2_1b", "mistral_7b", "qwen2_5_7b", "qwen2_5_0_5b", "qwen3_8b"]
+PRESETS = ["tiny", "tiny_moe", "llama3_8b", "llama3_2_1b", "mistral_7b", "qwen2_5_7b", "qwen2_5_0_5b", "qwen3_8b"]
 
 
 def test_default_composes_to_tiny(compose):
