@@ -33,10 +33,12 @@ pickle that torch reads without that protection: only load checkpoints you (or y
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
@@ -61,6 +63,16 @@ from trainer.config import Config, ConfigError, resolved_yaml
 from trainer.signals import EXIT_INTERRUPTED, EXIT_PREEMPTED  # noqa: F401 - re-exported with the other codes
 
 TMP_PREFIX = ".tmp_step_"
+
+
+@contextlib.contextmanager
+def _dcp_quietly(distributed: bool):
+    """DCP warns "torch.distributed is disabled ... assuming the intent is to save in a single process" at every
+    save and load of a one-process run: that is the intent, and nothing a user could act on."""
+    with warnings.catch_warnings():
+        if not distributed:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 # Exit codes of a run that stopped on purpose (documented in README, "Checkpoints and resume").
 EXIT_NONFINITE = 3  # non-finite loss or gradient norm (trainer.nonfinite=stop, or too many skips)
@@ -260,12 +272,14 @@ class Checkpointer:
         self.last_saved = step
         writer = self._writer(step, tmp)
         if self.ck.async_save:
-            result = dcp.async_save(state, storage_writer=writer, process_group=self.group)
+            with _dcp_quietly(self.distributed):
+                result = dcp.async_save(state, storage_writer=writer, process_group=self.group)
             written = getattr(result, "upload_completion", result)
             self.pending = (self._background.submit(self._describe_when_written, written, tmp), step, tmp)
             return
         try:
-            dcp.save(state, storage_writer=writer, no_dist=not self.distributed)
+            with _dcp_quietly(self.distributed):
+                dcp.save(state, storage_writer=writer, no_dist=not self.distributed)
             self._describe_files(tmp)
         except (Exception, CheckpointException) as e:
             raise RunExit(EXIT_CHECKPOINT_FAILED, f"checkpoint of step {step} failed: {_describe(e)}") from e
@@ -429,7 +443,8 @@ class Checkpointer:
         stages = _stage_states(pm, opt)
         merged = _merge(stages)
         check_shapes(merged, path)
-        dcp.load(merged, checkpoint_id=str(path), no_dist=not self.distributed)
+        with _dcp_quietly(self.distributed):
+            dcp.load(merged, checkpoint_id=str(path), no_dist=not self.distributed)
         for (tied, msd, osd), module, optimizer in zip(stages, pm.modules, opt.optimizers):
             set_model_state_dict(module, {k: merged["model"][_rename(k, tied)] for k in msd})
             set_optimizer_state_dict(module, optimizer, {k: merged["optim"][_rename(k, tied)] for k in osd},

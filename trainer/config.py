@@ -376,6 +376,13 @@ class LoggingConfig:
     wandb_run_name: Optional[str] = None
     # Prefer the WANDB_API_KEY environment variable. A key given here is used but never written to disk.
     wandb_api_key: Optional[str] = None
+    # A console line every this many steps (and at every evaluation); 0: about ten over the run. metrics.jsonl
+    # has every trainer.log_every step whatever this says.
+    console_every: int = 0
+
+    def validate(self) -> None:
+        _require(self.console_every >= 0, f"logging.console_every={self.console_every} must be >= 0 (0: about "
+                                          f"ten lines over the run)")
 
 
 @dataclass
@@ -518,7 +525,7 @@ def omegaconf_error_line(err: OmegaConfBaseException) -> str:
 
 def validate_config(cfg: Config) -> None:
     """Every group's own checks, then those spanning groups. Runs before anything is allocated."""
-    for part in (cfg.model, cfg.parallel, cfg.data, cfg.optim, cfg.trainer):
+    for part in (cfg.model, cfg.parallel, cfg.data, cfg.optim, cfg.trainer, cfg.logging):
         part.validate()
     m, d, t, p = cfg.model, cfg.data, cfg.trainer, cfg.parallel
     _require(

@@ -93,7 +93,8 @@ class DocumentLoss:
         # Masks by weight, not by boolean indexing: indexing a device tensor by a mask is a host sync.
         # Invalid slots add an exact 0 (to document 0 when their sample id is padding's -1).
         valid = (labels != IGNORE_INDEX).flatten()
-        idx = torch.searchsorted(self.keys, sample_ids.flatten().to(self.keys.device))
+        # contiguous(): a pipeline stage's micro-batch slice can arrive strided, which searchsorted warns about.
+        idx = torch.searchsorted(self.keys, sample_ids.flatten().to(self.keys.device).contiguous())
         idx = idx.clamp_(max=len(self.keys) - 1)
         losses = token_losses.detach().flatten().double()
         self.sums.index_add_(0, idx, torch.where(valid, losses, torch.zeros_like(losses)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -16,6 +17,9 @@ from tqdm import tqdm
 
 from trainer.config import Config, LoggingConfig, redact_secrets
 from trainer.flops import achieved_tflops, peak_tflops
+
+
+ETA_WINDOW = 20  # logged steps the ETA is measured over
 
 
 def wandb_mode(cfg: LoggingConfig, env: Optional[dict] = None) -> str:
@@ -55,7 +59,8 @@ class MetricsLogger:
         self._file = None
         self._bar = None
         self._wandb = None
-        self._print_every = max(1, total_steps // 10)
+        self._print_every = cfg.logging.console_every or max(1, (total_steps - start_step) // 10)
+        self._recent: collections.deque = collections.deque(maxlen=ETA_WINDOW)  # (time, step) of recent logs
         if not enabled:
             return
         self._file = open(self.path, "a", encoding="utf-8")
@@ -66,6 +71,9 @@ class MetricsLogger:
         self._start = time.perf_counter()
         self._start_step = start_step
         self._total = total_steps
+        every = cfg.trainer.log_every
+        self.write(f"console: a line every {self._print_every} step(s) and at each evaluation "
+                   f"(logging.console_every=N to change); metrics.jsonl: every {every} step(s)")
         if cfg.logging.wandb:
             self._wandb = _start_wandb(cfg, output_dir, resuming=start_step > 0)
 
@@ -79,12 +87,19 @@ class MetricsLogger:
         self._bar.update(record["step"] - self._bar.n)
         self._bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         step = record["step"]
+        eta = self._eta(step)  # every logged step feeds the window, printed or not
         if step == self._start_step + 1 or step % self._print_every == 0 or "val_loss" in record:
-            self.write(f"{format_record(record)} | eta {self._eta(step)}")
+            self.write(f"{format_record(record)} | eta {eta}")
 
     def _eta(self, step: int) -> str:
-        done = step - self._start_step
-        left = (time.perf_counter() - self._start) / max(done, 1) * (self._total - step)
+        """From the steps of the last ETA_WINDOW logs, not from the start: the first steps carry warm-up
+        (allocator growth, compilation) that the rest of the run does not repeat."""
+        now = time.perf_counter()
+        self._recent.append((now, step))
+        then, first = self._recent[0]
+        if step == first:  # one log so far: only the warm-up step to go by
+            return "estimating"
+        left = (now - then) / (step - first) * (self._total - step)
         return time.strftime("%H:%M:%S", time.gmtime(left))
 
     def write(self, line: str) -> None:
