@@ -150,7 +150,7 @@ def _once_and_in_torchruns_summary(proc: subprocess.CompletedProcess, *needles: 
 @pytest.mark.distributed
 @pytest.mark.parametrize("override,needle", [
     ("trainer.max_steps=abc", "override 'trainer.max_steps=abc'"),  # Hydra, before torch is imported
-    ("parallel.tp=3", "world size 2 is not divisible"),             # prepare(), before the process group
+    ("parallel.tp=3", "does not divide world size 2"),              # prepare(), before the process group
 ])
 def test_torchrun_prints_a_configuration_error_once(tmp_path, override, needle):
     _once_and_in_torchruns_summary(cli(tmp_path, *FAST, override, torchrun=2), needle)
