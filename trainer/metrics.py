@@ -68,7 +68,6 @@ class MetricsLogger:
         self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                          dynamic_ncols=True, file=sys.stdout, mininterval=1.0,
                          disable=not sys.stdout.isatty())
-        self._start = time.perf_counter()
         self._start_step = start_step
         self._total = total_steps
         every = cfg.trainer.log_every
