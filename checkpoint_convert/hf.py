@@ -42,12 +42,12 @@ def read_hf_config(path: Union[str, Path], base: Optional[ModelConfig] = None) -
     Shape fields come from the file; everything else (name, ...) from `base`. hf_path is set to `path`.
     """
     path = Path(path)
-    raw = _read_config_json(path)
+    raw = read_config_json(path)
     base = base or ModelConfig(name=path.name)
     return dataclasses.replace(model_config_from_hf(raw, base), hf_path=str(path))
 
 
-def _read_config_json(path: Path) -> dict:
+def read_config_json(path: Path) -> dict:
     """An HF directory's config.json as a dict, or a ConfigError / DamagedFileError saying what is wrong."""
     if not path.is_dir():
         raise ConfigError(f"{path} is not a directory; expected an HF checkpoint directory (config.json + "

@@ -33,11 +33,13 @@ from safetensors import safe_open
 from transformers import GenerationConfig
 
 from checkpoint_convert.detect import HF, HF_CONFIG, MEGATRON_LEGACY, refuse_other_kinds
-from checkpoint_convert.hf import SafetensorsDir, hf_config, read_hf_config, write_config_files
+from checkpoint_convert.hf import SafetensorsDir, hf_config, read_config_json, read_hf_config, write_config_files
 from checkpoint_convert.megatron_common import (MetaShapes, Ours, check_hf_tensors, check_layout, common_dtype,
                                                  meshtron_shapes)
 from checkpoint_convert.megatron_layout import merge, plan, stage_tensors
 from checkpoint_convert.megatron_moe import check_expert_layout, expert_tp, same_moe
+from checkpoint_convert.megatron_tokenizer import (TOKENIZER_GLOBS, copy_tokenizer, copy_tokens, record_tokenizer,
+                                                   special_tokens)
 from checkpoint_convert.models.megatron_names import REPLICATED, VOCAB, layer_of, tp_split
 from checkpoint_convert.models.registry import family
 from checkpoint_convert.parallel_io import Channel, drop_pages, nbytes, one_op_thread, read_ahead, save_streamed
@@ -52,11 +54,6 @@ from trainer.config import ConfigError, ModelConfig
 
 __all__ = ["hf_to_megatron", "megatron_to_hf", "load_megatron_as_meshtron", "megatron_config", "megatron_args",
            "config_from_args", "rank_dir"]
-
-
-# Tokenizer files copied from --hf-config next to the converted weights.
-TOKENIZER_GLOBS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
-                   "chat_template.jinja", "chat_template.json")
 
 
 # ======================================================================================= HF -> Megatron
@@ -108,10 +105,12 @@ def hf_to_megatron(hf_dir: PathLike, out_dir: PathLike, tp: int, pp: int, spec: 
                     for r in range(tp):
                         dry.setdefault((s, e, r), {})[local] = parts[r]
         args = megatron_args(cfg, tp, pp, spec, padded, vocab_divisible_by, common_dtype(dry[0, 0, 0].values()), ep)
+        tokenizer = record_tokenizer(args, read_config_json(hf_dir), hf_dir, out)
         total = sum(map(_nbytes, dry.values()))
         with staged_dir(out, overwrite) as tmp, byte_progress(total, progress, f"writing {out.name}") as bar, \
                 one_op_thread():
             (tmp / TRACKER).write_text("release")
+            copy_tokenizer(tokenizer, tmp)
             for s in range(pp):
                 paths = [tmp / "release" / rank_dir(r, s, pp, e, ep) / CKPT_FILE for e in range(ep) for r in range(tp)]
                 _write_stage(paths, [dry[s, e, r] for e in range(ep) for r in range(tp)], stage(read, s), args, bar,
@@ -180,6 +179,7 @@ class _MegatronCheckpoint:
         root = Path(megatron_dir)
         refuse_other_kinds(root, MEGATRON_LEGACY)
         self.dir, self.iteration = resolve_iteration_dir(root, iteration)
+        self.root = root
         self.args = first_rank_args(self.dir)
         self.tp = getattr(self.args, "tensor_model_parallel_size", 1)
         self.pp = getattr(self.args, "pipeline_model_parallel_size", 1)
@@ -376,15 +376,21 @@ def write_hf_dir(ckpt, out: Path, hf_config_dir: Optional[PathLike], progress: b
             bar.update(nbytes(t))
             del t
         writer.finish()
-        _write_hf_config(tmp, cfg, hf_config_dir, dtype_name(dt for _, dt in planned.values()))
+        _write_hf_config(tmp, ckpt, hf_config_dir, dtype_name(dt for _, dt in planned.values()))
 
 
-def _write_hf_config(tmp: Path, cfg: ModelConfig, hf_config_dir: Optional[PathLike], dtype: str) -> None:
-    config = hf_config(cfg)
-    config.dtype = dtype
-    if hf_config_dir is None:
+def _write_hf_config(tmp: Path, ckpt, hf_config_dir: Optional[PathLike], dtype: str) -> None:
+    if hf_config_dir is None:  # the special tokens and tokenizer the checkpoint records (megatron_tokenizer)
+        tokens = special_tokens(ckpt.args, ckpt.root)
+        if tokens.note:
+            print(f"note: {tokens.note}", file=sys.stderr, flush=True)
+        config = hf_config(ckpt.cfg, **tokens.ids)
+        config.dtype = dtype
+        copy_tokens(tokens, tmp)
         write_config_files(tmp, config)
         return
+    config = hf_config(ckpt.cfg)
+    config.dtype = dtype
     src = Path(hf_config_dir)  # its config.json as it is, its tokenizer and generation config
     for pattern in ("config.json", "generation_config.json") + TOKENIZER_GLOBS:
         for f in src.glob(pattern):

@@ -58,6 +58,7 @@ class TorchDistCheckpoint:
         refuse_other_kinds(root, MEGATRON_TORCH_DIST)
         here = iteration is None and not (root / TRACKER).is_file() and (root / CONFIG_FILE).is_file()
         self.dir, self.iteration = (root, 0) if here else resolve_iteration_dir(root, iteration)
+        self.root = root
         check_config(self.dir)
         self.files = DcpFiles(self.dir)
         self.tensors = self.files.tensors

@@ -9,7 +9,7 @@ process holds about one layer plus the embedding and output layer, never the mod
 
 Beside it: common.pt (args as Megatron-LM reads them to fine-tune, `content_metadata` as its save_checkpoint
 writes it), metadata.json, and the tracker naming `release`, so Megatron-LM loads the model alone (no optimizer,
-no rng state) at whatever TP x PP it runs.
+no rng state) at whatever TP x PP it runs; the source's tokenizer in hf/ (checkpoint_convert.megatron_tokenizer).
 """
 
 from __future__ import annotations
@@ -31,13 +31,14 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata
 from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
 from checkpoint_convert.detect import HF, HF_CONFIG, refuse_other_kinds
-from checkpoint_convert.hf import SafetensorsDir, pad_vocab_rows, read_hf_config
+from checkpoint_convert.hf import SafetensorsDir, pad_vocab_rows, read_config_json, read_hf_config
 from checkpoint_convert.mapping import Unit
 from checkpoint_convert.megatron_common import (MetaShapes, Ours, check_hf_tensors, check_layout, common_dtype,
                                                  meshtron_shapes)
 from checkpoint_convert.megatron_dist import CHECKPOINT_CONFIG, COMMON_FILE, CONFIG_FILE
 from checkpoint_convert.megatron_format import CHECKPOINT_VERSION, TRACKER, PathLike, megatron_args
 from checkpoint_convert.megatron_moe import check_expert_layout
+from checkpoint_convert.megatron_tokenizer import copy_tokenizer, record_tokenizer
 from checkpoint_convert.models.megatron_names import EXTRA_STATE_MODULES, layer_of, megatron_units
 from checkpoint_convert.models.registry import family
 from checkpoint_convert.parallel_io import nbytes, one_op_thread, read_ahead
@@ -119,10 +120,12 @@ def hf_to_megatron_dist(hf_dir: PathLike, out_dir: PathLike, tp: int = 1, pp: in
         items = [_write_item(e, shapes.get(e), cfg.num_layers) for e in entries]
         args = megatron_args(cfg, tp, pp, spec, padded, vocab_divisible_by, common_dtype(shapes.values()), ep)
         args.ckpt_format, args.use_dist_ckpt, args.no_save_optim, args.no_save_rng = "torch_dist", True, True, True
+        tokenizer = record_tokenizer(args, read_config_json(hf_dir), hf_dir, out)
         total = sum(math.prod(t.shape) * t.element_size() for t in shapes.values())
         with staged_dir(out, overwrite) as tmp, byte_progress(total, progress, f"writing {out.name}") as bar, \
                 one_op_thread():
             (tmp / TRACKER).write_text("release")
+            copy_tokenizer(tokenizer, tmp)
             release = tmp / "release"
             release.mkdir()
             torch.save({"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0,

@@ -1,6 +1,8 @@
 """Megatron-LM's legacy (`torch` format) checkpoint files: where they are, what their `args` say, and reading them.
 
     latest_checkpointed_iteration.txt          "release" or an iteration number
+    hf/                                        tokenizer, generation config (written by hf-to-megatron; read by
+                                               megatron-to-hf for the special tokens: megatron_tokenizer)
     release/ or iter_0000100/
         mp_rank_00/model_optim_rng.pt          PP = 1: mp_rank_<tp:02d>
         mp_rank_00_000/model_optim_rng.pt      PP > 1: mp_rank_<tp:02d>_<pp:03d>

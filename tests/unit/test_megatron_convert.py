@@ -294,7 +294,7 @@ def test_existing_output_is_refused_unless_overwrite(hf_dirs, tmp_path):
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert not list(tmp_path.glob(".out*"))
     hf_to_megatron(src, out, tp=1, pp=2, progress=False, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["latest_checkpointed_iteration.txt", "release"]
+    assert sorted(p.name for p in out.iterdir()) == ["hf", "latest_checkpointed_iteration.txt", "release"]
     with pytest.raises(FileExistsError, match="not an empty directory"):
         megatron_to_hf(out, src, progress=False)
 
