@@ -11,7 +11,7 @@ import dataclasses
 import json
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -443,11 +443,13 @@ def save_hf_stream(
     overwrite: bool = False,
     config_overrides: Optional[Mapping[str, Any]] = None,
     progress: bool = False,
+    extra_files: Optional[Callable[[Path], None]] = None,
 ) -> Path:
     """save_hf from (our name, full tensor) pairs arriving one at a time, in the order of `layout` (every
     model tensor's name -> shape, dtype): the same files byte for byte, but each conversion unit is converted
     and written as soon as its tensors have arrived, so nothing is held beyond one unit (one tensor for all
-    of Llama's units) and the HF tensors it makes."""
+    of Llama's units) and the HF tensors it makes. `extra_files(dir)` adds files (a tokenizer) to the directory
+    before it takes its final name."""
     out = Path(out_dir)
     check_out_dir(out, overwrite)
     if cfg.tie_word_embeddings and "output_layer.weight" in layout:
@@ -471,6 +473,8 @@ def save_hf_stream(
                     bar.update(_write_unit(writer, _unit_to_hf(unit, [pending.pop(n) for n in unit.ours], cfg, dtype)))
         writer.finish()
         write_config_files(tmp, config)
+        if extra_files is not None:
+            extra_files(tmp)
     return out
 
 

@@ -8,7 +8,10 @@ What can be made to happen (Faults' fields) and where it is patched:
 - nan_loss_steps / nan_rank: that rank's loss and first gradient become NaN after forward_backward.
 - step_sleep_s: a sleep at the end of every forward_backward (before the step's flags are read), so a test can
   signal a run in the middle of it.
-- fail_save_step: the DCP write of that step's checkpoint raises (Checkpointer._writer).
+- fail_save_step: the DCP write of that step's checkpoint raises (Checkpointer._writer) an OSError, with errno
+  fail_save_errno when set (28, ENOSPC: a full disk).
+- fail_export_after: the HF export's shard writer (checkpoint_convert.hf.PlannedShardWriter.add) raises
+  OSError(ENOSPC) after this many tensors: a disk that fills up during the export.
 - pause_at_save_step / pause_seconds: a sleep between that step's shard write and its commit.
 - write_delay_s / write_delay_rank: that rank's background (async) checkpoint write takes this much longer.
 - kill_after_commit: SIGKILL this process at the start of the first step after the checkpoint of that step was
@@ -39,6 +42,8 @@ class Faults:
     nan_rank: int = 0
     step_sleep_s: float = 0.0
     fail_save_step: int = 0
+    fail_save_errno: int = 0
+    fail_export_after: int = -1
     pause_at_save_step: int = 0
     pause_seconds: float = 0.0
     write_delay_s: float = 0.0
@@ -78,12 +83,23 @@ def installed(f: Faults):
 
 def install(f: Faults) -> Callable[[], None]:
     """Patch the trainer's step and checkpoint functions in this process; returns the undo."""
+    import checkpoint_convert.hf as hf
     import trainer.checkpoint as ck
     import trainer.loop as loop
 
     _State.step, _State.committed = 0, set()
     forward_backward, step_totals = loop.forward_backward, loop.step_totals
     load, writer, commit = ck.Checkpointer.load, ck.Checkpointer._writer, ck.Checkpointer._commit
+    shard_add = hf.PlannedShardWriter.add
+    exported = [0]
+
+    def faulty_shard_add(self, *args, **kwargs):
+        if exported[0] == f.fail_export_after:
+            import errno
+
+            raise OSError(errno.ENOSPC, f"No space left on device (faults: fail_export_after={f.fail_export_after})")
+        exported[0] += 1
+        return shard_add(self, *args, **kwargs)
 
     def faulty_forward_backward(pm, *args, **kwargs):
         _State.step += 1
@@ -112,7 +128,8 @@ def install(f: Faults) -> Callable[[], None]:
         w = writer(self, step, tmp)
         if step == f.fail_save_step:
             def write_data(plan, planner):
-                raise OSError(f"simulated storage failure (faults: fail_save_step={step})")
+                what = f"simulated storage failure (faults: fail_save_step={step})"
+                raise OSError(f.fail_save_errno, what) if f.fail_save_errno else OSError(what)
             w.write_data = write_data
         elif f.write_delay_s and _rank() == f.write_delay_rank:
             real = w.write_data
@@ -134,8 +151,11 @@ def install(f: Faults) -> Callable[[], None]:
     loop.forward_backward, loop.step_totals = faulty_forward_backward, faulty_step_totals
     ck.Checkpointer.load, ck.Checkpointer._writer = faulty_load, faulty_writer
     ck.Checkpointer._commit = faulty_commit
+    if f.fail_export_after >= 0:
+        hf.PlannedShardWriter.add = faulty_shard_add
 
     def undo() -> None:
+        hf.PlannedShardWriter.add = shard_add
         loop.forward_backward, loop.step_totals = forward_backward, step_totals
         ck.Checkpointer.load, ck.Checkpointer._writer, ck.Checkpointer._commit = load, writer, commit
     return undo

@@ -18,7 +18,7 @@ from trainer.entry import exit_config_error, run_hydra  # noqa: E402
 
 @hydra.main(**HYDRA_MAIN)
 def _run(cfg: DictConfig) -> None:
-    from trainer.checkpoint import EXIT_PREEMPTED, RunExit
+    from trainer.exits import EXIT_PREEMPTED, RunExit
     from trainer.distributed import rank_info, requeue_slurm_job
     from trainer.loop import train
 

@@ -60,7 +60,9 @@ from torch.distributed.checkpoint.state_dict import (
 from checkpoint_convert.integrity import (COMPLETE, LATEST, DamagedCheckpoint, check_files, recorded_files,
                                           total_bytes, write_complete, write_rank_manifest)
 from trainer.config import Config, ConfigError, resolved_yaml
-from trainer.signals import EXIT_INTERRUPTED, EXIT_PREEMPTED  # noqa: F401 - re-exported with the other codes
+from trainer.disk import NoSpace, check_space, is_no_space
+from trainer.distributed import broadcast_str
+from trainer.exits import EXIT_CHECKPOINT_FAILED, EXIT_NO_SPACE, RunExit
 
 TMP_PREFIX = ".tmp_step_"
 
@@ -74,11 +76,6 @@ def _dcp_quietly(distributed: bool):
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
 
-# Exit codes of a run that stopped on purpose (documented in README, "Checkpoints and resume").
-EXIT_NONFINITE = 3  # non-finite loss or gradient norm (trainer.nonfinite=stop, or too many skips)
-EXIT_CHECKPOINT_FAILED = 4  # a checkpoint (e.g. a background async save) failed
-# EXIT_PREEMPTED (75) and EXIT_INTERRUPTED (130, Ctrl-C) live with the signals: trainer/signals.py.
-
 TIED_COPY_FQN = "output_layer.weight"
 EMBEDDING_FQN = "embedding.word_embeddings.weight"
 _OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
@@ -86,14 +83,6 @@ _OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 class CheckpointError(ConfigError):
     """A checkpoint that cannot be used with this run; the message says which file or tensor and why."""
-
-
-class RunExit(Exception):
-    """The run stops on purpose with this exit code (preemption, non-finite numbers, failed save)."""
-
-    def __init__(self, code: int, message: str):
-        super().__init__(message)
-        self.code = code
 
 
 # ------------------------------------------------------------------------------------------ finding
@@ -242,6 +231,7 @@ class Checkpointer:
         self.tokenizer = tokenizer
         self.pending: Optional[tuple[Future, int, Path]] = None  # (this rank's write, step, tmp dir) of an async save
         self.last_saved = -1
+        self._needed = 0  # bytes the save under way writes (about: _expected_bytes)
         # Async saves run collectives from a background thread: give them their own gloo group (torch's advice).
         self.group = dist.new_group(backend="gloo") if self.ck.async_save and world_size > 1 else None
         self._background = ThreadPoolExecutor(1, thread_name_prefix="checkpoint") if self.ck.async_save else None
@@ -261,14 +251,24 @@ class Checkpointer:
             return
         self.wait()
         tmp = self.root / f"{TMP_PREFIX}{step}"
-        if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            (tmp / "rng").mkdir(parents=True)
-        self._barrier()
-        torch.save(rng_state(), tmp / "rng" / f"rank_{self.rank:05d}.pt")
-        if self.rank == 0:
-            self._write_run_files(tmp, step, opt, loader, tokens)
         state = _merge(_stage_states(pm, opt))
+        # Rank 0 checks the free space and makes the directory; every rank hears the outcome (the barrier
+        # before anyone writes), so a full disk stops all of them here with nothing written.
+        self._needed = self._expected_bytes(state, pm)
+        problem = self._prepare(step, tmp) if self.rank == 0 else ""
+        problem = broadcast_str(problem) if self.distributed else problem
+        if problem:
+            raise RunExit(EXIT_NO_SPACE, problem)
+        try:  # the small files first; every rank says how they went before DCP's collectives begin
+            torch.save(rng_state(), tmp / "rng" / f"rank_{self.rank:05d}.pt")
+            if self.rank == 0:
+                self._write_run_files(tmp, step, opt, loader, tokens)
+            mine: Optional[BaseException] = None
+        except OSError as e:
+            mine = e
+        failed = self._failed_ranks(mine)
+        if failed:
+            self._fail(step, tmp, mine, f"rank(s) {failed} could not write their files")
         self.last_saved = step
         writer = self._writer(step, tmp)
         if self.ck.async_save:
@@ -282,8 +282,63 @@ class Checkpointer:
                 dcp.save(state, storage_writer=writer, no_dist=not self.distributed)
             self._describe_files(tmp)
         except (Exception, CheckpointException) as e:
-            raise RunExit(EXIT_CHECKPOINT_FAILED, f"checkpoint of step {step} failed: {_describe(e)}") from e
+            self._fail(step, tmp, e)
         self._commit(step, tmp)
+
+    def _prepare(self, step: int, tmp: Path) -> str:
+        """Rank 0: '' once ``.tmp_step_N/rng`` exists, or why it cannot (not enough space for this save)."""
+        needed = self._needed
+        try:
+            check_space(f"checkpoint step {step}", self.root, needed, self._advice())
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "rng").mkdir(parents=True)
+        except NoSpace as e:
+            return str(e)
+        except OSError as e:
+            if not is_no_space(e):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            return str(NoSpace(f"checkpoint step {step}", self.root, needed, self._advice()))
+        return ""
+
+    def _expected_bytes(self, state: dict, pm) -> int:
+        """What this save writes: the size of the last complete checkpoint, else the state's tensors at their
+        global sizes as this rank sees them (its pipeline stage) times the number of stages."""
+        complete, _ = scan(self.root)
+        try:
+            files = recorded_files(complete[-1]) if complete else None
+        except DamagedCheckpoint:
+            files = None
+        if files:
+            return total_bytes(files)
+        held = sum(t.numel() * t.element_size() for part in state.values() for t in part.values()
+                   if isinstance(t, torch.Tensor))
+        return held * max(1, getattr(getattr(pm, "dims", None), "pp", 1))
+
+    def _advice(self) -> str:
+        return (f"free space there, lower trainer.checkpoint.keep_last (now {self.ck.keep_last}; a save needs room "
+                f"for one more before the oldest is deleted), or set trainer.output_dir on a larger filesystem")
+
+    def _failed_ranks(self, mine: Optional[BaseException]) -> list[int]:
+        if not self.distributed:
+            return [0] if mine is not None else []
+        flags: list[Optional[bool]] = [None] * self.world_size
+        dist.all_gather_object(flags, mine is not None)
+        return [r for r, bad in enumerate(flags) if bad]
+
+    def _fail(self, step: int, tmp: Path, error: Optional[BaseException], what: str = "") -> None:
+        """A save that failed on some rank: its partial directory goes (a resume ignores it anyway and it may
+        be filling the disk), then RunExit: EXIT_NO_SPACE for a full disk or quota, else EXIT_CHECKPOINT_FAILED."""
+        if self.distributed:
+            dist.barrier()  # every rank is done with the directory
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.last_saved = -1  # nothing of this step is saved
+        if is_no_space(error):
+            raise NoSpace(f"checkpoint step {step}", self.root, self._needed,
+                          f"its partial files were removed; {self._advice()}") from error
+        detail = _describe(error) if error is not None else what
+        raise RunExit(EXIT_CHECKPOINT_FAILED, f"checkpoint of step {step} failed: {detail}") from error
 
     def _writer(self, step: int, tmp: Path) -> dcp.FileSystemWriter:
         return dcp.FileSystemWriter(str(tmp))
@@ -336,9 +391,9 @@ class Checkpointer:
         future, step, tmp = self.pending
         if failed_ranks:
             self.pending = None
-            mine = f": {_describe(future.exception())}" if future.exception() is not None else ""
-            raise RunExit(EXIT_CHECKPOINT_FAILED, f"checkpoint of step {step} failed in the background on "
-                                                  f"{failed_ranks} rank(s){mine}")
+            error = future.exception()
+            mine = f": {_describe(error)}" if error is not None else ""
+            self._fail(step, tmp, error, f"written in the background, it failed on {failed_ranks} rank(s){mine}")
         self.pending = None
         self._commit(step, tmp, agreed=True)
 
@@ -357,8 +412,7 @@ class Checkpointer:
             raise RunExit(EXIT_CHECKPOINT_FAILED, f"checkpoint of step {step} still writing after "
                                                   f"trainer.dist_timeout_s={self.timeout_s:g}s") from e
         except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
-            raise RunExit(EXIT_CHECKPOINT_FAILED, f"checkpoint of step {step} failed in the background: "
-                                                  f"{_describe(e)}") from e
+            self._fail(step, tmp, e)
         self._commit(step, tmp)
 
     def _commit(self, step: int, tmp: Path, agreed: bool = False) -> None:
@@ -381,6 +435,11 @@ class Checkpointer:
             self._prune()
         if not agreed:
             self._barrier()
+
+    def complete(self, step: int) -> Optional[Path]:
+        """This run's complete checkpoint of `step`, if one exists."""
+        path = self.root / f"step_{step}"
+        return path if (path / COMPLETE).is_file() else None
 
     def _prune(self) -> None:
         if self.ck.keep_last <= 0:

@@ -295,6 +295,9 @@ class CheckpointConfig:
     keep_last: int = 2
     # torch's async save: training continues while shards are written (``async`` is a Python keyword).
     async_save: bool = False
+    # With every_steps=0 and trainer.export_hf, save the last step anyway before the HF export, so a failed
+    # export (a full disk, a quota) never loses the trained weights; false: the export is their only copy.
+    save_before_export: bool = True
     # Resume from this checkpoint directory (a step_<N> directory, or a checkpoints/ directory: its latest).
     load_from: Optional[str] = None
     # auto: resume from the latest complete checkpoint in output_dir, if any; never: always start afresh.

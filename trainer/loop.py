@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
+import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -23,7 +23,9 @@ from trainer.flops import moe_layer_params
 from trainer.loss import DocumentLoss
 from trainer.model.shapes import padded_vocab_size
 from trainer.metrics import MetricsLogger, StepMeter, perplexity, without_missing_wandb
-from trainer.checkpoint import EXIT_CHECKPOINT_FAILED, EXIT_NONFINITE, Checkpointer, RunExit, find_resume
+from trainer.checkpoint import Checkpointer, find_resume
+from trainer.disk import NoSpace, is_no_space, write_text_atomic
+from trainer.exits import EXIT_CHECKPOINT_FAILED, EXIT_NO_SPACE, EXIT_NONFINITE, RunExit, resume_hint
 from trainer.optim import StageOptimizers
 from trainer.signals import PreemptionSignals
 from trainer.step import batch_facts, evaluate, forward_backward, local_batch, step_totals
@@ -151,9 +153,13 @@ def train(cfg: Config, info: Optional[RankInfo] = None) -> Path:
         if info.is_main:
             truncate_metrics(out / "metrics.jsonl", start)
     clock.mark("weights")
-    if info.is_main:  # only now: a data, weights or checkpoint error above leaves no output directory behind
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(resolved_yaml(cfg))
+    # Only now: a data, weights or checkpoint error above leaves no output directory behind.
+    problem = write_run_config(out, cfg) if info.is_main else ""
+    if info.world_size > 1:
+        problem = broadcast_str(problem)
+    if problem:
+        loader.close()
+        raise RunExit(EXIT_NO_SPACE, problem)
     n_params = cfg_param_count(cfg)
     logger = MetricsLogger(cfg, out, cfg.trainer.max_steps, start_step=start, enabled=info.is_main)
     accum = G // (dims.dp * cfg.parallel.microbatch_size)
@@ -189,10 +195,10 @@ def train(cfg: Config, info: Optional[RankInfo] = None) -> Path:
         from trainer.export import export_hf
 
         # Streamed: one full tensor at a time on rank 0, never a full copy of the model on any rank.
-        export_hf(pm, cfg, out / "hf", tokenizer, info.is_main)
+        export_hf(pm, cfg, out / "hf", tokenizer, info.is_main, saved=ckpt.complete(cfg.trainer.max_steps))
     if info.is_main:
         print(f"done: {cfg.trainer.max_steps} steps. Outputs in {out.resolve()}: config.yaml, metrics.jsonl"
-              + (", checkpoints/" if cfg.trainer.checkpoint.every_steps else "")
+              + (", checkpoints/" if ckpt.complete(cfg.trainer.max_steps) else "")
               + (", hf/ (safetensors model + tokenizer)" if cfg.trainer.export_hf else ""), flush=True)
     return out
 
@@ -265,12 +271,47 @@ def _run_steps(cfg: Config, info: RankInfo, pm, opt: StageOptimizers, ckpt: Chec
         saving = preempted or (every and (step % every == 0 or step == t.max_steps))
         if saving:
             ckpt.save(step, pm, opt, loader, tokens)
+        elif step == t.max_steps and t.export_hf and t.checkpoint.save_before_export:
+            save_before_export(ckpt, step, pm, opt, loader, tokens, logger)
+            saving = True
         if preempted:
             ckpt.wait()
             raise RunExit(signals.exit_code, f"{signals.what} at step {step}: checkpoint saved under "
                                              f"{ckpt.root.resolve()}; {resume_hint(ckpt.root.parent)}")
         if saving or "val_loss" in record:  # their time is not the next step's
             boundary = time.perf_counter()
+
+
+def write_run_config(out: Path, cfg: Config) -> str:
+    """Rank 0: the output directory and its config.yaml (whole or not at all); '' or, for a full disk, why (the
+    directory removed again when this call made it)."""
+    text = resolved_yaml(cfg)
+    made = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "config.yaml", text)
+    except OSError as e:
+        if not is_no_space(e):
+            raise
+        if made:
+            shutil.rmtree(out, ignore_errors=True)
+        return str(NoSpace("config.yaml", out, len(text.encode()),
+                           "free space there or set trainer.output_dir on a larger filesystem"))
+    return ""
+
+
+def save_before_export(ckpt: Checkpointer, step: int, pm, opt, loader, tokens: int, logger) -> None:
+    """The last step's checkpoint of a run that saves none otherwise (trainer.checkpoint.save_before_export), so
+    a failed HF export never loses the trained weights. A full disk here does not stop the run: the export is
+    smaller (no optimizer state) and may still fit; the warning says it will be the only copy."""
+    try:
+        ckpt.save(step, pm, opt, loader, tokens)
+        ckpt.wait()
+    except RunExit as e:
+        if e.code != EXIT_NO_SPACE:
+            raise
+        logger.write(f"warning: checkpoint before the HF export: {e}; exporting without it, so hf/ will be the "
+                     f"only copy of the trained weights")
 
 
 def stop_if_signalled_before_the_steps(signals: PreemptionSignals, info: RankInfo, device: torch.device,
@@ -284,16 +325,6 @@ def stop_if_signalled_before_the_steps(signals: PreemptionSignals, info: RankInf
     saved = f"the checkpoint of step {start} stands" if start else "nothing to save yet"
     raise RunExit(signals.exit_code, f"{signals.what} on rank(s) {flagged} during start-up, before step "
                                      f"{start + 1}: {saved}; {resume_hint(out)}")
-
-
-def resume_hint(output_dir) -> str:
-    """How to continue this run: the same command finds its checkpoints only in the same output directory, and
-    the default trainer.output_dir is a new timestamped one on every start, so name it unless it was given."""
-    given = any(arg.lstrip("+").startswith("trainer.output_dir=") for arg in sys.argv[1:])
-    if given:
-        return "rerun the same command to resume"
-    return (f"to resume, rerun the same command with trainer.output_dir={Path(output_dir).resolve()} (without "
-            f"it, a new timestamped output directory starts afresh)")
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,8 @@ import threading
 import time
 from typing import Optional
 
-EXIT_PREEMPTED = 75  # SIGTERM/SIGUSR1: a checkpoint was saved; requeue the job to resume (sysexits EX_TEMPFAIL)
-EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, the shell's convention): a checkpoint was saved, or a second one
+from trainer.exits import EXIT_INTERRUPTED, EXIT_PREEMPTED
+
 SAME_PRESS_S = 1.0  # a SIGINT this soon after the first is the same Ctrl-C delivered twice (torchrun forwards it)
 
 
