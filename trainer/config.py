@@ -382,10 +382,19 @@ class LoggingConfig:
     # A console line every this many steps (and at every evaluation); 0: about ten over the run. metrics.jsonl
     # has every trainer.log_every step whatever this says.
     console_every: int = 0
+    # TensorBoard event files under <output_dir>/tensorboard/ (rank 0): the scalars of metrics.jsonl, tagged by
+    # their keys. Needs the tensorboard package (pip install 'meshtron[tensorboard]').
+    tensorboard: bool = False
 
     def validate(self) -> None:
         _require(self.console_every >= 0, f"logging.console_every={self.console_every} must be >= 0 (0: about "
                                           f"ten lines over the run)")
+        if self.tensorboard:
+            import importlib.util
+
+            _require(importlib.util.find_spec("tensorboard") is not None,
+                     "logging.tensorboard=true needs the tensorboard package, which is not installed: pip install "
+                     "'meshtron[tensorboard]' (or tensorboard), or set logging.tensorboard=false")
 
 
 @dataclass

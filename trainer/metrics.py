@@ -1,4 +1,4 @@
-"""Where a run's numbers go: metrics.jsonl, the console progress bar, and wandb."""
+"""Where a run's numbers go: metrics.jsonl, the console progress bar, wandb and TensorBoard."""
 
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ def without_missing_wandb(cfg: Config, is_main: bool) -> Config:
 
 
 class MetricsLogger:
-    """One JSON object per logged step in ``metrics.jsonl``, a tqdm bar, and (optionally) a wandb run.
+    """One JSON object per logged step in ``metrics.jsonl``, a tqdm bar, and (optionally) a wandb run and
+    TensorBoard event files under ``tensorboard/`` with the same scalars, tagged by their metrics.jsonl keys.
 
     Only the main rank writes; the others construct it with ``enabled=False`` and every call is a no-op.
     """
@@ -59,6 +60,7 @@ class MetricsLogger:
         self._file = None
         self._bar = None
         self._wandb = None
+        self._tensorboard = None
         self._print_every = cfg.logging.console_every or max(1, (total_steps - start_step) // 10)
         self._recent: collections.deque = collections.deque(maxlen=ETA_WINDOW)  # (time, step) of recent logs
         if not enabled:
@@ -75,6 +77,13 @@ class MetricsLogger:
                    f"(logging.console_every=N to change); metrics.jsonl: every {every} step(s)")
         if cfg.logging.wandb:
             self._wandb = _start_wandb(cfg, output_dir, resuming=start_step > 0)
+        if cfg.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: a resumed run drops what an earlier attempt logged after its checkpoint, as
+            # truncate_metrics does for metrics.jsonl, so each step has one value.
+            self._tensorboard = SummaryWriter(log_dir=str(output_dir / "tensorboard"), flush_secs=30,
+                                              purge_step=start_step + 1 if start_step else None)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -83,6 +92,9 @@ class MetricsLogger:
         self._file.flush()
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        if self._tensorboard is not None:
+            for k, v in scalars(record).items():
+                self._tensorboard.add_scalar(k, v, global_step=record["step"])
         self._bar.update(record["step"] - self._bar.n)
         self._bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         step = record["step"]
@@ -112,6 +124,14 @@ class MetricsLogger:
         self._file.close()
         if self._wandb is not None:
             self._wandb.finish()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+
+
+def scalars(record: dict[str, Any]) -> dict[str, float]:
+    """A metrics record's numbers, without the step and flags (skipped): what TensorBoard and plots draw."""
+    return {k: float(v) for k, v in record.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 class StepMeter:
