@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from trainer.config import Config, ConfigError, ParallelConfig
-from trainer.model.shapes import padded_vocab_size  # noqa: F401 (the layouts' name for it)
+from trainer.config import Config, ConfigError, ModelConfig, ParallelConfig
+from trainer.model.shapes import padded_vocab_size
 
 # Mesh axis order, outermost first. tp is innermost so its collectives stay inside a node; pp outermost
 # since its point-to-point traffic is the lightest.
@@ -87,6 +87,23 @@ class ParallelDims:
     def dp(self) -> int:
         """Data-parallel degree: how many different batches are processed at once."""
         return self.dp_replicate * self.dp_shard
+
+    # Values derived from the layout, defined here only.
+
+    @property
+    def seq_multiple(self) -> int:
+        """What data.seq_len must be a multiple of: 2 x cp chunks for the load-balanced context split, each
+        split again over tp for sequence parallelism."""
+        return (2 * self.cp if self.cp > 1 else 1) * self.tp
+
+    def microbatches_per_step(self, global_batch_size: int, microbatch_size: int) -> int:
+        """Micro-batches each data-parallel rank runs per optimizer step (gradient accumulation, or the
+        pipeline schedule's n_microbatches); validate_layout has checked that it divides."""
+        return global_batch_size // (self.dp * microbatch_size)
+
+    def padded_vocab(self, model: ModelConfig) -> int:
+        """Embedding and output-layer rows: the vocabulary padded to make_vocab_size_divisible_by x tp."""
+        return padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, self.tp)
 
     @property
     def fsdp_enabled(self) -> bool:
@@ -175,9 +192,14 @@ def validate_layout(cfg: Config, dims: ParallelDims, tokenizer_vocab: Optional[i
     from parallel.compile import check_compile
 
     check_compile(cfg, dims.tp)
+    per_step = dims.dp * p.microbatch_size
     if dims.pp > 1:
-        check_pp_divisibility(m.num_layers, dims.pp, p.pp_virtual_stages, p.pp_schedule)
-    seq_multiple = (2 * dims.cp if dims.cp > 1 else 1) * dims.tp
+        # Once, with the micro-batches per step when the batch divides (the schedules have their own needs);
+        # a batch that does not divide is refused below, after the layers and the sequence length.
+        accum = (dims.microbatches_per_step(cfg.trainer.global_batch_size, p.microbatch_size)
+                 if cfg.trainer.global_batch_size % per_step == 0 else None)
+        check_pp_divisibility(m.num_layers, dims.pp, p.pp_virtual_stages, p.pp_schedule, n_microbatches=accum)
+    seq_multiple = dims.seq_multiple
     if cfg.data.seq_len % seq_multiple:
         raise ConfigError(
             f"data.seq_len={cfg.data.seq_len} is not divisible by {seq_multiple} "
@@ -185,17 +207,12 @@ def validate_layout(cfg: Config, dims: ParallelDims, tokenizer_vocab: Optional[i
             if dims.cp > 1 else
             f"data.seq_len={cfg.data.seq_len} is not divisible by tp={dims.tp} (sequence parallelism)"
         )
-    per_step = dims.dp * p.microbatch_size
     if cfg.trainer.global_batch_size % per_step:
         raise ConfigError(
             f"trainer.global_batch_size={cfg.trainer.global_batch_size} is not divisible by data-parallel "
             f"degree {dims.dp} (dp_replicate={dims.dp_replicate} x dp_shard={dims.dp_shard}) x "
             f"parallel.microbatch_size={p.microbatch_size} = {per_step}"
         )
-    accum = cfg.trainer.global_batch_size // per_step
-    if dims.pp > 1:
-        # Micro-batches per step = global batch / (dp x microbatch_size); the schedules have their own needs.
-        check_pp_divisibility(m.num_layers, dims.pp, p.pp_virtual_stages, p.pp_schedule, n_microbatches=accum)
 
 
 def check_moe_layout(cfg: Config, dims: ParallelDims) -> None:

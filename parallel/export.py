@@ -21,7 +21,6 @@ from parallel.dims import ParallelDims
 from trainer.config import Config
 from trainer.model import GPTModel
 from trainer.model.init import clean_fqn
-from trainer.model.shapes import padded_vocab_size
 
 Layout = dict[str, tuple[torch.Size, torch.dtype]]
 
@@ -29,9 +28,8 @@ Layout = dict[str, tuple[torch.Size, torch.dtype]]
 def export_layout(cfg: Config, dims: ParallelDims) -> Layout:
     """Name -> (shape, dtype) of every tensor of the single-device model, in its state_dict order (no
     pipeline copy of tied embeddings; vocabulary rows padded as the parallel model has them)."""
-    padded = padded_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by, dims.tp)
     with torch.device("meta"):
-        model = GPTModel(cfg.model, padded_vocab_size=padded)
+        model = GPTModel(cfg.model, padded_vocab_size=dims.padded_vocab(cfg.model))
     return {name: (t.shape, t.dtype) for name, t in model.state_dict().items()}
 
 

@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from parallel.dims import ParallelDims
 from trainer.config import Config
 from trainer.model import GPTModel
 from trainer.model.init import clean_fqn
-from trainer.model.shapes import padded_vocab_size
+
+if TYPE_CHECKING:  # parallel.pipeline imports torch's pipelining: only when pp > 1
+    from parallel.pipeline import PipelineRunner
 
 
 @dataclass
@@ -30,8 +33,8 @@ class ParallelModel:
 
     stages: list[tuple[int, nn.Module]]  # (stage id, module): the whole model, or this rank's pipeline stages
     dims: ParallelDims
-    mesh: object = None
-    runner: object = None  # parallel.pipeline.PipelineRunner when pp > 1
+    mesh: Optional[DeviceMesh] = None  # None: one process
+    runner: Optional["PipelineRunner"] = None  # when pp > 1
     duplicates: set = field(default_factory=set)  # tied-embedding copies, counted once in norms
     weights_s: float = 0.0  # of the build, seconds spent filling the weights (init or HF checkpoint)
 
@@ -60,9 +63,8 @@ WeightLoader = Callable[[GPTModel, bool], None]
 def build_parallel_model(cfg: Config, dims: ParallelDims, mesh, device: torch.device,
                          load_weights: Optional[WeightLoader] = None) -> ParallelModel:
     p = cfg.parallel
-    padded = padded_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by, dims.tp)
     with torch.device("meta"):
-        model = GPTModel(cfg.model, padded_vocab_size=padded, seed=cfg.trainer.seed)
+        model = GPTModel(cfg.model, padded_vocab_size=dims.padded_vocab(cfg.model), seed=cfg.trainer.seed)
     if dims.pp_enabled:
         from parallel.pipeline import build_stage_modules
 
@@ -90,7 +92,7 @@ def build_parallel_model(cfg: Config, dims: ParallelDims, mesh, device: torch.de
         from parallel.pipeline import PipelineRunner, duplicate_params
 
         pm.duplicates = duplicate_params(stages)
-        accum = cfg.trainer.global_batch_size // (dims.dp * p.microbatch_size)
+        accum = dims.microbatches_per_step(cfg.trainer.global_batch_size, p.microbatch_size)
         pm.runner = PipelineRunner(stages, mesh["pp"], p.pp_schedule, accum, device)
     return pm
 

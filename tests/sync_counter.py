@@ -147,10 +147,10 @@ def counted_train(cfg, info=None) -> list[Transfer]:
 
     original, seen = loop._run_steps, {}
 
-    def counted(cfg, info, pm, *rest):
-        with count_transfers(*pm.modules) as counter:
+    def counted(run, *rest):
+        with count_transfers(*run.pm.modules) as counter:
             try:
-                return original(cfg, info, pm, *rest)
+                return original(run, *rest)
             finally:
                 seen["transfers"] = counter.transfers
 

@@ -246,6 +246,17 @@ class Checkpointer:
 
     # ---------------------------------------------------------------------------------------- save
 
+    def should_save(self, step: int, preempted: bool) -> bool:
+        """Every trainer.checkpoint.every_steps steps and after the last step (0: never), and on preemption."""
+        every = self.ck.every_steps
+        return preempted or bool(every and (step % every == 0 or step == self.cfg.trainer.max_steps))
+
+    def should_save_before_export(self, step: int) -> bool:
+        """The last step of a run that saves none otherwise and exports (trainer.checkpoint.save_before_export),
+        asked when should_save said no."""
+        t = self.cfg.trainer
+        return step == t.max_steps and t.export_hf and self.ck.save_before_export
+
     def save(self, step: int, pm, opt, loader, tokens: int) -> None:
         if step == self.last_saved:
             return

@@ -14,14 +14,13 @@ import torch
 
 from parallel.collectives import clip_grad_norm_
 from parallel.dims import ParallelDims, validate_layout
-from parallel.parallelize import build_parallel_model
-from trainer.config import Config, ConfigError, device_type, resolved_yaml, validate_config
+from parallel.parallelize import ParallelModel, build_parallel_model
+from trainer.config import Config, ConfigError, TrainerConfig, device_type, resolved_yaml, validate_config
 from trainer.distributed import RankInfo, broadcast_str, init_distributed, rank_info
 from trainer.data.build import batches_in_order
 from trainer.data.loader import GlobalBatchLoader
 from trainer.flops import moe_layer_params
 from trainer.loss import DocumentLoss
-from trainer.model.shapes import padded_vocab_size
 from trainer.metrics import MetricsLogger, StepMeter, perplexity, without_missing_wandb
 from trainer.checkpoint import Checkpointer, find_resume
 from trainer.disk import NoSpace, is_no_space, write_text_atomic
@@ -162,7 +161,7 @@ def train(cfg: Config, info: Optional[RankInfo] = None) -> Path:
         raise RunExit(EXIT_NO_SPACE, problem)
     n_params = cfg_param_count(cfg)
     logger = MetricsLogger(cfg, out, cfg.trainer.max_steps, start_step=start, enabled=info.is_main)
-    accum = G // (dims.dp * cfg.parallel.microbatch_size)
+    accum = dims.microbatches_per_step(G, cfg.parallel.microbatch_size)
     logger.write(f"meshtron: {cfg.model.name} ({n_params / 1e6:.2f}M parameters) on {dims.world_size} x {device.type}, "
                  f"mesh {dims.degrees()}, {loader.rows_per_epoch} training rows of {cfg.data.seq_len} tokens, "
                  f"{G} sequences per step ({accum} micro-batches of {cfg.parallel.microbatch_size} per data rank)")
@@ -178,7 +177,7 @@ def train(cfg: Config, info: Optional[RankInfo] = None) -> Path:
     signals, own_signals = PreemptionSignals.for_run()
     try:
         stop_if_signalled_before_the_steps(signals, info, device, start, out)
-        _run_steps(cfg, info, pm, opt, ckpt, loader, logger, val, device, start, tokens, signals)
+        _run_steps(Run(cfg, info, device, pm, opt, ckpt, loader, logger, val, signals), start, tokens)
     except RunExit as stop:
         if stop.code != EXIT_CHECKPOINT_FAILED:
             ckpt.wait()  # an earlier async save holds good state: commit it before exiting
@@ -203,49 +202,48 @@ def train(cfg: Config, info: Optional[RankInfo] = None) -> Path:
     return out
 
 
-def _run_steps(cfg: Config, info: RankInfo, pm, opt: StageOptimizers, ckpt: Checkpointer, loader, logger, val,
-               device: torch.device, start: int, tokens: int, signals: "PreemptionSignals") -> None:
-    """Steps start+1 .. max_steps.
+@dataclasses.dataclass
+class Run:
+    """What the step loop works with, built once by train()."""
+
+    cfg: Config
+    info: RankInfo
+    device: torch.device
+    pm: ParallelModel
+    opt: StageOptimizers
+    ckpt: Checkpointer
+    loader: GlobalBatchLoader
+    logger: MetricsLogger
+    val: list[dict[str, torch.Tensor]]  # the validation batches, each a global batch
+    signals: PreemptionSignals
+
+
+def _run_steps(run: Run, start: int, tokens: int) -> None:
+    """Steps start+1 .. max_steps, each a sequence of named decisions.
 
     A step moves data from device to host once: step_totals' single tensor (loss, grad norm, flags,
     per-document sums), which is also the step's only sync point and so the boundary its time is measured at.
     """
-    dims, mesh, t = pm.dims, pm.mesh, cfg.trainer
+    cfg, pm, opt, ckpt, t = run.cfg, run.pm, run.opt, run.ckpt, run.cfg.trainer
     max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-    every, skips = t.checkpoint.every_steps, 0
-    padded = padded_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by, dims.tp)
-    meter = StepMeter(device, dims.world_size, t.peak_tflops)
+    padded = pm.dims.padded_vocab(cfg.model)
+    meter = StepMeter(run.device, pm.dims.world_size, t.peak_tflops)
+    nonfinite = NonfinitePolicy(t, run.info, run.device, run.logger)
     boundary = time.perf_counter()
     for step in range(start + 1, t.max_steps + 1):
-        batch = next(loader)
+        batch = next(run.loader)
         facts = batch_facts(batch, cfg, padded)
-        doc_loss = DocumentLoss(batch["sample_ids"], device)
-        local_sum = forward_backward(pm, local_batch(batch, pm), facts.normalizer, cfg, device, doc_loss)
-        if dims.pp_enabled:  # every pp rank takes part, holder of a tied copy or not
-            from parallel.pipeline import tied_embedding_grad_sync
-
-            tied_embedding_grad_sync(pm.stages, mesh["pp"])
-        grad_norm = clip_grad_norm_(pm.parameters(), max_norm, mesh, pm.duplicates)
-        totals = step_totals(local_sum, grad_norm, doc_loss, signals.name is not None, pm, ckpt.save_flags())
+        doc_loss = DocumentLoss(batch["sample_ids"], run.device)
+        local_sum = forward_backward(pm, local_batch(batch, pm), facts.normalizer, cfg, run.device, doc_loss)
+        grad_norm = _reduce_and_clip_grads(pm, max_norm)
+        totals = step_totals(local_sum, grad_norm, doc_loss, run.signals.received, pm, ckpt.save_flags())
         now = time.perf_counter()
         seconds, boundary = now - boundary, now
         loss, grad_norm, lr = totals.loss_sum / facts.normalizer, totals.grad_norm, opt.lr
-        skipped = False
-        bad_loss = totals.nonfinite_loss_ranks > 0 or not math.isfinite(loss)
-        if bad_loss or not math.isfinite(grad_norm):
-            ranks = ranks_where(not locally_finite(local_sum, pm), info, device)
+        skipped = nonfinite.skip_update(step, loss, grad_norm, totals, local_sum, pm)  # or RunExit: stop
+        if skipped:
             opt.zero_grad()
-            what = (f"non-finite {'loss' if bad_loss else 'gradient norm'} at step {step} "
-                    f"(loss {loss}, grad_norm {grad_norm}), from rank(s) {ranks}")
-            if t.nonfinite == "stop" or skips >= t.max_consecutive_skips:
-                why = ("trainer.nonfinite=stop" if t.nonfinite == "stop"
-                       else f"{skips} consecutive skipped steps already (trainer.max_consecutive_skips)")
-                raise RunExit(EXIT_NONFINITE, f"{what}; stopping ({why}), no checkpoint saved for this step")
-            skips, skipped = skips + 1, True
-            logger.write(f"warning: {what}; skipping this step's update ({skips} in a row, "
-                         f"trainer.nonfinite=skip)")
         else:
-            skips = 0
             opt.step()
             opt.zero_grad()
         tokens += facts.slots
@@ -256,30 +254,81 @@ def _run_steps(cfg: Config, info: RankInfo, pm, opt: StageOptimizers, ckpt: Chec
                   **meter.throughput(facts.flops, seconds), **totals.moe}
         if skipped:
             record["skipped"] = True
-        if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
-            v = evaluate(pm, val, cfg, device)
+        if eval_due(t, step):
+            v = evaluate(pm, run.val, cfg, run.device)
             record.update(val_loss=v, val_ppl=perplexity(v))
-        if step % t.log_every == 0 or "val_loss" in record or step == t.max_steps:
-            logger.log({**record, **meter.memory()})
+        if log_due(t, step, record):
+            run.logger.log({**record, **meter.memory()})
+        if _step_boundary(run, step, totals, tokens) or "val_loss" in record:
+            boundary = time.perf_counter()  # a save's or an evaluation's time is not the next step's
 
-        # Step boundary: every rank agreed in step_totals on preemption and on whether a background save is
-        # written, before anyone commits or saves.
-        ckpt.at_step_boundary(totals.writing_ranks, totals.failed_save_ranks)
-        preempted = totals.preempted
-        if preempted and signals.name is None:
-            signals.name = "a signal to another rank"
-        saving = preempted or (every and (step % every == 0 or step == t.max_steps))
-        if saving:
-            ckpt.save(step, pm, opt, loader, tokens)
-        elif step == t.max_steps and t.export_hf and t.checkpoint.save_before_export:
-            save_before_export(ckpt, step, pm, opt, loader, tokens, logger)
-            saving = True
-        if preempted:
-            ckpt.wait()
-            raise RunExit(signals.exit_code, f"{signals.what} at step {step}: checkpoint saved under "
+
+def _reduce_and_clip_grads(pm: ParallelModel, max_norm: float) -> torch.Tensor:
+    """The tied embedding's two pipeline copies summed, then the global gradient norm (clipped to max_norm)."""
+    if pm.dims.pp_enabled:  # every pp rank takes part, holder of a tied copy or not
+        from parallel.pipeline import tied_embedding_grad_sync
+
+        tied_embedding_grad_sync(pm.stages, pm.mesh["pp"])
+    return clip_grad_norm_(pm.parameters(), max_norm, pm.mesh, pm.duplicates)
+
+
+def eval_due(t: TrainerConfig, step: int) -> bool:
+    """Validation every trainer.eval_every steps and after the last one (0: never)."""
+    return bool(t.eval_every) and (step % t.eval_every == 0 or step == t.max_steps)
+
+
+def log_due(t: TrainerConfig, step: int, record: dict) -> bool:
+    """A metrics record every trainer.log_every steps, at each evaluation and after the last step."""
+    return step % t.log_every == 0 or "val_loss" in record or step == t.max_steps
+
+
+def _step_boundary(run: Run, step: int, totals, tokens: int) -> bool:
+    """Commit, save or stop, as every rank agreed in step_totals (preemption, background saves written);
+    returns whether this step saved a checkpoint."""
+    ckpt = run.ckpt
+    ckpt.at_step_boundary(totals.writing_ranks, totals.failed_save_ranks)
+    if totals.preempted and not run.signals.received:
+        run.signals.heard_elsewhere()
+    saving = ckpt.should_save(step, totals.preempted)
+    if saving:
+        ckpt.save(step, run.pm, run.opt, run.loader, tokens)
+    elif ckpt.should_save_before_export(step):
+        save_before_export(ckpt, step, run.pm, run.opt, run.loader, tokens, run.logger)
+        saving = True
+    if totals.preempted:
+        ckpt.wait()
+        raise RunExit(run.signals.exit_code, f"{run.signals.what} at step {step}: checkpoint saved under "
                                              f"{ckpt.root.resolve()}; {resume_hint(ckpt.root.parent)}")
-        if saving or "val_loss" in record:  # their time is not the next step's
-            boundary = time.perf_counter()
+    return saving
+
+
+class NonfinitePolicy:
+    """A non-finite loss or gradient norm: stop (trainer.nonfinite=stop, exit 3), or skip the step's update
+    (skip) at most trainer.max_consecutive_skips times in a row. The ranks where it appeared are found only
+    then (one more collective, on this path alone)."""
+
+    def __init__(self, t: TrainerConfig, info: RankInfo, device: torch.device, logger: MetricsLogger):
+        self.t, self.info, self.device, self.logger = t, info, device, logger
+        self.skips = 0
+
+    def skip_update(self, step: int, loss: float, grad_norm: float, totals, local_sum: torch.Tensor,
+                    pm: ParallelModel) -> bool:
+        bad_loss = totals.nonfinite_loss_ranks > 0 or not math.isfinite(loss)
+        if not (bad_loss or not math.isfinite(grad_norm)):
+            self.skips = 0
+            return False
+        t = self.t
+        ranks = ranks_where(not locally_finite(local_sum, pm), self.info, self.device)
+        what = (f"non-finite {'loss' if bad_loss else 'gradient norm'} at step {step} "
+                f"(loss {loss}, grad_norm {grad_norm}), from rank(s) {ranks}")
+        if t.nonfinite == "stop" or self.skips >= t.max_consecutive_skips:
+            why = ("trainer.nonfinite=stop" if t.nonfinite == "stop"
+                   else f"{self.skips} consecutive skipped steps already (trainer.max_consecutive_skips)")
+            raise RunExit(EXIT_NONFINITE, f"{what}; stopping ({why}), no checkpoint saved for this step")
+        self.skips += 1
+        self.logger.write(f"warning: {what}; skipping this step's update ({self.skips} in a row, "
+                          f"trainer.nonfinite=skip)")
+        return True
 
 
 def write_run_config(out: Path, cfg: Config) -> str:
@@ -319,7 +368,7 @@ def stop_if_signalled_before_the_steps(signals: PreemptionSignals, info: RankInf
     """A SIGTERM/SIGUSR1 (or Ctrl-C) that came during start-up (handlers are installed by the entry point's
     first lines) ends the run before its first step, exit 75 (130): nothing new to save. All ranks agree
     first (one collective per run, not per step), so a signal to one rank stops every rank at the same place."""
-    flagged = ranks_where(signals.name is not None, info, device)
+    flagged = ranks_where(signals.received, info, device)
     if not flagged:
         return
     saved = f"the checkpoint of step {start} stands" if start else "nothing to save yet"

@@ -22,13 +22,15 @@ SAME_PRESS_S = 1.0  # a SIGINT this soon after the first is the same Ctrl-C deli
 
 
 class PreemptionSignals:
-    """The flag: ``name`` is the first signal's name (or a note that another rank was signalled)."""
+    """The flag: ``received`` once this process got a signal (``name``: the first one's) or heard in the step's
+    reduction that another rank did (``elsewhere``)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
     _installed: Optional["PreemptionSignals"] = None  # the process-wide instance of install()
 
     def __init__(self, ctrl_c: bool = False):
         self.name: Optional[str] = None
+        self.elsewhere = False
         self._first_sigint: Optional[float] = None
         self._previous = {}
         if threading.current_thread() is threading.main_thread():
@@ -36,12 +38,23 @@ class PreemptionSignals:
                 self._previous[sig] = signal.signal(sig, self._handle)
 
     @property
+    def received(self) -> bool:
+        """Signalled here: what this rank contributes to the step's preemption flag."""
+        return self.name is not None
+
+    def heard_elsewhere(self) -> None:
+        """Another rank was signalled (the step's reduction says so): stop here too."""
+        self.elsewhere = True
+
+    @property
     def exit_code(self) -> int:
         return EXIT_INTERRUPTED if self.name == "SIGINT" else EXIT_PREEMPTED
 
     @property
     def what(self) -> str:
-        return "interrupted by Ctrl-C" if self.name == "SIGINT" else f"preempted by {self.name or 'a signal'}"
+        if self.name == "SIGINT":
+            return "interrupted by Ctrl-C"
+        return f"preempted by {self.name or ('a signal to another rank' if self.elsewhere else 'a signal')}"
 
     def _handle(self, signum, frame) -> None:
         if signum == signal.SIGINT:

@@ -21,6 +21,7 @@ from trainer.config import Config
 from trainer.flops import real_tokens, step_flops
 from trainer.loss import IGNORE_INDEX, DocumentLoss, count_valid
 from trainer.model.moe import router_metrics, start_router_step, step_router_totals
+from trainer.step_vector import StepVector
 
 
 def local_batch(batch: dict[str, torch.Tensor], pm: ParallelModel) -> dict[str, torch.Tensor]:
@@ -159,28 +160,33 @@ class StepTotals:
 
 def step_totals(local_sum: torch.Tensor, grad_norm: torch.Tensor, doc_loss: Optional[DocumentLoss],
                 signalled: bool, pm: ParallelModel, save_flags: tuple[bool, bool] = (False, False)) -> StepTotals:
-    """The step's one collective and its one device->host transfer: [loss sum, per-document sums and counts,
-    MoE router totals, non-finite flag, preemption flag, async-save flags (still writing, failed)] summed over
-    the mesh, with the (already global) grad norm appended."""
-    device, f64 = local_sum.device, torch.float64
-    sums = [doc_loss.sums, doc_loss.counts] if doc_loss is not None else []
-    router = step_router_totals(pm.modules, device, pm.runner.n_microbatches if pm.runner is not None else None)
-    token_part = torch.cat([local_sum.detach().to(f64).view(1), *sums])
-    host_flags = torch.tensor([float(signalled), *map(float, save_flags)], dtype=f64).to(device, non_blocking=True)
+    """The step's one collective and its one device->host transfer (trainer/step_vector.py): the loss sum and
+    per-document sums and counts over the mesh's tokens; MoE router totals, the non-finite flag, the preemption
+    flag and the async-save flags (still writing, failed) summed over ranks; the (already global) grad norm."""
+    device = local_sum.device
+    v = StepVector(device)
+    v.tokens("loss_sum", local_sum.view(1))
+    if doc_loss is not None:
+        v.tokens("doc_sums", doc_loss.sums)
+        v.tokens("doc_counts", doc_loss.counts)
     # Router totals are per rank: under sequence parallelism each tp rank routed its own part of the rows.
-    # They come first, right after the token part, where router_metrics' slice below reads them.
-    rank_part = torch.cat([*([router] if router is not None else []),
-                           (~torch.isfinite(local_sum.detach())).to(f64).view(1), host_flags])
-    reduced = sum_tokens_and_ranks(token_part, rank_part, pm.mesh)
-    host = torch.cat([reduced, grad_norm.detach().to(device=device, dtype=f64).view(1)]).cpu()
+    router = step_router_totals(pm.modules, device, pm.runner.n_microbatches if pm.runner is not None else None)
+    if router is not None:
+        v.ranks("router", router)
+    v.ranks("nonfinite_loss", ~torch.isfinite(local_sum.detach()).view(1))
+    writing, failed = save_flags
+    v.rank_flags(preempted=signalled, writing=writing, failed_save=failed)
+    host = v.reduce(pm.mesh, grad_norm=grad_norm)
     k = len(doc_loss.keys) if doc_loss is not None else 0
-    values = host.tolist()
+    docs = (torch.stack([host.tensor("doc_sums"), host.tensor("doc_counts")]) if doc_loss is not None
+            else host.host.new_zeros(2, 0))
     # Per row of the step: the rows forward_backward gave the model (start_router_step) weigh its aux losses.
-    moe = ({} if router is None else router_metrics(host[1 + 2 * k:1 + 2 * k + router.numel()], pm.modules[0].config,
+    moe = ({} if router is None else router_metrics(host.tensor("router"), pm.modules[0].config,
                                                     pm.modules[0].moe_rows_per_step or 1))
-    return StepTotals(loss_sum=values[0], grad_norm=values[-1], nonfinite_loss_ranks=int(values[-5]),
-                      preempted=values[-4] > 0, doc_totals=host[1:1 + 2 * k].view(2, k),
-                      writing_ranks=int(values[-3]), failed_save_ranks=int(values[-2]), moe=moe)
+    return StepTotals(loss_sum=host.value("loss_sum"), grad_norm=host.value("grad_norm"),
+                      nonfinite_loss_ranks=int(host.value("nonfinite_loss")), preempted=host.value("preempted") > 0,
+                      doc_totals=docs.view(2, k), writing_ranks=int(host.value("writing")),
+                      failed_save_ranks=int(host.value("failed_save")), moe=moe)
 
 
 @torch.no_grad()

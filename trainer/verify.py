@@ -91,7 +91,7 @@ def _shrink_layer_freq(freq: Optional[list[int]], num_layers: int) -> Optional[l
 
 
 def shrink(cfg: Config, dims: ParallelDims, tokenizer_len: int, out: Path) -> Config:
-    seq_multiple = (2 * dims.cp if dims.cp > 1 else 1) * dims.tp
+    seq_multiple = dims.seq_multiple
     seq_len = seq_multiple * max(1, 32 // seq_multiple)
     model = dataclasses.replace(shrink_model(cfg.model, dims, cfg.parallel.pp_virtual_stages),
                                 vocab_size=tokenizer_len, max_position_embeddings=max(seq_len, 64))

@@ -25,12 +25,13 @@ CUDA_MOE = ["model.hidden_size=64", "model.ffn_hidden_size=128", "model.num_laye
 
 def test_moe_step_syncs_once_on_cuda(tmp_path, compose, monkeypatch):
     import trainer.loop as loop
-    from trainer import step
+    from trainer import step_vector
     from trainer.model.moe import grouped_mm_usable
 
     assert grouped_mm_usable(torch.device("cuda"), torch.bfloat16, 64, 64), "torch._grouped_mm does not run here"
-    lines, first = inspect.getsourcelines(step.step_totals)
-    transfer = (Path(step.__file__).name, first + next(i for i, line in enumerate(lines) if ".cpu()" in line))
+    lines, first = inspect.getsourcelines(step_vector.StepVector.reduce)
+    transfer = (Path(step_vector.__file__).name,
+                first + next(i for i, line in enumerate(lines) if ".cpu()" in line))
     original, caught = loop._run_steps, []
 
     def watched(*args):

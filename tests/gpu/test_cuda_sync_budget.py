@@ -1,6 +1,6 @@
 """The step's sync budget on CUDA, by torch's own detector: with torch.cuda.set_sync_debug_mode("warn") over
 the step loop, every synchronizing CUDA call warns; the loop may make exactly one per step, the transfer in
-trainer/step.py step_totals. Also the metrics a GPU run adds (tflops, mfu from the detected peak, mem_gib)
+trainer/step_vector.py StepVector.reduce (called by trainer/step.py step_totals). Also the metrics a GPU run adds (tflops, mfu from the detected peak, mem_gib)
 and the loader's pinned batches. Skipped without CUDA; tests/unit/test_sync_budget.py proves the logic on CPU.
 """
 
@@ -24,11 +24,11 @@ CUDA = ["model.hidden_size=64", "model.ffn_hidden_size=128", "model.num_layers=2
 
 
 def _transfer_line() -> tuple[str, int]:
-    from trainer import step
+    from trainer import step_vector
 
-    lines, first = inspect.getsourcelines(step.step_totals)
+    lines, first = inspect.getsourcelines(step_vector.StepVector.reduce)
     offset = next(i for i, line in enumerate(lines) if ".cpu()" in line)
-    return Path(step.__file__).name, first + offset
+    return Path(step_vector.__file__).name, first + offset
 
 
 def _watched_run(cfg, monkeypatch) -> list[warnings.WarningMessage]:

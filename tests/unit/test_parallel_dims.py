@@ -3,7 +3,8 @@
 import pytest
 import torch.distributed as dist
 
-from parallel.dims import MESH_AXES, ParallelDims, padded_vocab_size, validate_layout
+from parallel.dims import MESH_AXES, ParallelDims, validate_layout
+from trainer.model.shapes import padded_vocab_size
 from trainer.config import ConfigError, ParallelConfig
 from trainer.loop import prepare
 
