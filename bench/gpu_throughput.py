@@ -349,7 +349,7 @@ def preflight(name: str, args) -> dict | None:
         return {"skipped": "needs CUDA (flex_attention has no backward on CPU)"}
     if name not in MESHTRON:
         return None
-    from trainer.config import ConfigError
+    from trainer.errors import ConfigError
 
     try:
         meshtron_config(args, MESHTRON[name])

@@ -41,7 +41,7 @@ def child(seq: int, adamw: bool, overrides: list[str]) -> None:
 
     from parallel.dims import ParallelDims
     from parallel.parallelize import build_parallel_model
-    from trainer.config import to_config
+    from trainer.config_io import to_config
     from trainer.loss import count_valid
 
     torch.set_num_threads(1)  # the machine is shared; memory, not speed, is measured

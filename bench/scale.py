@@ -200,7 +200,7 @@ def param_count(model: list[str]) -> int:
     """Parameters of the model these overrides give (the trainer's own count)."""
     from hydra import compose, initialize_config_module
 
-    from trainer.config import to_config
+    from trainer.config_io import to_config
     from trainer.loop import cfg_param_count
 
     with initialize_config_module(config_module="conf", version_base="1.3"):

@@ -48,7 +48,7 @@ def compose(overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
-    from trainer.config import to_config
+    from trainer.config_io import to_config
 
     with initialize_config_module(config_module="conf", version_base="1.3"):
         return to_config(hydra_compose("config", overrides=overrides))

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from trainer.config import ConfigError
+from trainer.errors import ConfigError
 
 PROG = "meshtron-convert"
 EXIT_USAGE = 2

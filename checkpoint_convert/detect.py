@@ -27,7 +27,7 @@ from typing import Optional, Union
 
 from checkpoint_convert.integrity import COMPLETE, LATEST
 from checkpoint_convert.megatron_format import TRACKER, rank_dirs
-from trainer.config import ConfigError
+from trainer.errors import ConfigError
 
 MISSING, NOT_A_DIRECTORY, UNKNOWN = "missing", "not_a_directory", "unknown"
 MESHTRON_STEP, MESHTRON_INCOMPLETE = "meshtron_step", "meshtron_incomplete"

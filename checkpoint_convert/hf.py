@@ -20,11 +20,14 @@ from transformers import AutoConfig, GenerationConfig, PreTrainedConfig
 
 from checkpoint_convert.hf_moe import moe_from_hf, moe_to_hf
 from checkpoint_convert.mapping import Unit, rename
-from checkpoint_convert.models.registry import family, family_for_hf
+from checkpoint_convert.models.registry import Family, family, family_for_hf
 from checkpoint_convert.safetensors_files import (DEFAULT_MAX_SHARD_BYTES, SAFE_INDEX, SAFE_WEIGHTS,
                                                   PlannedShardWriter, ShardWriter, byte_progress, check_out_dir,
                                                   dtype_name, open_safetensors, read_index, staged_dir)
-from trainer.config import ConfigError, DamagedFileError, ModelConfig, RopeScalingConfig
+from trainer.config import ModelConfig, RopeScalingConfig
+from trainer.errors import ConfigError, DamagedFileError
+from trainer.families import (WINDOW_LAYER_TYPES, WINDOW_MAX_WINDOW_LAYERS, WINDOW_SLIDING_WINDOW,
+                              WINDOW_USE_SLIDING_WINDOW)
 from trainer.model.gpt import VOCAB_PARAMS
 from trainer.model.init import assign_full, clean_fqn, local_region
 
@@ -71,7 +74,7 @@ def model_config_from_hf(raw: Mapping[str, Any], base: Optional[ModelConfig] = N
     fam = family_for_hf(raw.get("model_type"), raw.get("architectures"))
     defaults = AutoConfig.for_model(fam.hf_model_type)
     hf = {**{k: getattr(defaults, k) for k in _DEFAULTED_KEYS if hasattr(defaults, k)}, **raw}
-    _check_supported(hf, fam.attention)
+    _check_supported(hf, fam)
 
     hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
     head_dim = hf.get("head_dim")
@@ -94,9 +97,9 @@ def model_config_from_hf(raw: Mapping[str, Any], base: Optional[ModelConfig] = N
         tie_word_embeddings=bool(hf["tie_word_embeddings"]),
         # Qwen2 hard-codes bias=True on q/k/v (Qwen2-MoE has a qkv_bias key); older configs do not even have an
         # attention_bias key.
-        add_qkv_bias=fam.attention == "qwen2" and bool(hf.get("qkv_bias", True)),
-        qk_layernorm=fam.attention == "qwen3",
-        sliding_window=_sliding_window(hf, fam.name, fam.attention),
+        add_qkv_bias=fam.qkv_bias and bool(hf.get("qkv_bias", True)),
+        qk_layernorm=fam.qk_norm,
+        sliding_window=_sliding_window(hf, fam),
         init_std=hf["initializer_range"],
         moe=moe_from_hf(hf, defaults, fam.name, (base or ModelConfig()).moe, hf["num_hidden_layers"]),
     )
@@ -104,12 +107,12 @@ def model_config_from_hf(raw: Mapping[str, Any], base: Optional[ModelConfig] = N
     return cfg
 
 
-def _check_supported(hf: Mapping[str, Any], fam: str) -> None:
+def _check_supported(hf: Mapping[str, Any], fam: Family) -> None:
     if hf["hidden_act"] != "silu":
         raise ConfigError(f"HF hidden_act={hf['hidden_act']!r} is not supported; only 'silu' (SwiGLU) is")
     # Llama/Qwen3's attention_bias also puts a bias on o_proj, which Megatron's layout has no place for.
-    if fam != "qwen2" and hf.get("attention_bias"):
-        raise ConfigError(f"HF attention_bias=true is not supported for {fam} (it adds a bias to o_proj); "
+    if not fam.qkv_bias and hf.get("attention_bias"):
+        raise ConfigError(f"HF attention_bias=true is not supported for {fam.name} (it adds a bias to o_proj); "
                           f"only Qwen2's q/k/v biases are")
     if hf.get("mlp_bias"):
         raise ConfigError("HF mlp_bias=true is not supported; the MLP has no biases")
@@ -146,14 +149,14 @@ def _rope(hf: Mapping[str, Any]) -> tuple[float, Optional[RopeScalingConfig]]:
     return theta, scaling
 
 
-def _sliding_window(hf: Mapping[str, Any], name: str, fam: str) -> Optional[int]:
-    if fam == "mistral":
+def _sliding_window(hf: Mapping[str, Any], fam: Family) -> Optional[int]:
+    if fam.window == WINDOW_SLIDING_WINDOW:
         return hf.get("sliding_window") or None
-    if name == "qwen3_moe":  # one window for every layer when switched on
+    if fam.window == WINDOW_USE_SLIDING_WINDOW:  # one window for every layer when switched on
         return (hf.get("sliding_window") or None) if hf.get("use_sliding_window") else None
-    if name == "qwen2_moe" and hf.get("use_sliding_window") and not hf.get("layer_types"):
-        raise ConfigError("HF qwen2_moe use_sliding_window=true (alternate layers windowed) is not supported")
-    if fam not in ("qwen2", "qwen3") or not hf.get("use_sliding_window"):
+    if fam.window == WINDOW_LAYER_TYPES and hf.get("use_sliding_window") and not hf.get("layer_types"):
+        raise ConfigError(f"HF {fam.name} use_sliding_window=true (alternate layers windowed) is not supported")
+    if fam.window not in (WINDOW_MAX_WINDOW_LAYERS, WINDOW_LAYER_TYPES) or not hf.get("use_sliding_window"):
         return None  # Qwen configs carry a sliding_window value even when it is switched off
     window = hf.get("sliding_window") or None
     n = hf["num_hidden_layers"]
@@ -164,7 +167,7 @@ def _sliding_window(hf: Mapping[str, Any], name: str, fam: str) -> Optional[int]
         return None
     if set(kinds) == {"sliding_attention"}:
         return window
-    raise ConfigError(f"HF {fam} config mixes full and sliding-window layers (max_window_layers="
+    raise ConfigError(f"HF {fam.name} config mixes full and sliding-window layers (max_window_layers="
                       f"{hf.get('max_window_layers')}, layer_types={kinds}); only all-or-none is supported")
 
 
@@ -188,19 +191,19 @@ def hf_config(cfg: ModelConfig, **overrides: Any) -> PreTrainedConfig:
         rope_parameters=_rope_parameters(cfg),
     )
     kwargs.update(moe_to_hf(cfg, fam.name))  # Mixtral's intermediate_size is its experts' width
-    if fam.attention == "mistral":
+    if fam.window == WINDOW_SLIDING_WINDOW:
         kwargs["sliding_window"] = cfg.sliding_window or None
-    elif fam.name == "qwen3_moe":
+    elif fam.window == WINDOW_USE_SLIDING_WINDOW:
         kwargs.update(use_sliding_window=bool(cfg.sliding_window), sliding_window=cfg.sliding_window or None)
-    elif fam.attention in ("qwen2", "qwen3") and not (fam.name == "qwen2_moe" and cfg.sliding_window):
+    elif fam.window == WINDOW_MAX_WINDOW_LAYERS or (fam.window == WINDOW_LAYER_TYPES and not cfg.sliding_window):
         kwargs.update(use_sliding_window=bool(cfg.sliding_window), sliding_window=cfg.sliding_window or None,
                       max_window_layers=0 if cfg.sliding_window else cfg.num_layers)
     elif cfg.sliding_window:
         raise ConfigError(f"model.sliding_window={cfg.sliding_window} cannot be written as an HF "
                           f"{fam.name} config; use family mistral")
-    if fam.name == "qwen2_moe":  # its q/k/v biases are a config key
+    if fam.qkv_bias_key:  # its q/k/v biases are a config key
         kwargs["qkv_bias"] = cfg.add_qkv_bias
-    elif cfg.add_qkv_bias != (fam.attention == "qwen2") or cfg.qk_layernorm != (fam.attention == "qwen3"):
+    elif cfg.add_qkv_bias != fam.qkv_bias or cfg.qk_layernorm != fam.qk_norm:
         raise ConfigError(f"model.add_qkv_bias={cfg.add_qkv_bias} / qk_layernorm={cfg.qk_layernorm} do not "
                           f"match HF family {fam.name!r} (qwen2 has qkv bias, qwen3 has q/k norms)")
     kwargs.update(overrides)

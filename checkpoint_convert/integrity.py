@@ -18,7 +18,7 @@ import zlib
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-from trainer.config import ConfigError
+from trainer.errors import ConfigError
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"

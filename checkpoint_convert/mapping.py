@@ -151,8 +151,9 @@ def _expand_experts(rule: Rule, theirs: tuple[str, ...], cfg: Optional[ModelConf
 class MappingTable:
     rules: tuple[Rule, ...]
 
-    def extend(self, *rules: Rule) -> "MappingTable":
-        """A family's table: the base rules plus its own (a rule for an existing `ours` name replaces it)."""
+    def with_rules(self, *rules: Rule) -> "MappingTable":
+        """A new table (this one is unchanged): these rules added to this table's, each replacing any rule that
+        covers one of its `ours` names. How a family's table builds on its base family's."""
         replaced = {n for r in rules for n in r.ours}
         kept = tuple(r for r in self.rules if not replaced.intersection(r.ours))
         return MappingTable(kept + tuple(rules))

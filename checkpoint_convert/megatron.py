@@ -47,13 +47,13 @@ from checkpoint_convert.safetensors_files import (DEFAULT_MAX_SHARD_BYTES, ST_DT
                                                   byte_progress, check_out_dir, dtype_name, staged_dir)
 from checkpoint_convert.megatron_format import (CHECKPOINT_VERSION, CKPT_FILE, MODEL_KEY, TRACKER, PathLike,
                                                 config_from_args, first_rank_args, load_rank_file, megatron_args,
-                                                megatron_config, rank_dir, rank_dirs, resolve_iteration_dir,
+                                                rank_dir, rank_dirs, resolve_iteration_dir,
                                                 vocab_from_args, vocab_note)
 from trainer.model.shapes import padded_vocab_size
-from trainer.config import ConfigError, ModelConfig
+from trainer.config import ModelConfig
+from trainer.errors import ConfigError
 
-__all__ = ["hf_to_megatron", "megatron_to_hf", "load_megatron_as_meshtron", "megatron_config", "megatron_args",
-           "config_from_args", "rank_dir"]
+__all__ = ["hf_to_megatron", "megatron_to_hf", "load_megatron_as_meshtron"]
 
 
 # ======================================================================================= HF -> Megatron

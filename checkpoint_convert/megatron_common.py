@@ -13,7 +13,8 @@ from torch.overrides import TorchFunctionMode
 from checkpoint_convert.hf import SafetensorsDir, ignored_hf_tensor
 from checkpoint_convert.mapping import Unit
 from checkpoint_convert.models.megatron_names import SPECS
-from trainer.config import ConfigError, ModelConfig
+from trainer.config import ModelConfig
+from trainer.errors import ConfigError
 from trainer.model import GPTModel
 from trainer.model.shapes import check_tp_divisibility
 

@@ -48,7 +48,7 @@ from torch.distributed.checkpoint import filesystem as dcp_fs, metadata as dcp_m
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from checkpoint_convert.megatron_format import load_rank_file, megatron_safe_globals, refusal_message
-from trainer.config import ConfigError, DamagedFileError
+from trainer.errors import ConfigError, DamagedFileError
 
 __all__ = ["read_dcp_metadata", "DcpFiles", "CHECKPOINT_CONFIG"]
 

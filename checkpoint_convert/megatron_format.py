@@ -31,7 +31,8 @@ from typing import Optional, Union
 import torch
 
 from checkpoint_convert.megatron_moe import moe_args, moe_family, moe_from_args
-from trainer.config import ConfigError, DamagedFileError, ModelConfig, RopeScalingConfig
+from trainer.config import ModelConfig, RopeScalingConfig
+from trainer.errors import ConfigError, DamagedFileError
 
 PathLike = Union[str, Path]
 

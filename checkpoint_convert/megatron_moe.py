@@ -24,7 +24,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from trainer.config import ConfigError, ModelConfig
+from trainer.config import ModelConfig
+from trainer.errors import ConfigError
 from trainer.moe_config import MoEConfig
 
 __all__ = ["moe_args", "moe_from_args", "moe_family", "check_expert_layout", "same_moe", "expert_tp"]

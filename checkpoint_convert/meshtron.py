@@ -32,7 +32,8 @@ from checkpoint_convert.integrity import (COMPLETE, LATEST, DamagedCheckpoint, c
 from checkpoint_convert.hf import hf_config, model_config_from_hf, to_hf_state_dict, write_config_files
 from checkpoint_convert.safetensors_files import (DEFAULT_MAX_SHARD_BYTES, SAFE_INDEX, SAFE_WEIGHTS, ShardWriter,
                                                   byte_progress, check_out_dir, staged_dir)
-from trainer.config import ConfigError, ModelConfig
+from trainer.config import ModelConfig
+from trainer.errors import ConfigError
 
 MODEL_PREFIX = "model."
 # hf/ files that describe the model itself: rewritten from the checkpoint's config, never copied.

@@ -13,7 +13,8 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from trainer.config import ConfigError, ModelConfig
+from trainer.config import ModelConfig
+from trainer.errors import ConfigError
 
 # Exit codes of `verify` (documented in the CLI help and README).
 OK, MISMATCH = 0, 1

@@ -27,7 +27,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainer.config import Config, ConfigError, device_type
+from trainer.config import Config, device_type
+from trainer.errors import ConfigError
 
 
 def check_compile(cfg: Config, tp: int) -> None:

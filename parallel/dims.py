@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from trainer.config import Config, ConfigError, ModelConfig, ParallelConfig
+from trainer.config import Config, ModelConfig, ParallelConfig
+from trainer.errors import ConfigError
 from trainer.model.shapes import padded_vocab_size
 
 # Mesh axis order, outermost first. tp is innermost so its collectives stay inside a node; pp outermost

@@ -35,7 +35,7 @@ from torch.distributed.pipelining.schedules import (
 )
 from torch.distributed.tensor import DTensor
 
-from trainer.config import ConfigError
+from trainer.errors import ConfigError
 from trainer.loss import DocumentLoss
 from trainer.model.gpt import GPTModel
 from trainer.torch_compat import pipeline_stage_class

@@ -38,7 +38,7 @@ from torch.distributed.tensor.parallel import (
 from trainer.model.moe import MoELayer
 
 
-# Set on a model by apply_tensor_parallel; read by loss_context. An attribute (not a parameter or buffer),
+# Set on a model by apply_tensor_parallel; read by vocab_parallel_loss. An attribute (not a parameter or buffer),
 # so it never reaches state_dict, and it survives torch.compile/FSDP wrapping (they keep the module object).
 _LOSS_PARALLEL_ATTR = "_tp_loss_parallel"
 
@@ -132,7 +132,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
 
     Inputs (tokens, position_ids, labels) stay full on every tp rank. With ``loss_parallel`` the model
     returns logits as a DTensor sharded on the vocabulary dim: compute the loss and call backward inside
-    :func:`loss_context`. Without it the logits are gathered to a full local tensor.
+    :func:`vocab_parallel_loss`. Without it the logits are gathered to a full local tensor.
 
     Gradients are DTensors whose placement may differ from their parameter's: norm weights get
     Partial(sum) (summed lazily on first use, or by FSDP2's reduce-scatter), the embedding Replicate.
@@ -163,7 +163,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
             output_layouts=Shard(-1), desired_output_layouts=Replicate(), use_local_output=True))
 
 
-def loss_context(model: nn.Module) -> contextlib.AbstractContextManager:
+def vocab_parallel_loss(model: nn.Module) -> contextlib.AbstractContextManager:
     """Wrap the cross-entropy AND its backward: inside torch's ``loss_parallel``, cross_entropy on
     vocab-sharded logits computes max/sum-exp/target-logit with all-reduces over tp instead of gathering."""
     return loss_parallel() if getattr(model, _LOSS_PARALLEL_ATTR, False) else contextlib.nullcontext()

@@ -18,7 +18,7 @@ def compose():
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
-    from trainer.config import to_config
+    from trainer.config_io import to_config
 
     def _compose(*overrides: str):
         with initialize_config_module(config_module="conf", version_base="1.3"):

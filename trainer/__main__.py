@@ -12,7 +12,8 @@ import sys  # noqa: E402
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from trainer.config import HYDRA_MAIN, ConfigError, to_config  # noqa: E402
+from trainer.config_io import HYDRA_MAIN, to_config  # noqa: E402
+from trainer.errors import ConfigError
 from trainer.entry import exit_config_error, run_hydra  # noqa: E402
 
 

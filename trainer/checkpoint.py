@@ -59,7 +59,9 @@ from torch.distributed.checkpoint.state_dict import (
 
 from checkpoint_convert.integrity import (COMPLETE, LATEST, DamagedCheckpoint, check_files, recorded_files,
                                           total_bytes, write_complete, write_rank_manifest)
-from trainer.config import Config, ConfigError, resolved_yaml
+from trainer.config import Config
+from trainer.config_io import resolved_yaml
+from trainer.errors import ConfigError
 from trainer.disk import NoSpace, check_space, is_no_space
 from trainer.distributed import broadcast_str
 from trainer.exits import EXIT_CHECKPOINT_FAILED, EXIT_NO_SPACE, RunExit

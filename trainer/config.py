@@ -1,4 +1,5 @@
-"""Typed configuration schemas, registered in Hydra's ConfigStore.
+"""Typed configuration schemas (registered in Hydra's ConfigStore by trainer/config_io.py, which also turns a
+composed config into these and writes it back with secrets redacted).
 
 YAML files under ``conf/`` extend these dataclasses (``defaults: [base_<group>]``), so an unknown key or a
 value of the wrong type fails in OmegaConf with the key's full name. Each dataclass checks its own fields in
@@ -10,36 +11,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
-
+from trainer.errors import one_of, require
+from trainer.families import MODEL_FAMILIES
 from trainer.moe_config import MoEConfig
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run. The message names the values involved and what was expected."""
-
-
-class DamagedFileError(ConfigError):
-    """An input file that is not what its name says (truncated, corrupt, a Git LFS pointer): one message naming
-    the file, what is wrong and what to do. Every format's reader raises it, so every entry point treats it
-    like any other unusable input (exit 2, one line)."""
-
-    def __init__(self, path: Any, problem: str, remedy: str):
-        super().__init__(f"{path}: {problem}; {remedy}")
-        self.path = str(path)
-
-
-def _require(ok: bool, msg: str) -> None:
-    if not ok:
-        raise ConfigError(msg)
-
-
-def _one_of(name: str, value: Any, allowed: tuple) -> None:
-    _require(value in allowed, f"{name}={value!r} is not supported; expected one of {list(allowed)}")
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -56,16 +32,15 @@ class RopeScalingConfig:
     original_max_position_embeddings: int = 8192
 
     def validate(self) -> None:
-        _one_of("model.rope_scaling.rope_type", self.rope_type, ("llama3",))
-        _require(self.factor >= 1.0, f"model.rope_scaling.factor={self.factor} must be >= 1")
-        _require(
+        one_of("model.rope_scaling.rope_type", self.rope_type, ("llama3",))
+        require(self.factor >= 1.0, f"model.rope_scaling.factor={self.factor} must be >= 1")
+        require(
             self.high_freq_factor > self.low_freq_factor,
             f"model.rope_scaling.high_freq_factor={self.high_freq_factor} must exceed "
             f"low_freq_factor={self.low_freq_factor}",
         )
 
 
-MODEL_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "qwen2_moe")
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "varlen")
 
 
@@ -109,27 +84,27 @@ class ModelConfig:
         return self.kv_channels or self.hidden_size // self.num_attention_heads
 
     def validate(self) -> None:
-        _one_of("model.family", self.family, MODEL_FAMILIES)
-        _one_of("model.attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        one_of("model.family", self.family, MODEL_FAMILIES)
+        one_of("model.attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         for name in ("vocab_size", "hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads",
                      "num_query_groups", "max_position_embeddings", "make_vocab_size_divisible_by"):
-            _require(getattr(self, name) > 0, f"model.{name}={getattr(self, name)} must be positive")
-        _require(
+            require(getattr(self, name) > 0, f"model.{name}={getattr(self, name)} must be positive")
+        require(
             self.num_attention_heads % self.num_query_groups == 0,
             f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
             f"model.num_query_groups={self.num_query_groups} (the number of key/value heads)",
         )
         if self.kv_channels is None:
-            _require(
+            require(
                 self.hidden_size % self.num_attention_heads == 0,
                 f"model.hidden_size={self.hidden_size} is not divisible by "
                 f"model.num_attention_heads={self.num_attention_heads}; set model.kv_channels explicitly",
             )
-        _require(self.head_dim % 2 == 0, f"model head dim {self.head_dim} must be even for rotary embeddings")
-        _require(self.rotary_base > 0, f"model.rotary_base={self.rotary_base} must be positive")
-        _require(self.norm_epsilon > 0, f"model.norm_epsilon={self.norm_epsilon} must be positive")
+        require(self.head_dim % 2 == 0, f"model head dim {self.head_dim} must be even for rotary embeddings")
+        require(self.rotary_base > 0, f"model.rotary_base={self.rotary_base} must be positive")
+        require(self.norm_epsilon > 0, f"model.norm_epsilon={self.norm_epsilon} must be positive")
         if self.sliding_window is not None:
-            _require(self.sliding_window >= 0, f"model.sliding_window={self.sliding_window} must be >= 0")
+            require(self.sliding_window >= 0, f"model.sliding_window={self.sliding_window} must be >= 0")
         if self.rope_scaling is not None:
             self.rope_scaling.validate()
         self.moe.validate(self.num_layers)
@@ -172,12 +147,12 @@ class ParallelConfig:
     fsdp_grad_sync: str = "every_microbatch"
 
     def validate(self) -> None:
-        _one_of("parallel.fsdp_grad_sync", self.fsdp_grad_sync, ("every_microbatch", "last_microbatch"))
+        one_of("parallel.fsdp_grad_sync", self.fsdp_grad_sync, ("every_microbatch", "last_microbatch"))
         for name in ("dp_replicate", "tp", "pp", "cp", "ep", "microbatch_size", "pp_virtual_stages"):
-            _require(getattr(self, name) >= 1, f"parallel.{name}={getattr(self, name)} must be >= 1")
-        _one_of("parallel.pp_schedule", self.pp_schedule, PP_SCHEDULES)
-        _one_of("parallel.activation_checkpoint", self.activation_checkpoint, ("none", "full", "selective"))
-        _require(self.dp_shard == -1 or self.dp_shard >= 1,
+            require(getattr(self, name) >= 1, f"parallel.{name}={getattr(self, name)} must be >= 1")
+        one_of("parallel.pp_schedule", self.pp_schedule, PP_SCHEDULES)
+        one_of("parallel.activation_checkpoint", self.activation_checkpoint, ("none", "full", "selective"))
+        require(self.dp_shard == -1 or self.dp_shard >= 1,
                  f"parallel.dp_shard={self.dp_shard} must be >= 1, or -1 to infer it from the world size")
 
 
@@ -199,8 +174,8 @@ class DataSource:
     text_field: str = "text"
 
     def validate(self, where: str) -> None:
-        _one_of(f"{where}.format", self.format, DATA_FORMATS)
-        _require(self.weight > 0, f"{where}.weight={self.weight} must be positive")
+        one_of(f"{where}.format", self.format, DATA_FORMATS)
+        require(self.weight > 0, f"{where}.weight={self.weight} must be positive")
 
 
 @dataclass
@@ -240,14 +215,14 @@ class DataConfig:
     content_hash: bool = False
 
     def validate(self) -> None:
-        _one_of("data.format", self.format, DATA_FORMATS)
-        _one_of("data.train_on", self.train_on, ("all_assistant", "last_assistant"))
-        _one_of("data.overlong", self.overlong, ("truncate", "drop", "error"))
-        _one_of("data.on_bad_row", self.on_bad_row, ("error", "skip"))
+        one_of("data.format", self.format, DATA_FORMATS)
+        one_of("data.train_on", self.train_on, ("all_assistant", "last_assistant"))
+        one_of("data.overlong", self.overlong, ("truncate", "drop", "error"))
+        one_of("data.on_bad_row", self.on_bad_row, ("error", "skip"))
         for i, source in enumerate(self.sources):
             source.validate(f"data.sources[{i}]")
-        _require(self.seq_len >= 2, f"data.seq_len={self.seq_len} must be >= 2")
-        _require(0.0 <= self.val_fraction < 1.0, f"data.val_fraction={self.val_fraction} must be in [0, 1)")
+        require(self.seq_len >= 2, f"data.seq_len={self.seq_len} must be >= 2")
+        require(0.0 <= self.val_fraction < 1.0, f"data.val_fraction={self.val_fraction} must be in [0, 1)")
 
 
 # --------------------------------------------------------------------------------------------- optim
@@ -271,15 +246,15 @@ class OptimConfig:
     implementation: str = "auto"
 
     def validate(self) -> None:
-        _one_of("optim.name", self.name, ("adamw",))
-        _one_of("optim.decay", self.decay, ("cosine", "linear", "constant"))
-        _one_of("optim.implementation", self.implementation, ("auto", "fused", "foreach", "for_loop"))
-        _require(self.lr > 0, f"optim.lr={self.lr} must be positive")
-        _require(0 <= self.min_lr <= self.lr, f"optim.min_lr={self.min_lr} must be in [0, optim.lr={self.lr}]")
-        _require(self.warmup_steps >= 0, f"optim.warmup_steps={self.warmup_steps} must be >= 0")
-        _require(self.grad_clip >= 0, f"optim.grad_clip={self.grad_clip} must be >= 0")
+        one_of("optim.name", self.name, ("adamw",))
+        one_of("optim.decay", self.decay, ("cosine", "linear", "constant"))
+        one_of("optim.implementation", self.implementation, ("auto", "fused", "foreach", "for_loop"))
+        require(self.lr > 0, f"optim.lr={self.lr} must be positive")
+        require(0 <= self.min_lr <= self.lr, f"optim.min_lr={self.min_lr} must be in [0, optim.lr={self.lr}]")
+        require(self.warmup_steps >= 0, f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        require(self.grad_clip >= 0, f"optim.grad_clip={self.grad_clip} must be >= 0")
         for name in ("beta1", "beta2"):
-            _require(0 <= getattr(self, name) < 1, f"optim.{name}={getattr(self, name)} must be in [0, 1)")
+            require(0 <= getattr(self, name) < 1, f"optim.{name}={getattr(self, name)} must be in [0, 1)")
 
 
 # ------------------------------------------------------------------------------------------- trainer
@@ -307,10 +282,10 @@ class CheckpointConfig:
     verify: str = "sizes"
 
     def validate(self) -> None:
-        _one_of("trainer.checkpoint.resume", self.resume, ("auto", "never"))
-        _one_of("trainer.checkpoint.verify", self.verify, ("sizes", "full"))
-        _require(self.every_steps >= 0, f"trainer.checkpoint.every_steps={self.every_steps} must be >= 0")
-        _require(self.keep_last >= 0, f"trainer.checkpoint.keep_last={self.keep_last} must be >= 0")
+        one_of("trainer.checkpoint.resume", self.resume, ("auto", "never"))
+        one_of("trainer.checkpoint.verify", self.verify, ("sizes", "full"))
+        require(self.every_steps >= 0, f"trainer.checkpoint.every_steps={self.every_steps} must be >= 0")
+        require(self.keep_last >= 0, f"trainer.checkpoint.keep_last={self.keep_last} must be >= 0")
 
 
 @dataclass
@@ -347,19 +322,19 @@ class TrainerConfig:
 
     def validate(self) -> None:
         self.checkpoint.validate()
-        _one_of("trainer.nonfinite", self.nonfinite, ("skip", "stop"))
-        _require(self.max_consecutive_skips >= 0,
+        one_of("trainer.nonfinite", self.nonfinite, ("skip", "stop"))
+        require(self.max_consecutive_skips >= 0,
                  f"trainer.max_consecutive_skips={self.max_consecutive_skips} must be >= 0")
-        _one_of("trainer.precision", self.precision, ("fp32", "bf16"))
-        _one_of("trainer.device", self.device, ("auto", "cpu", "cuda"))
+        one_of("trainer.precision", self.precision, ("fp32", "bf16"))
+        one_of("trainer.device", self.device, ("auto", "cpu", "cuda"))
         for name in ("max_steps", "global_batch_size", "log_every", "eval_batches"):
-            _require(getattr(self, name) >= 1, f"trainer.{name}={getattr(self, name)} must be >= 1")
-        _require(self.eval_every >= 0, f"trainer.eval_every={self.eval_every} must be >= 0")
-        _require(self.loss_chunk_size >= 0, f"trainer.loss_chunk_size={self.loss_chunk_size} must be >= 0 "
+            require(getattr(self, name) >= 1, f"trainer.{name}={getattr(self, name)} must be >= 1")
+        require(self.eval_every >= 0, f"trainer.eval_every={self.eval_every} must be >= 0")
+        require(self.loss_chunk_size >= 0, f"trainer.loss_chunk_size={self.loss_chunk_size} must be >= 0 "
                                             f"(0 turns chunking off)")
-        _require(self.peak_tflops is None or self.peak_tflops > 0,
+        require(self.peak_tflops is None or self.peak_tflops > 0,
                  f"trainer.peak_tflops={self.peak_tflops} must be positive (or unset to detect it)")
-        _require(self.dist_timeout_s > 0, f"trainer.dist_timeout_s={self.dist_timeout_s} must be positive (seconds)")
+        require(self.dist_timeout_s > 0, f"trainer.dist_timeout_s={self.dist_timeout_s} must be positive (seconds)")
 
 
 def device_type(name: str) -> str:
@@ -387,12 +362,12 @@ class LoggingConfig:
     tensorboard: bool = False
 
     def validate(self) -> None:
-        _require(self.console_every >= 0, f"logging.console_every={self.console_every} must be >= 0 (0: about "
+        require(self.console_every >= 0, f"logging.console_every={self.console_every} must be >= 0 (0: about "
                                           f"ten lines over the run)")
         if self.tensorboard:
             import importlib.util
 
-            _require(importlib.util.find_spec("tensorboard") is not None,
+            require(importlib.util.find_spec("tensorboard") is not None,
                      "logging.tensorboard=true needs the tensorboard package, which is not installed: pip install "
                      "'meshtron[tensorboard]' (or tensorboard), or set logging.tensorboard=false")
 
@@ -447,17 +422,17 @@ class LauncherConfig:
     extra_sbatch: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
-        _one_of("launcher.mode", self.mode, ("torchrun", "srun"))
+        one_of("launcher.mode", self.mode, ("torchrun", "srun"))
         for name in ("nodes", "gpus_per_node", "signal_seconds"):
-            _require(getattr(self, name) >= 1, f"launcher.{name}={getattr(self, name)} must be >= 1")
+            require(getattr(self, name) >= 1, f"launcher.{name}={getattr(self, name)} must be >= 1")
         if self.cpus_per_task is not None:
-            _require(self.cpus_per_task >= 1, f"launcher.cpus_per_task={self.cpus_per_task} must be >= 1")
-        _require(bool(re.fullmatch(r"[0-9:-]+|UNLIMITED|INFINITE", self.time)),
+            require(self.cpus_per_task >= 1, f"launcher.cpus_per_task={self.cpus_per_task} must be >= 1")
+        require(bool(re.fullmatch(r"[0-9:-]+|UNLIMITED|INFINITE", self.time)),
                  f"launcher.time={self.time!r} is not a Slurm time (e.g. 24:00:00, 2-00:00:00, 90)")
-        _require(bool(re.fullmatch(r"[\w.+-]+", self.job_name)),
+        require(bool(re.fullmatch(r"[\w.+-]+", self.job_name)),
                  f"launcher.job_name={self.job_name!r}: use letters, digits and ._+- only")
         for opt in self.extra_sbatch:
-            _require(opt.strip().removeprefix("#SBATCH").strip().startswith("-") and "\n" not in opt,
+            require(opt.strip().removeprefix("#SBATCH").strip().startswith("-") and "\n" not in opt,
                      f"launcher.extra_sbatch entry {opt!r} is not an sbatch option like --qos=high")
 
 
@@ -474,65 +449,7 @@ class Config:
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
 
-def _asset_path(rel: str):
-    from trainer.assets import asset_path
-
-    return asset_path(*rel.split("/"))
-
-
-# The arguments of @hydra.main for every entry point that composes conf/ (python -m trainer, trainer.launch).
-HYDRA_MAIN = dict(config_path="pkg://conf", config_name="config", version_base="1.3")
-
-
-def register_configs() -> None:
-    cs = ConfigStore.instance()
-    cs.store(name="base_config", node=Config)
-    cs.store(group="model", name="base_model", node=ModelConfig)
-    cs.store(group="parallel", name="base_parallel", node=ParallelConfig)
-    cs.store(group="data", name="base_data", node=DataConfig)
-    cs.store(group="optim", name="base_optim", node=OptimConfig)
-    cs.store(group="trainer", name="base_trainer", node=TrainerConfig)
-    cs.store(group="launcher", name="base_launcher", node=LauncherConfig)
-
-
-register_configs()
-# ${meshtron_asset:sft_chat/train.jsonl} in YAML: a file bundled with meshtron, wherever it is installed.
-OmegaConf.register_new_resolver("meshtron_asset", lambda rel: str(_asset_path(rel)), replace=True)
-
-
 # ----------------------------------------------------------------------------------- cross-field checks
-
-
-def to_config(cfg: DictConfig | Config) -> Config:
-    """The typed object behind a composed DictConfig, interpolations resolved.
-
-    Re-merging into a fresh schema catches keys that Hydra's ``+key=value`` force-adds past the schema,
-    which would otherwise be dropped without a word.
-    """
-    if isinstance(cfg, Config):
-        return cfg
-    try:
-        # A '???' left in the composed config would be merged over by the schema's default without a word.
-        missing = sorted(OmegaConf.missing_keys(cfg))
-        if missing:
-            raise ConfigError(f"{', '.join(missing)} {'has' if len(missing) == 1 else 'have'} no value ('???' in "
-                              f"the config); give {'it' if len(missing) == 1 else 'each'} on the command line, e.g. "
-                              f"{missing[0]}=..., or in a YAML file")
-        plain = OmegaConf.to_container(cfg, resolve=False)
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), plain))
-    except OmegaConfBaseException as err:
-        raise ConfigError(omegaconf_error_line(err)) from err
-
-
-def omegaconf_error_line(err: OmegaConfBaseException) -> str:
-    """OmegaConf's error in one line: the key and the first line of its message (the lines after it repeat the
-    key and name the schema's classes)."""
-    lines = str(getattr(err, "msg", None) or err).strip().splitlines()
-    first = lines[0] if lines else type(err).__name__
-    key = getattr(err, "full_key", None)
-    if isinstance(err, (ConfigKeyError, ConfigAttributeError)) and key:
-        return f"{key} is not a config key ({first}); `python -m trainer --cfg job` prints every key"
-    return f"{key}: {first}" if key and key not in first else first
 
 
 def validate_config(cfg: Config) -> None:
@@ -540,41 +457,12 @@ def validate_config(cfg: Config) -> None:
     for part in (cfg.model, cfg.parallel, cfg.data, cfg.optim, cfg.trainer, cfg.logging):
         part.validate()
     m, d, t, p = cfg.model, cfg.data, cfg.trainer, cfg.parallel
-    _require(
+    require(
         d.seq_len <= m.max_position_embeddings,
         f"data.seq_len={d.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}",
     )
-    _require(
+    require(
         t.global_batch_size % p.microbatch_size == 0,
         f"trainer.global_batch_size={t.global_batch_size} is not divisible by "
         f"parallel.microbatch_size={p.microbatch_size}",
     )
-
-
-# ------------------------------------------------------------------------------------------- secrets
-
-_SECRET_WORDS = {"secret", "password", "passwd", "credential", "credentials", "apikey"}
-
-
-def is_secret_key(key: str) -> bool:
-    """api keys, tokens, passwords... judged by whole words, so 'tokenizer' or 'max_tokens' are kept; 'token'
-    only as the last word (hf_token, auth_token), so settings about tokens (moe_token_drop_policy) are kept."""
-    k = str(key).lower()
-    words = re.split(r"[_\-.]", k)
-    return "api_key" in k or "access_key" in k or bool(_SECRET_WORDS & set(words)) or words[-1] == "token"
-
-
-def redact_secrets(node: Any) -> Any:
-    """A copy of a plain container with every secret-looking key's value replaced by '<redacted>'."""
-    if isinstance(node, dict):
-        return {k: ("<redacted>" if is_secret_key(k) and v is not None else redact_secrets(v))
-                for k, v in node.items()}
-    if isinstance(node, list):
-        return [redact_secrets(v) for v in node]
-    return node
-
-
-def resolved_yaml(cfg: Config) -> str:
-    """The run's resolved config as YAML with secrets removed: what goes into the output directory."""
-    plain = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-    return OmegaConf.to_yaml(OmegaConf.create(redact_secrets(plain)))

@@ -77,7 +77,7 @@ def hydra_error_line(err: BaseException, overrides: Sequence[str]) -> str:
     from hydra.errors import MissingConfigException, OverrideParseException
     from omegaconf.errors import OmegaConfBaseException
 
-    from trainer.config import omegaconf_error_line
+    from trainer.config_io import omegaconf_error_line
 
     if isinstance(err, OverrideParseException):
         lines = [ln for ln in str(err.message).splitlines()

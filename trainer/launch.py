@@ -22,8 +22,9 @@ from typing import Optional
 import hydra
 from omegaconf import DictConfig
 
-from trainer.config import (HYDRA_MAIN, Config, ConfigError, LauncherConfig, ParallelConfig, is_secret_key,
-                            to_config)
+from trainer.config import Config, LauncherConfig, ParallelConfig
+from trainer.config_io import HYDRA_MAIN, is_secret_key, to_config
+from trainer.errors import ConfigError
 from trainer.entry import exit_config_error, run_hydra
 
 SETUP_MARKERS = ("# >>> meshtron setup", "# <<< meshtron setup")

@@ -15,7 +15,9 @@ import torch
 from parallel.collectives import clip_grad_norm_
 from parallel.dims import ParallelDims, validate_layout
 from parallel.parallelize import ParallelModel, build_parallel_model
-from trainer.config import Config, ConfigError, TrainerConfig, device_type, resolved_yaml, validate_config
+from trainer.config import Config, TrainerConfig, device_type, validate_config
+from trainer.config_io import resolved_yaml
+from trainer.errors import ConfigError
 from trainer.distributed import RankInfo, broadcast_str, init_distributed, rank_info
 from trainer.data.build import batches_in_order
 from trainer.data.loader import GlobalBatchLoader

@@ -24,7 +24,7 @@ def cross_entropy_tokens(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     """Per-token cross-entropy in fp32, shaped like labels; 0 where labels equal IGNORE_INDEX.
 
     Logits may be a DTensor sharded on the vocabulary dim (tensor parallelism with loss parallelism);
-    call this, and the backward, inside ``parallel.tensor_parallel.loss_context``. The result is then
+    call this, and the backward, inside ``parallel.tensor_parallel.vocab_parallel_loss``. The result is then
     replicated and returned as a plain tensor so callers can sum it across ranks like any other.
     """
     loss = F.cross_entropy(

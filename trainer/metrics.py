@@ -15,7 +15,8 @@ from typing import Any, Optional
 import torch
 from tqdm import tqdm
 
-from trainer.config import Config, LoggingConfig, redact_secrets
+from trainer.config import Config, LoggingConfig
+from trainer.config_io import redact_secrets
 from trainer.flops import achieved_tflops, peak_tflops
 
 

@@ -10,17 +10,12 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+from trainer.errors import require
+
 # HF's router_aux_loss_coef default for qwen3_moe, qwen2_moe and mixtral: the coefficient when neither the
 # config nor the HF checkpoint gives one.
 DEFAULT_AUX_LOSS_COEFF = 0.001
 DROP_POLICIES = ("probs", "position")
-
-
-def _require(ok: bool, msg: str) -> None:
-    if not ok:
-        from trainer.config import ConfigError  # at raise time: config.py imports this module
-
-        raise ConfigError(msg)
 
 
 @dataclass
@@ -89,28 +84,28 @@ class MoEConfig:
         if not self.enabled:
             return
         e, k = self.num_moe_experts, self.moe_router_topk
-        _require(e >= 1, f"model.moe.num_moe_experts={e} must be >= 1 (null for a dense model)")
-        _require(1 <= k <= e, f"model.moe.moe_router_topk={k} must be in [1, model.moe.num_moe_experts={e}]")
+        require(e >= 1, f"model.moe.num_moe_experts={e} must be >= 1 (null for a dense model)")
+        require(1 <= k <= e, f"model.moe.moe_router_topk={k} must be in [1, model.moe.num_moe_experts={e}]")
         for name in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"):
             value = getattr(self, name)
-            _require(value is None or value > 0, f"model.moe.{name}={value} must be positive (or null)")
-        _require(not self.moe_shared_expert_gate or self.moe_shared_expert_intermediate_size,
+            require(value is None or value > 0, f"model.moe.{name}={value} must be positive (or null)")
+        require(not self.moe_shared_expert_gate or self.moe_shared_expert_intermediate_size,
                  "model.moe.moe_shared_expert_gate=true needs model.moe.moe_shared_expert_intermediate_size "
                  "(there is no shared expert to gate)")
         if self.moe_layer_freq is not None:
             freq = list(self.moe_layer_freq)
-            _require(len(freq) == num_layers,
+            require(len(freq) == num_layers,
                      f"model.moe.moe_layer_freq has {len(freq)} entries but model.num_layers={num_layers}; "
                      f"give one 0 (dense) or 1 (MoE) per layer")
-            _require(set(freq) <= {0, 1}, f"model.moe.moe_layer_freq={freq} may hold only 0 (dense) and 1 (MoE)")
-            _require(1 in freq, f"model.moe.moe_layer_freq={freq} has no MoE layer; set "
+            require(set(freq) <= {0, 1}, f"model.moe.moe_layer_freq={freq} may hold only 0 (dense) and 1 (MoE)")
+            require(1 in freq, f"model.moe.moe_layer_freq={freq} has no MoE layer; set "
                                 f"model.moe.num_moe_experts=null for a dense model")
         for name in ("moe_aux_loss_coeff", "moe_z_loss_coeff"):
             value = getattr(self, name)
-            _require(value is None or value >= 0, f"model.moe.{name}={value} must be >= 0")
+            require(value is None or value >= 0, f"model.moe.{name}={value} must be >= 0")
         cf = self.moe_expert_capacity_factor
-        _require(cf is None or cf > 0, f"model.moe.moe_expert_capacity_factor={cf} must be positive "
+        require(cf is None or cf > 0, f"model.moe.moe_expert_capacity_factor={cf} must be positive "
                                        f"(or null: dropless)")
-        _require(self.moe_drop_policy in DROP_POLICIES,
+        require(self.moe_drop_policy in DROP_POLICIES,
                  f"model.moe.moe_drop_policy={self.moe_drop_policy!r} is not supported; expected "
                  f"one of {list(DROP_POLICIES)}")

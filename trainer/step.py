@@ -64,9 +64,9 @@ def model_inputs(mb: dict[str, torch.Tensor], device: torch.device) -> tuple[tor
 
 def loss_context(pm: ParallelModel):
     if pm.dims.tp_enabled:
-        from parallel.tensor_parallel import loss_context as tp_loss_context
+        from parallel.tensor_parallel import vocab_parallel_loss
 
-        return tp_loss_context(pm.modules[0])
+        return vocab_parallel_loss(pm.modules[0])
     return contextlib.nullcontext()
 
 
@@ -77,7 +77,8 @@ def autocast(cfg: Config, pm: ParallelModel, device: torch.device):
     return contextlib.nullcontext()
 
 
-def _as_local(t: torch.Tensor) -> torch.Tensor:
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on this rank (a DTensor's full_tensor: a collective), a plain one as it is."""
     from torch.distributed.tensor import DTensor
 
     return t.full_tensor() if isinstance(t, DTensor) else t
@@ -97,7 +98,7 @@ def forward_backward(pm: ParallelModel, batch: dict[str, torch.Tensor], normaliz
         with autocast(cfg, pm, device), loss_context(pm):
             loss = pm.runner.step(inputs, normalizer, doc_loss)
         # The last stage returns sum(CE) / normalizer over its micro-batches; other stages hold no loss.
-        return _as_local(loss).detach().float() * normalizer if loss is not None else torch.zeros((), device=device)
+        return _full(loss).detach().float() * normalizer if loss is not None else torch.zeros((), device=device)
     from parallel.fsdp import set_gradient_sync
 
     model = pm.modules[0]
@@ -119,7 +120,7 @@ def forward_backward(pm: ParallelModel, batch: dict[str, torch.Tensor], normaliz
             (ce / normalizer).backward()
         if doc_loss is not None and "sample_ids" in mb:
             doc_loss.add(token_losses, labels, to_device(mb["sample_ids"], device))
-        total += _as_local(ce).detach().float()
+        total += _full(ce).detach().float()
     return total
 
 
@@ -201,7 +202,7 @@ def evaluate(pm: ParallelModel, global_batches: list[dict[str, torch.Tensor]], c
         if pm.runner is not None:
             with autocast(cfg, pm, device), loss_context(pm):
                 out: Optional[torch.Tensor] = pm.runner.eval_loss_sum({k: v.to(device) for k, v in batch.items()})
-            total += _as_local(out).float() if out is not None else 0.0
+            total += _full(out).float() if out is not None else 0.0
             continue
         for mb in micro_batches(batch, cfg.parallel.microbatch_size):
             tokens, kwargs = model_inputs(mb, device)

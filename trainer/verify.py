@@ -27,7 +27,9 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from parallel.dims import ParallelDims
-from trainer.config import HYDRA_MAIN, Config, ConfigError, ModelConfig, ParallelConfig, to_config
+from trainer.config import Config, ModelConfig, ParallelConfig
+from trainer.config_io import HYDRA_MAIN, to_config
+from trainer.errors import ConfigError
 from trainer.distributed import RankInfo, broadcast_str, rank_info
 from trainer.entry import exit_config_error, run_hydra
 from trainer.moe_config import MoEConfig

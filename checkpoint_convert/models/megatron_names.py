@@ -68,7 +68,7 @@ MEGATRON_LOCAL = MappingTable(_same(
 ))
 
 # megatron-core's Transformer Engine spec (get_gpt_layer_with_transformer_engine_spec).
-MEGATRON_TE = MEGATRON_LOCAL.extend(
+MEGATRON_TE = MEGATRON_LOCAL.with_rules(
     rename(f"{_LAYER}.input_layernorm.weight", f"{_LAYER}.self_attention.linear_qkv.layer_norm_weight"),
     rename(f"{_LAYER}.pre_mlp_layernorm.weight", f"{_LAYER}.mlp.linear_fc1.layer_norm_weight"),
 )
@@ -119,9 +119,9 @@ SPEC_EXPERTS = {"local": "sequential", "te": "grouped"}
 def layer_tables(spec: str, experts: str) -> tuple[MappingTable, MappingTable]:
     """(dense layers' table, MoE layers' table); experts="dist": torch_dist's names (TE-style norms)."""
     dense = MEGATRON_TE if experts == "dist" else SPECS[spec]
-    moe = dense.extend(*MOE_RULES, *EXPERTS[experts])
+    moe = dense.with_rules(*MOE_RULES, *EXPERTS[experts])
     if spec == "te":  # TE's MoE layer has a TENorm of its own before the router
-        moe = moe.extend(rename(f"{_LAYER}.pre_mlp_layernorm.weight", f"{_LAYER}.pre_mlp_layernorm.weight"))
+        moe = moe.with_rules(rename(f"{_LAYER}.pre_mlp_layernorm.weight", f"{_LAYER}.pre_mlp_layernorm.weight"))
     return dense, moe
 
 

@@ -2,4 +2,4 @@
 
 from checkpoint_convert.models.llama import LLAMA
 
-MISTRAL = LLAMA.extend()
+MISTRAL = LLAMA.with_rules()

@@ -10,7 +10,7 @@ from checkpoint_convert.models.mistral import MISTRAL
 
 _MOE = "model.layers.*.block_sparse_moe"
 
-MIXTRAL = MISTRAL.extend(
+MIXTRAL = MISTRAL.with_rules(
     rename("decoder.layers.*.mlp.router.weight", f"{_MOE}.gate.weight"),
     stack_experts("decoder.layers.*.mlp.experts.linear_fc1_gate.weight", f"{_MOE}.experts.#.w1.weight"),
     stack_experts("decoder.layers.*.mlp.experts.linear_fc1_up.weight", f"{_MOE}.experts.#.w3.weight"),

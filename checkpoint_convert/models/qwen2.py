@@ -5,7 +5,7 @@ from checkpoint_convert.models.llama import LLAMA
 
 _ATTN = "model.layers.*.self_attn"
 
-QWEN2 = LLAMA.extend(
+QWEN2 = LLAMA.with_rules(
     fuse_qkv("decoder.layers.*.self_attention.linear_qkv.bias",
              f"{_ATTN}.q_proj.bias", f"{_ATTN}.k_proj.bias", f"{_ATTN}.v_proj.bias"),
 )

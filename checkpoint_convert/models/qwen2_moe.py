@@ -7,7 +7,7 @@ from checkpoint_convert.models.qwen3_moe import MOE_RULES
 
 _OURS, _THEIRS = "decoder.layers.*.mlp.shared_experts", "model.layers.*.mlp.shared_expert"
 
-QWEN2_MOE = QWEN2.extend(
+QWEN2_MOE = QWEN2.with_rules(
     *MOE_RULES,
     rename(f"{_OURS}.linear_fc1_gate.weight", f"{_THEIRS}.gate_proj.weight"),
     rename(f"{_OURS}.linear_fc1_up.weight", f"{_THEIRS}.up_proj.weight"),

@@ -3,7 +3,7 @@
 from checkpoint_convert.mapping import rename
 from checkpoint_convert.models.llama import LLAMA
 
-QWEN3 = LLAMA.extend(
+QWEN3 = LLAMA.with_rules(
     rename("decoder.layers.*.self_attention.q_layernorm.weight", "model.layers.*.self_attn.q_norm.weight"),
     rename("decoder.layers.*.self_attention.k_layernorm.weight", "model.layers.*.self_attn.k_norm.weight"),
 )

@@ -17,4 +17,4 @@ MOE_RULES = (
     stack_experts("decoder.layers.*.mlp.experts.linear_fc2.weight", f"{_MLP}.experts.#.down_proj.weight"),
 )
 
-QWEN3_MOE = QWEN3.extend(*MOE_RULES)
+QWEN3_MOE = QWEN3.with_rules(*MOE_RULES)

@@ -13,35 +13,20 @@ from checkpoint_convert.models.qwen2 import QWEN2
 from checkpoint_convert.models.qwen2_moe import QWEN2_MOE
 from checkpoint_convert.models.qwen3 import QWEN3
 from checkpoint_convert.models.qwen3_moe import QWEN3_MOE
-from trainer.config import ConfigError
+from trainer.errors import ConfigError
+from trainer.families import FAMILY_FACTS, FamilyFacts
 
 
 @dataclass(frozen=True)
-class Family:
-    name: str  # ModelConfig.family
-    hf_model_type: str
-    hf_architecture: str
-    table: MappingTable
-    # The dense family whose attention (biases, q/k norms, sliding-window keys) this one has.
-    attention: str = ""
+class Family(FamilyFacts):
+    """A family's facts (trainer/families.py) and the table converting its weights."""
 
-    def __post_init__(self):
-        if not self.attention:
-            object.__setattr__(self, "attention", self.name)
+    table: Optional[MappingTable] = None
 
 
-FAMILIES = {
-    f.name: f
-    for f in (
-        Family("llama", "llama", "LlamaForCausalLM", LLAMA),
-        Family("mistral", "mistral", "MistralForCausalLM", MISTRAL),
-        Family("qwen2", "qwen2", "Qwen2ForCausalLM", QWEN2),
-        Family("qwen3", "qwen3", "Qwen3ForCausalLM", QWEN3),
-        Family("qwen3_moe", "qwen3_moe", "Qwen3MoeForCausalLM", QWEN3_MOE, attention="qwen3"),
-        Family("mixtral", "mixtral", "MixtralForCausalLM", MIXTRAL, attention="mistral"),
-        Family("qwen2_moe", "qwen2_moe", "Qwen2MoeForCausalLM", QWEN2_MOE, attention="qwen2"),
-    )
-}
+TABLES = {"llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2, "qwen3": QWEN3, "qwen3_moe": QWEN3_MOE,
+          "mixtral": MIXTRAL, "qwen2_moe": QWEN2_MOE}
+FAMILIES = {name: Family(**vars(facts), table=TABLES[name]) for name, facts in FAMILY_FACTS.items()}
 
 
 def family(name: str) -> Family:

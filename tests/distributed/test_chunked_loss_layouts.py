@@ -78,7 +78,7 @@ def _tp_case(case: tp.Case, chunk: int) -> dict:
     from torch.distributed.tensor import DTensor, Shard
     from torch.distributed.tensor.debug import CommDebugMode
 
-    from parallel.tensor_parallel import loss_context
+    from parallel.tensor_parallel import vocab_parallel_loss
 
     model, calls = tp._build_tp(case, 2), []
     model.loss_chunk_size, model.loss_chunk_fn = chunk, _counting(calls)
@@ -86,7 +86,7 @@ def _tp_case(case: tp.Case, chunk: int) -> dict:
     assert isinstance(weight, DTensor) and weight.placements == (Shard(0),)
     batch = tp._batch(case)
     forward, backward = CommDebugMode(), CommDebugMode()
-    with loss_context(model):
+    with vocab_parallel_loss(model):
         with forward:
             losses = model(batch["tokens"], position_ids=batch["position_ids"], labels=batch["labels"])
         assert type(losses) is torch.Tensor and losses.shape == batch["labels"].shape

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoint_convert.megatron import hf_to_megatron, rank_dir
+from checkpoint_convert.megatron import hf_to_megatron
+from checkpoint_convert.megatron_format import rank_dir
 from tests.distributed.launcher import run_ranks
 from tests.distributed.megatron_core_models import core_gpt_model
 from tests.tiny_hf import VARIANTS, save_tiny_hf

@@ -30,7 +30,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from checkpoint_convert.megatron import hf_to_megatron, megatron_to_hf, rank_dir
+from checkpoint_convert.megatron import hf_to_megatron, megatron_to_hf
+from checkpoint_convert.megatron_format import rank_dir
 from checkpoint_convert.megatron_dist import read_dcp_metadata
 from checkpoint_convert.megatron_dist_read import megatron_dist_to_hf
 from checkpoint_convert.megatron_dist_write import hf_to_megatron_dist

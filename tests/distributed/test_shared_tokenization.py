@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from tests.distributed.launcher import run_ranks
-from trainer.config import ConfigError, DataConfig, DataSource
+from trainer.config import DataConfig, DataSource
+from trainer.errors import ConfigError
 from trainer.data import pretrain, shared
 from trainer.data.sft import BUNDLED_SFT_TRAIN, load_sft_corpus
 from trainer.data.shared import Share

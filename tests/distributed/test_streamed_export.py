@@ -43,7 +43,7 @@ SHARD_BYTES = 20_000  # several shards and an index, so their grouping is compar
 def _config(overrides: list[str], world_size: int):
     from hydra import compose, initialize_config_module
 
-    from trainer.config import to_config
+    from trainer.config_io import to_config
     from trainer.loop import prepare
 
     with initialize_config_module(config_module="conf", version_base="1.3"):

@@ -18,7 +18,8 @@ import torch
 
 from trainer.model.shapes import check_tp_divisibility, padded_vocab_size
 from tests.distributed.launcher import run_ranks
-from trainer.config import ConfigError, ModelConfig
+from trainer.config import ModelConfig
+from trainer.errors import ConfigError
 from trainer.loss import IGNORE_INDEX, count_valid, cross_entropy_sum
 from trainer.model import GPTModel
 from trainer.model.gpt import VOCAB_PARAMS
@@ -123,11 +124,11 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 def _tp_case(rank: int, tp: int, case: Case) -> dict:
     from torch.distributed.tensor import DTensor, Shard
 
-    from parallel.tensor_parallel import loss_context
+    from parallel.tensor_parallel import vocab_parallel_loss
 
     model = _build_tp(case, tp)
     assert all(isinstance(p, DTensor) for p in model.parameters()), "every TP parameter is a DTensor"
-    logits, loss = _forward_loss(model, _batch(case), loss_context(model))
+    logits, loss = _forward_loss(model, _batch(case), vocab_parallel_loss(model))
     if case.lp:  # no rank ever materialises [B, S, vocab]
         assert isinstance(logits, DTensor) and logits.placements == (Shard(2),), logits
         assert logits.to_local().shape[-1] == logits.shape[-1] // tp
@@ -142,10 +143,10 @@ def _tp_case(rank: int, tp: int, case: Case) -> dict:
 
 
 def _tp_adamw(rank: int, tp: int, case: Case) -> dict:
-    from parallel.tensor_parallel import loss_context
+    from parallel.tensor_parallel import vocab_parallel_loss
 
     model = _build_tp(case, tp)
-    norms = _train(model, _batch(case), lambda: loss_context(model))
+    norms = _train(model, _batch(case), lambda: vocab_parallel_loss(model))
     params = {n: _full(p.detach()).numpy() for n, p in model.named_parameters()}
     return {"norms": norms, "params": params if rank == 0 else None}
 
@@ -166,7 +167,7 @@ def _tp_stages(rank: int, tp: int, case: Case) -> dict:
     sequence-sharded hidden state passes from one stage to the next as a local tensor."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    from parallel.tensor_parallel import apply_tensor_parallel, loss_context
+    from parallel.tensor_parallel import apply_tensor_parallel, vocab_parallel_loss
 
     mesh = init_device_mesh("cpu", (tp,), mesh_dim_names=("tp",))
     model = GPTModel(case.cfg(), seed=SEED)
@@ -177,7 +178,7 @@ def _tp_stages(rank: int, tp: int, case: Case) -> dict:
     hidden = first(batch["tokens"], position_ids=batch["position_ids"])
     assert hidden.shape[1] == (S // tp if case.sp else S)
     logits = last(hidden, position_ids=batch["position_ids"])
-    with loss_context(last):
+    with vocab_parallel_loss(last):
         loss = cross_entropy_sum(logits, batch["labels"]) / count_valid(batch["labels"])
         loss.backward()
     out = {"loss": loss.item()}

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from trainer import torch_compat
-from trainer.config import ConfigError, ModelConfig
+from trainer.config import ModelConfig
+from trainer.errors import ConfigError
 from trainer.data.attention_meta import attention_metadata, document_run_lengths, one_document_rows
 from trainer.data.packing import PAD_DOC
 from trainer.model import GPTModel

@@ -117,7 +117,7 @@ def test_file_list_checks_sizes_always_and_checksums_split_between_ranks(tmp_pat
 
 
 def test_verify_setting_is_checked():
-    from trainer.config import ConfigError
+    from trainer.errors import ConfigError
 
     cfg = Config()
     cfg.trainer.checkpoint.verify = "fast"

@@ -62,7 +62,7 @@ def test_a_stage_without_the_loss_keeps_its_chunk_function():
 
 def test_tensor_parallel_compile_on_cpu_is_refused_before_anything_starts(compose):
     from parallel.dims import ParallelDims, validate_layout
-    from trainer.config import ConfigError
+    from trainer.errors import ConfigError
 
     cfg = compose("parallel=tp2", "parallel.compile=true", "trainer.device=cpu")
     with pytest.raises(ConfigError, match=r"parallel.compile=true with parallel.tp=2 cannot train on CPU"):

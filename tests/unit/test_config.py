@@ -6,7 +6,9 @@ import pytest
 import yaml
 from hydra.errors import ConfigCompositionException
 
-from trainer.config import Config, ConfigError, redact_secrets, resolved_yaml, validate_config
+from trainer.config import Config, validate_config
+from trainer.config_io import redact_secrets, resolved_yaml
+from trainer.errors import ConfigError
 
 PRESETS = ["tiny", "tiny_moe", "llama3_8b", "llama3_2_1b", "mistral_7b", "qwen2_5_7b", "qwen2_5_0_5b", "qwen3_8b"]
 
@@ -95,7 +97,7 @@ def test_redaction_removes_secrets_everywhere():
     assert red["logging"] == {"wandb_api_key": "<redacted>", "wandb_project": "p"}
     assert red["x"][0]["hf_token"] == "<redacted>"
     assert red["tokenizer"] == "/path"  # a path, not a secret: 'tokenizer' is not a secret-looking key
-    from trainer.config import is_secret_key
+    from trainer.config_io import is_secret_key
 
     # "token" is a secret as the name's last word only: settings about tokens are not.
     assert [is_secret_key(k) for k in ("token", "auth_token", "HF-TOKEN", "moe_token_drop_policy",

@@ -14,7 +14,7 @@ import torch
 from checkpoint_convert.cli import build_parser, main as convert
 from checkpoint_convert.safetensors_files import ShardWriter
 from checkpoint_convert.meshtron import groups, resolve_checkpoint
-from trainer.config import ConfigError
+from trainer.errors import ConfigError
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 from checkpoint_convert.hf import check_hf_checkpoint, read_hf_config
 from checkpoint_convert.safetensors_files import open_safetensors
 from tests.tiny_hf import save_tiny_hf
-from trainer.config import ConfigError, DamagedFileError, DataConfig
+from trainer.config import DataConfig
+from trainer.errors import ConfigError, DamagedFileError
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 
 from trainer.assets import BUNDLED_TOKENIZER, BUNDLED_VAL
-from trainer.config import Config, ConfigError, DataConfig, DataSource
+from trainer.config import Config, DataConfig, DataSource
+from trainer.errors import ConfigError
 from trainer.data import pretrain, sources
 from trainer.data.build import batches_in_order, build_split
 from trainer.data.packing import IGNORE_INDEX, PAD_DOC, PackedRows

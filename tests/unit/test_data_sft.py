@@ -9,7 +9,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from trainer.assets import BUNDLED_TOKENIZER, build_sft_chat
-from trainer.config import ConfigError, DataConfig, DataSource
+from trainer.config import DataConfig, DataSource
+from trainer.errors import ConfigError
 from trainer.data import sft
 from trainer.data.sft import BUNDLED_SFT_TRAIN, BUNDLED_SFT_VAL, load_sft_corpus, to_messages
 

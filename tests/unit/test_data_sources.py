@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from trainer.assets import BUNDLED_TRAIN
-from trainer.config import ConfigError, DataConfig, DataSource
+from trainer.config import DataConfig, DataSource
+from trainer.errors import ConfigError
 from trainer.data import pretrain
 from trainer.data.build import build_split
 from trainer.data.pretrain import data_sources, load_source_corpus, read_source

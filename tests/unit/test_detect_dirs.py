@@ -13,7 +13,7 @@ from checkpoint_convert import detect as d
 from checkpoint_convert.cli import main as convert_cli
 from checkpoint_convert.megatron import hf_to_megatron, megatron_to_hf
 from checkpoint_convert.meshtron import resolve_checkpoint
-from trainer.config import ConfigError
+from trainer.errors import ConfigError
 
 transformers = pytest.importorskip("transformers")
 

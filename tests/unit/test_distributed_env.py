@@ -180,7 +180,7 @@ def test_cuda_device_follows_the_local_rank_unless_one_gpu_is_visible(monkeypatc
 def test_more_local_ranks_than_visible_gpus_is_refused(monkeypatch):
     import torch
 
-    from trainer.config import ConfigError
+    from trainer.errors import ConfigError
     from trainer.loop import pick_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -11,7 +11,8 @@ import transformers
 
 from checkpoint_convert.hf import hf_config_dict, model_config_from_hf, read_hf_config
 from checkpoint_convert.models.registry import family_for_hf, table_for
-from trainer.config import ConfigError, ModelConfig, RopeScalingConfig
+from trainer.config import ModelConfig, RopeScalingConfig
+from trainer.errors import ConfigError
 
 SHAPE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=8,
              num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-5)

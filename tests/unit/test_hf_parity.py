@@ -12,7 +12,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from checkpoint_convert.hf import load_hf_weights, read_hf_config, save_hf
-from trainer.config import ConfigError, ModelConfig
+from trainer.config import ModelConfig
+from trainer.errors import ConfigError
 from trainer.model import GPTModel
 from tests.tiny_hf import randomized
 

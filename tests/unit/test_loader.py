@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.config import ConfigError
+from trainer.errors import ConfigError
 from trainer.data.corpus import TokenizedCorpus
 from trainer.data.loader import Blend, GlobalBatchLoader, blend_schedule
 from trainer.data.packing import PackedRows, pack_corpus

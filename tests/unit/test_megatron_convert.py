@@ -15,11 +15,11 @@ import torch
 from safetensors.torch import save_file
 
 from checkpoint_convert.hf import read_hf_config
-from checkpoint_convert.megatron import (hf_to_megatron, load_megatron_as_meshtron, megatron_config,
-                                         megatron_to_hf)
+from checkpoint_convert.megatron import hf_to_megatron, load_megatron_as_meshtron, megatron_to_hf
+from checkpoint_convert.megatron_format import megatron_config
 from tests.tiny_hf import VARIANTS, save_tiny_hf
 from tests.unit.test_hf_parity import _inputs, _read_safetensors_dir
-from trainer.config import ConfigError
+from trainer.errors import ConfigError
 from trainer.model import GPTModel
 
 transformers = pytest.importorskip("transformers")

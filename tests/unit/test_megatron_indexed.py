@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.config import ConfigError, DamagedFileError
+from trainer.errors import ConfigError, DamagedFileError
 from trainer.data.megatron_indexed import REMEDY, prefix_paths, read_megatron
 
 with warnings.catch_warnings():  # megatron-core warns about missing Transformer Engine / Apex on import

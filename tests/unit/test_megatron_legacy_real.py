@@ -31,12 +31,13 @@ import pytest
 import torch
 
 from checkpoint_convert.cli import main as convert_cli
-from checkpoint_convert.megatron import hf_to_megatron, megatron_to_hf, rank_dir
+from checkpoint_convert.megatron import hf_to_megatron, megatron_to_hf
+from checkpoint_convert.megatron_format import rank_dir
 from checkpoint_convert.megatron_format import (ALLOWED_NAMES, load_rank_file, megatron_safe_globals,
                                                 refusal_message)
 from tests.tiny_hf import SHAPE, randomized
 from tests.unit.test_hf_parity import _inputs, _read_safetensors_dir
-from trainer.config import ConfigError, DamagedFileError
+from trainer.errors import ConfigError, DamagedFileError
 
 transformers = pytest.importorskip("transformers")
 with warnings.catch_warnings():  # megatron-core warns about missing Transformer Engine / Apex on import

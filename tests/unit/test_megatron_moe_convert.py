@@ -23,7 +23,7 @@ from checkpoint_convert.megatron_dist_write import hf_to_megatron_dist
 from checkpoint_convert.megatron_format import config_from_args
 from tests.tiny_hf import save_tiny_hf
 from tests.unit.test_hf_parity import _read_safetensors_dir
-from trainer.config import ConfigError
+from trainer.errors import ConfigError
 
 pytest.importorskip("transformers")
 

@@ -123,7 +123,8 @@ def test_hub_config_json_and_what_hf_cannot_say(tmp_path):
     file transformers 5 writes (num_local_experts, rope_parameters); settings HF has no key for survive."""
     from checkpoint_convert.hf import hf_config_dict, model_config_from_hf
     from checkpoint_convert.hf_moe import sparse_step_keys
-    from trainer.config import ConfigError, ModelConfig
+    from trainer.config import ModelConfig
+    from trainer.errors import ConfigError
     from trainer.moe_config import MoEConfig
 
     hub = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 64,

@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.config import ConfigError, ModelConfig
+from trainer.config import ModelConfig
+from trainer.errors import ConfigError
 from trainer.model import GPTModel
 from trainer.model import moe as moe_mod
 from trainer.model.init import normal_like
@@ -55,7 +56,7 @@ def test_config_errors_name_the_values(moe, message):
 
 def test_no_moe_key_reads_as_a_secret():
     """config.yaml redacts secret-looking keys (trainer.config.is_secret_key): no MoE setting may look like one."""
-    from trainer.config import is_secret_key
+    from trainer.config_io import is_secret_key
 
     assert [f.name for f in dataclasses.fields(MoEConfig) if is_secret_key(f.name)] == []
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from trainer.config import ConfigError
+from trainer.errors import ConfigError
 from trainer.data.corpus import TokenizedCorpus
 from trainer.data.packing import IGNORE_INDEX, PAD_DOC, PackedRows, best_fit_decreasing, pack_corpus
 

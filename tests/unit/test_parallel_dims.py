@@ -5,7 +5,8 @@ import torch.distributed as dist
 
 from parallel.dims import MESH_AXES, ParallelDims, validate_layout
 from trainer.model.shapes import padded_vocab_size
-from trainer.config import ConfigError, ParallelConfig
+from trainer.config import ParallelConfig
+from trainer.errors import ConfigError
 from trainer.loop import prepare
 
 

@@ -17,7 +17,8 @@ from parallel.pipeline import (
     stage_ids_for_rank,
     stage_layer_ranges,
 )
-from trainer.config import ConfigError, ModelConfig
+from trainer.config import ModelConfig
+from trainer.errors import ConfigError
 from trainer.model import GPTModel
 
 TINY = ModelConfig(vocab_size=64, hidden_size=32, ffn_hidden_size=48, num_layers=8, num_attention_heads=4,

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from trainer.assets import BUNDLED_TRAIN
-from trainer.config import ConfigError, DataConfig, DataSource
+from trainer.config import DataConfig, DataSource
+from trainer.errors import ConfigError
 from trainer.data import packing, row_index
 from trainer.data.build import ROW_INDEX_DIR, batches_in_order, build_split
 from trainer.data.corpus import TokenizedCorpus

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from trainer import metrics, plot
-from trainer.config import Config, ConfigError, LoggingConfig, TrainerConfig
+from trainer.config import Config, LoggingConfig, TrainerConfig
+from trainer.errors import ConfigError
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 

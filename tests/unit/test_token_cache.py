@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer.config import ConfigError, DataConfig, DataSource
+from trainer.config import DataConfig, DataSource
+from trainer.errors import ConfigError
 from trainer.data import megatron_indexed, pretrain
 from trainer.data.megatron_indexed import IndexedWriter, read_megatron, token_dtype
 from trainer.data.sft import BUNDLED_SFT_VAL, load_sft_corpus

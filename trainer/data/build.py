@@ -16,7 +16,8 @@ from typing import Union
 import numpy as np
 import torch
 
-from trainer.config import SFT_FORMATS, ConfigError, DataConfig, DataSource
+from trainer.config import SFT_FORMATS, DataConfig, DataSource
+from trainer.errors import ConfigError
 from trainer.data.corpus import TokenizedCorpus
 from trainer.data.loader import Blend
 from trainer.data.packing import IGNORE_INDEX, PAD_DOC, PackedRows

@@ -23,7 +23,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from trainer.config import ConfigError
+from trainer.errors import ConfigError
 from trainer.data.packing import PackedRows
 
 

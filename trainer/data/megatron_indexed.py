@@ -27,7 +27,7 @@ from typing import BinaryIO, Optional
 
 import numpy as np
 
-from trainer.config import ConfigError, DamagedFileError
+from trainer.errors import ConfigError, DamagedFileError
 from trainer.data.corpus import TokenizedCorpus
 
 MAGIC = b"MMIDIDX\x00\x00"

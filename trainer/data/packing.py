@@ -29,7 +29,7 @@ from typing import Optional
 import numpy as np
 from tqdm.auto import tqdm
 
-from trainer.config import ConfigError
+from trainer.errors import ConfigError
 from trainer.data.corpus import TokenizedCorpus
 
 IGNORE_INDEX = -100  # label of a slot that carries no loss (padding, prompt tokens), as in HF and torch CE

@@ -36,7 +36,8 @@ from typing import Optional, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from trainer.config import PRETRAIN_FORMATS, SFT_FORMATS, ConfigError, DataConfig
+from trainer.config import PRETRAIN_FORMATS, SFT_FORMATS, DataConfig
+from trainer.errors import ConfigError
 from trainer.data import pretrain, sft
 from trainer.data.megatron_indexed import read_megatron, token_dtype
 from trainer.data.shared import (merge_parts, part_bytes, part_stem, plan_id, plan_parts, read_meta,

@@ -32,7 +32,8 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from trainer.assets import BUNDLED_TRAIN, BUNDLED_VAL
-from trainer.config import ConfigError, DataConfig, DataSource
+from trainer.config import DataConfig, DataSource
+from trainer.errors import ConfigError
 from trainer.data.corpus import TokenizedCorpus
 from trainer.data.megatron_indexed import IndexedWriter, prefix_paths, read_megatron, token_dtype
 from trainer.data.shared import SOLO, Share, build_shared, plan_parts, poll, read_meta, write_json_atomic

@@ -46,7 +46,8 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from trainer.assets import asset_path
-from trainer.config import ConfigError, DataConfig, DataSource, SFT_FORMATS
+from trainer.config import DataConfig, DataSource, SFT_FORMATS
+from trainer.errors import ConfigError
 from trainer.data.corpus import TokenizedCorpus
 from trainer.data.megatron_indexed import IndexedWriter, read_megatron, token_dtype
 from trainer.data.pretrain import files_identity, load_entry

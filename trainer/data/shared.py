@@ -35,7 +35,7 @@ from typing import Callable, Optional, Sequence
 
 from tqdm.auto import tqdm
 
-from trainer.config import ConfigError
+from trainer.errors import ConfigError
 from trainer.data.megatron_indexed import IndexedWriter
 from trainer.data.sources import Part, Progress, open_parquet
 

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
 
-from trainer.config import PRETRAIN_FORMATS, ConfigError
+from trainer.config import PRETRAIN_FORMATS
+from trainer.errors import ConfigError
 from trainer.data.megatron_indexed import prefix_paths
 
 _SUFFIXES = {"text": (".txt",), "jsonl_text": (".jsonl",), "parquet": (".parquet",)}

@@ -11,7 +11,8 @@ from typing import Optional
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from trainer.assets import BUNDLED_TOKENIZER
-from trainer.config import ConfigError, DamagedFileError, DataConfig
+from trainer.config import DataConfig
+from trainer.errors import ConfigError, DamagedFileError
 
 # Either file marks a directory as an HF tokenizer (slow tokenizers ship only tokenizer_config.json + vocab).
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.config import ConfigError, ModelConfig
+from trainer.config import ModelConfig
+from trainer.errors import ConfigError
 from trainer.model.layers import RMSNorm, apply_rotary
 from trainer.torch_compat import varlen_kwargs, varlen_missing
 

@@ -4,7 +4,8 @@ groups), so the converters use them without importing parallel/."""
 
 from __future__ import annotations
 
-from trainer.config import ConfigError, ModelConfig
+from trainer.config import ModelConfig
+from trainer.errors import ConfigError
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
