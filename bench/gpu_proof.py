@@ -8,13 +8,15 @@ Stages run in order, each in its own subprocess under its own time box, and each
 line to --out/summary.jsonl as soon as it ends, so a run cut short keeps every finished stage's results:
 
 1. wheels: installs --wheels (for our lent H100/H200: hydra-core, omegaconf and antlr4, the imports of `python -m
-   trainer` its image lacks; it has pytest and pytest-timeout) into --out/site with pip --target, and puts it
-   and this checkout on PYTHONPATH for the stages after it; nvidia-smi records the GPU and driver.
+   trainer` its image lacks; it has pytest and pytest-timeout; with a torchao wheel among them, 3.4 MB, the fp8
+   stages below run too) into --out/site with pip --target, and puts it and this checkout on PYTHONPATH for the
+   stages after it; nvidia-smi records the GPU and driver.
 2. probe: bench/gpu_probe.py, first the environment (Python, torch, CUDA, packages), then the kernel facts
    (varlen with GQA and a window, flex, SDPA dispatch, _grouped_mm).
-3. tests: tests/gpu, the cases that prove the most per second first (TESTS below), each with its own timeout.
+3. tests: tests/gpu, the cases that prove the most per second first (TESTS below), each with its own timeout;
+   tests/gpu/test_cuda_fp8.py when torchao is carried.
 4. bench: bench/gpu_throughput.py on the Llama-3.2-1B shape at seq 8192: the transformers padded baseline and
-   meshtron's packed paths, appended to --out/RESULTS.md.
+   meshtron's packed paths (and the fp8 twin of varlen when torchao is carried), appended to --out/RESULTS.md.
 
 Uses only the standard library itself, so it runs before the wheels are installed. Exit code: 0 when every stage
 that ran passed, 1 when one failed or ran out of time, 2 for bad arguments (or no CUDA without --dry-run).
@@ -54,6 +56,13 @@ TESTS = [
 ]
 # The transformers padded baseline and meshtron's packed paths, best first (varlen on every supported torch).
 BENCH_CONFIGS = ["hf-sdpa-pad", "meshtron-varlen+chunk", "meshtron-flex+chunk"]
+# With a torchao wheel among --wheels: the real fp8 step's tests and the fp8 twin of the best bf16 path.
+FP8_TESTS = [f"{G}/test_cuda_fp8.py"]
+FP8_BENCH = ["meshtron-varlen+chunk+fp8"]
+
+
+def carries_torchao(wheels: Path | None) -> bool:
+    return wheels is not None and any(wheels.glob("torchao-*.whl"))
 
 
 class Stages:
@@ -142,12 +151,14 @@ def main(argv=None) -> int:
         timeout = [f"--timeout={args.test_timeout_s:.0f}"] if has_pytest_timeout(python, env) else []
         # Exit 5 (nothing collected) cannot happen here: the dry run collects the cases and skips them.
         stages.run("tests", [python, "-m", "pytest", "-v", "-rA", "-p", "no:cacheprovider", *timeout,
-                             f"--junitxml={out / 'junit.xml'}", *TESTS], args.tests_s)
+                             f"--junitxml={out / 'junit.xml'}", *TESTS,
+                             *(FP8_TESTS if carries_torchao(args.wheels) else [])], args.tests_s)
     if "bench" not in args.skip:
         # The bench writes its table at the end: no configuration may start later than one configuration's
         # timeout before the stage's box closes, or a cut-short stage would lose the ones that ran.
         per_config = min(args.config_s, args.bench_s / 2)
-        bench = [python, "bench/gpu_throughput.py", "--configs", *BENCH_CONFIGS, "--config-timeout",
+        configs = BENCH_CONFIGS + (FP8_BENCH if carries_torchao(args.wheels) else [])
+        bench = [python, "bench/gpu_throughput.py", "--configs", *configs, "--config-timeout",
                  f"{per_config:.0f}", "--time-limit", f"{max(args.bench_s - per_config - 15, 1):.0f}"]
         bench += (["--device", "cpu", "--warmup", "1", "--steps", "1"] if args.dry_run
                   else ["--warmup", "2", "--steps", "5", "--append-results", str(out / "RESULTS.md")])

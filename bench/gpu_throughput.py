@@ -66,6 +66,11 @@ from trainer.loss import IGNORE_INDEX  # noqa: E402
 MESHTRON = {f"meshtron-{b}{'+chunk' if chunk else ''}{'+compile' if comp else ''}": dict(backend=b, chunk=chunk,
                                                                                        compile=comp)
             for b in ("sdpa", "varlen", "flex") for comp in (False, True) for chunk in (False, True)}
+# fp8 (trainer.precision=fp8, torchao rowwise; needs torchao, and fp8 GEMMs or it is refused): the varlen paths
+# with the chunked loss, eager and compiled. MFU is counted against the same bf16 peak, and the summary prints each
+# one's speed-up over its bf16 twin.
+MESHTRON.update({f"{n}+fp8": {**s, "fp8": True} for n, s in list(MESHTRON.items())
+                 if s["backend"] == "varlen" and s["chunk"]})
 HF = {"hf-sdpa-pad": dict(attn="sdpa", layout="pad"), "hf-sdpa-bucket": dict(attn="sdpa", layout="bucket"),
       "hf-sdpa-packed": dict(attn="sdpa", layout="packed"), "hf-flex-packed": dict(attn="flex_attention",
                                                                                    layout="packed")}
@@ -196,6 +201,7 @@ def optim_config(args):
 
 def meshtron_config(args, spec: dict):
     """The trainer's own Config for a configuration, checked by the trainer's own set-up checks."""
+    from parallel.float8 import check_fp8
     from trainer.config import Config, DataConfig, ParallelConfig, TrainerConfig
     from trainer.loop import pick_device, prepare
     from trainer.model import attention
@@ -205,12 +211,14 @@ def meshtron_config(args, spec: dict):
     cfg = Config(model=model, parallel=ParallelConfig(compile=spec["compile"], microbatch_size=1),
                  data=DataConfig(seq_len=args.seq),
                  optim=optim_config(args),
-                 trainer=TrainerConfig(precision="bf16", device=args.device, global_batch_size=args.rows,
+                 trainer=TrainerConfig(precision="fp8" if spec.get("fp8") else "bf16", device=args.device,
+                                       global_batch_size=args.rows,
                                        loss_chunk_size=CHUNK if spec["chunk"] else 0, eval_every=0,
                                        max_steps=args.warmup + args.steps, export_hf=False, seed=args.seed))
     cfg, dims = prepare(cfg, world_size=1)
     device = pick_device(cfg.trainer.device)
     attention.check_attention_backend(cfg.model, device.type, dims.cp_enabled)
+    check_fp8(cfg, dims.tp, device)
     return cfg, dims, device
 
 
@@ -458,6 +466,11 @@ def summary(results: dict[str, dict], matmul: dict) -> list[str]:
     lines.append(f"goal: >= 1.5x {BASELINES[0]} real tokens/s: " + (
         f"{pad:.2f}x ({best}) -> {'met' if pad >= 1.5 else 'missed'}" if pad is not None
         else f"n/a ({BASELINES[0]} did not run)"))
+    for name in ran:
+        twin = name.removesuffix("+fp8")
+        if name.endswith("+fp8") and twin in ran:
+            lines.append(f"fp8: {name} real tokens/s = {ran[name]['tokens_per_s'] / ran[twin]['tokens_per_s']:.2f}x "
+                         f"{twin} (bf16)")
     return lines
 
 

@@ -13,7 +13,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 
 def mixed_precision(precision: str) -> MixedPrecisionPolicy:
-    if precision == "bf16":
+    if precision in ("bf16", "fp8"):  # fp8: the linear layers' GEMMs in fp8, everything else as bf16
         # bf16 compute and all-gathers, fp32 gradient reduction and fp32 master weights in the optimizer.
         return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     return MixedPrecisionPolicy()

@@ -1,5 +1,5 @@
 """Builds the model as this rank holds it: split into pipeline stages, then per stage, in a fixed order,
-TP(+SP) -> EP -> CP -> activation checkpointing -> compile -> FSDP/HSDP, then materialised and initialised (from trainer.seed, or by the caller's weight loader: the trainer
+fp8 (parallel/float8.py) -> TP(+SP) -> EP -> CP -> activation checkpointing -> compile -> FSDP/HSDP, then materialised and initialised (from trainer.seed, or by the caller's weight loader: the trainer
 passes its HF loader, so this package never reads checkpoint formats).
 
 The model is first built on the meta device (no memory), so every parallelism only ever allocates this
@@ -37,6 +37,7 @@ class ParallelModel:
     runner: Optional["PipelineRunner"] = None  # when pp > 1
     duplicates: set = field(default_factory=set)  # tied-embedding copies, counted once in norms
     weights_s: float = 0.0  # of the build, seconds spent filling the weights (init or HF checkpoint)
+    fp8_layers: int = 0  # linear layers this rank runs in fp8 (trainer.precision=fp8)
 
     @property
     def modules(self) -> list[nn.Module]:
@@ -78,16 +79,16 @@ def build_parallel_model(cfg: Config, dims: ParallelDims, mesh, device: torch.de
         from parallel.expert_parallel import moe_meshes
 
         moe = moe_meshes(mesh, dims)
-    weights_s = 0.0
+    weights_s, fp8_layers = 0.0, 0
     for _, module in stages:
         module.loss_chunk_size = cfg.trainer.loss_chunk_size  # a plain attribute: checkpoints never see it
-        _parallelize_one(module, cfg, dims, mesh, moe)
+        fp8_layers += _parallelize_one(module, cfg, dims, mesh, device, moe)
         module.to_empty(device=device)
         started = time.perf_counter()
         _initialise(module, cfg, load_weights)
         weights_s += time.perf_counter() - started
 
-    pm = ParallelModel(stages, dims, mesh, weights_s=weights_s)
+    pm = ParallelModel(stages, dims, mesh, weights_s=weights_s, fp8_layers=fp8_layers)
     if dims.pp_enabled:
         from parallel.pipeline import PipelineRunner, duplicate_params
 
@@ -97,12 +98,22 @@ def build_parallel_model(cfg: Config, dims: ParallelDims, mesh, device: torch.de
     return pm
 
 
-def _parallelize_one(module: nn.Module, cfg: Config, dims: ParallelDims, mesh, moe=None) -> None:
+def _parallelize_one(module: nn.Module, cfg: Config, dims: ParallelDims, mesh, device: torch.device,
+                     moe=None) -> int:
+    """Applies every parallelism to one stage in the fixed order; returns how many linear layers run in fp8."""
     p = cfg.parallel
+    fp8_layers = 0
+    if cfg.trainer.precision == "fp8":
+        from parallel.float8 import convert_to_float8
+
+        # First: torchao's float8 TP styles take only Float8Linear modules (parallel/float8.py).
+        fp8_layers = convert_to_float8(module, cfg, device.type, fsdp=dims.fsdp_enabled)
     if dims.tp_enabled:
+        from parallel.float8 import tp_styles
         from parallel.tensor_parallel import apply_tensor_parallel
 
-        apply_tensor_parallel(module, mesh["tp"], sequence_parallel=p.sequence_parallel, loss_parallel=True)
+        apply_tensor_parallel(module, mesh["tp"], sequence_parallel=p.sequence_parallel, loss_parallel=True,
+                              styles=tp_styles(cfg, device.type))
     if moe is not None and moe.ep is not None:
         from parallel.expert_parallel import apply_expert_parallel
 
@@ -134,6 +145,7 @@ def _parallelize_one(module: nn.Module, cfg: Config, dims: ParallelDims, mesh, m
         apply_fsdp(module, dp_mesh, cfg.trainer.precision, reshard_after_forward=not dims.pp_enabled,
                    moe_layer_mesh=moe.layer if moe is not None else None,
                    expert_mesh=moe.experts if moe is not None else None)
+    return fp8_layers
 
 
 @torch.no_grad()

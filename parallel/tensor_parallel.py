@@ -95,13 +95,16 @@ def _norm_style(sequence_parallel: bool) -> ParallelStyle:
     return SequenceParallel() if sequence_parallel else ReplicateParallel()
 
 
-def _layer_plan(layer: nn.Module, sequence_parallel: bool) -> dict[str, ParallelStyle]:
+def _layer_plan(layer: nn.Module, sequence_parallel: bool,
+                colwise: type = ColwiseParallel, rowwise: type = RowwiseParallel) -> dict[str, ParallelStyle]:
+    """A decoder layer's plan; `colwise` and `rowwise` are the styles of its linear layers (torchao's float8
+    styles under tensorwise fp8: parallel/float8.py tp_styles)."""
     seq = Shard(1) if sequence_parallel else Replicate()
     plan = {
         "input_layernorm": _norm_style(sequence_parallel),
         # Rows of the fused QKV are ordered by query group, so a dim-0 shard hands out whole groups.
-        "self_attention.linear_qkv": ColwiseParallel(input_layouts=seq),
-        "self_attention.linear_proj": RowwiseParallel(output_layouts=seq),
+        "self_attention.linear_qkv": colwise(input_layouts=seq),
+        "self_attention.linear_proj": rowwise(output_layouts=seq),
         "pre_mlp_layernorm": _norm_style(sequence_parallel),
     }
     if isinstance(layer.mlp, MoELayer):
@@ -113,9 +116,9 @@ def _layer_plan(layer: nn.Module, sequence_parallel: bool) -> dict[str, Parallel
             output_layouts=Shard(1), desired_output_layouts=Shard(1))
     else:
         plan.update({
-            "mlp.linear_fc1_gate": ColwiseParallel(input_layouts=seq),
-            "mlp.linear_fc1_up": ColwiseParallel(input_layouts=seq),
-            "mlp.linear_fc2": RowwiseParallel(output_layouts=seq),
+            "mlp.linear_fc1_gate": colwise(input_layouts=seq),
+            "mlp.linear_fc1_up": colwise(input_layouts=seq),
+            "mlp.linear_fc2": rowwise(output_layouts=seq),
         })
     if layer.self_attention.q_layernorm is not None:
         # Qwen3's per-head norms see this rank's heads, [B, S, heads_local, hd]: declaring dim 2 sharded
@@ -127,7 +130,8 @@ def _layer_plan(layer: nn.Module, sequence_parallel: bool) -> dict[str, Parallel
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = True,
-                          loss_parallel: bool = True) -> None:
+                          loss_parallel: bool = True,
+                          styles: tuple[type, type] = (ColwiseParallel, RowwiseParallel)) -> None:
     """Shard a GPTModel (or a pipeline stage of one: absent parts are skipped) over ``tp_mesh`` in place.
 
     Inputs (tokens, position_ids, labels) stay full on every tp rank. With ``loss_parallel`` the model
@@ -149,7 +153,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
             "word_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=seq),
         }, src_data_rank=None)
     for layer in model.decoder.layers.values():
-        parallelize_module(layer, tp_mesh, _layer_plan(layer, sequence_parallel), src_data_rank=None)
+        parallelize_module(layer, tp_mesh, _layer_plan(layer, sequence_parallel, *styles), src_data_rank=None)
 
     if model.decoder.final_layernorm is None:  # a pipeline stage before the last: no logits here
         return

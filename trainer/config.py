@@ -289,6 +289,26 @@ class CheckpointConfig:
 
 
 @dataclass
+class Fp8Config:
+    """trainer.precision=fp8: torchao's float8 training of the decoder's linear layers (parallel/float8.py)."""
+
+    # rowwise: a scale per row (torchao's more accurate recipe); tensorwise: one per tensor, with fp8
+    # all-gathers under FSDP2 and tensor parallelism.
+    recipe: str = "rowwise"
+    # Cast to fp8 and back, multiplying in high precision: fp8 numerics without fp8 GEMMs. null: true on CPU,
+    # false on CUDA.
+    emulate: Optional[bool] = None
+    # Linear layers kept in bf16, as fnmatch patterns on their names, e.g. ['decoder.layers.0.*'].
+    skip: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        one_of("trainer.fp8.recipe", self.recipe, ("rowwise", "tensorwise"))
+        for pattern in self.skip:
+            require(isinstance(pattern, str) and pattern.strip() != "",
+                    f"trainer.fp8.skip entry {pattern!r} must be a non-empty pattern like 'decoder.layers.0.*'")
+
+
+@dataclass
 class TrainerConfig:
     seed: int = 1234
     max_steps: int = 200
@@ -300,8 +320,9 @@ class TrainerConfig:
     eval_batches: int = 4
     log_every: int = 1
     output_dir: str = "outputs/${now:%Y-%m-%d_%H-%M-%S}"
-    # fp32, or bf16 autocast over fp32 master weights.
+    # fp32; bf16 autocast over fp32 master weights; fp8: bf16, and the decoder's linear layers in fp8 (trainer.fp8).
     precision: str = "fp32"
+    fp8: Fp8Config = field(default_factory=Fp8Config)
     device: str = "auto"
     # Tokens per chunk of the output layer + cross-entropy (trainer/loss.py): at most one chunk's logits exist
     # at a time, in forward and backward; 0 computes the whole [tokens, vocab] logits at once.
@@ -325,7 +346,8 @@ class TrainerConfig:
         one_of("trainer.nonfinite", self.nonfinite, ("skip", "stop"))
         require(self.max_consecutive_skips >= 0,
                  f"trainer.max_consecutive_skips={self.max_consecutive_skips} must be >= 0")
-        one_of("trainer.precision", self.precision, ("fp32", "bf16"))
+        one_of("trainer.precision", self.precision, ("fp32", "bf16", "fp8"))
+        self.fp8.validate()
         one_of("trainer.device", self.device, ("auto", "cpu", "cuda"))
         for name in ("max_steps", "global_batch_size", "log_every", "eval_batches"):
             require(getattr(self, name) >= 1, f"trainer.{name}={getattr(self, name)} must be >= 1")

@@ -14,6 +14,7 @@ import torch
 
 from parallel.collectives import clip_grad_norm_
 from parallel.dims import ParallelDims, validate_layout
+from parallel.float8 import check_fp8, precompute_fsdp_scales
 from parallel.parallelize import ParallelModel, build_parallel_model
 from trainer.config import Config, TrainerConfig, device_type, validate_config
 from trainer.config_io import resolved_yaml
@@ -124,6 +125,7 @@ def train(cfg: Config, info: Optional[RankInfo] = None) -> Path:
     check_vocab_fits(tokenizer, cfg.model.vocab_size)
     device = pick_device(cfg.trainer.device, info.local_rank)
     check_attention_backend(cfg.model, device.type, dims.cp_enabled)  # before anything is allocated
+    check_fp8(cfg, dims.tp, device)
 
     init_distributed(info, device, cfg.trainer.dist_timeout_s)
     mesh = None if dims.is_single else dims.build_mesh(device.type, cfg.trainer.dist_timeout_s)
@@ -167,6 +169,12 @@ def train(cfg: Config, info: Optional[RankInfo] = None) -> Path:
     logger.write(f"meshtron: {cfg.model.name} ({n_params / 1e6:.2f}M parameters) on {dims.world_size} x {device.type}, "
                  f"mesh {dims.degrees()}, {loader.rows_per_epoch} training rows of {cfg.data.seq_len} tokens, "
                  f"{G} sequences per step ({accum} micro-batches of {cfg.parallel.microbatch_size} per data rank)")
+    if cfg.trainer.precision == "fp8":
+        from parallel.float8 import emulated
+
+        logger.write(f"fp8: {pm.fp8_layers} linear layers in fp8 on rank 0 (trainer.fp8.recipe={cfg.trainer.fp8.recipe}, "
+                     + ("emulated: fp8 numerics, high-precision matmuls" if emulated(cfg.trainer.fp8, device.type)
+                        else "fp8 GEMMs") + "); embeddings, norms, attention and the output layer in bf16")
     for st in train_data.stats:
         logger.write(f"data: {st['name']}: {st['rows']} rows, packing efficiency {st['efficiency']:.1%}"
                      + (f", {st['truncated']} truncated" if st.get("truncated") else "")
@@ -248,6 +256,7 @@ def _run_steps(run: Run, start: int, tokens: int) -> None:
         else:
             opt.step()
             opt.zero_grad()
+            precompute_fsdp_scales(pm.modules, cfg, pm.dims.fsdp_enabled)  # tensorwise fp8 under FSDP only
         tokens += facts.slots
         # The reduced per-document sums stand in for DocumentLoss.value's own reduction.
         record = {"step": step, "loss": loss, "loss_per_doc": doc_loss.value(lambda _: totals.doc_totals),

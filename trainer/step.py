@@ -71,8 +71,9 @@ def loss_context(pm: ParallelModel):
 
 
 def autocast(cfg: Config, pm: ParallelModel, device: torch.device):
-    # Under FSDP, bf16 is its mixed-precision policy (bf16 parameters, fp32 reduction) instead.
-    if cfg.trainer.precision == "bf16" and not pm.dims.fsdp_enabled:
+    # Under FSDP, bf16 is its mixed-precision policy (bf16 parameters, fp32 reduction) instead. fp8 runs what
+    # its Float8Linear layers do not convert in bf16 (parallel/float8.py).
+    if cfg.trainer.precision in ("bf16", "fp8") and not pm.dims.fsdp_enabled:
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

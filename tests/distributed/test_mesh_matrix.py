@@ -79,6 +79,7 @@ def _run(tmp: Path, name: str, nproc: int, overrides: list[str]) -> Path:
     proc = subprocess.run([*cmd, f"trainer.output_dir={out}", *overrides], cwd=tmp, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
+    (out / "console.log").write_text(proc.stdout)  # rank 0's console, for what a test reads from it
     return out
 
 

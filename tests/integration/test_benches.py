@@ -36,6 +36,7 @@ def test_gpu_throughput_cpu_smoke():
     measured = ["hf-sdpa-pad", "hf-sdpa-bucket", "hf-sdpa-packed", "meshtron-sdpa", "meshtron-sdpa+chunk"]
     needs_cuda = ["hf-flex-packed"] + [f"meshtron-{b}{c}{k}" for b in ("varlen", "flex") for c in ("", "+chunk")
                                        for k in ("", "+compile")]
+    needs_cuda += ["meshtron-varlen+chunk+fp8", "meshtron-varlen+chunk+compile+fp8"]  # varlen: CUDA before fp8
     assert set(measured + needs_cuda + ["meshtron-sdpa+compile", "meshtron-sdpa+chunk+compile"]) == set(rows)
     for name in measured:
         r = dict(zip(columns, rows[name]))
