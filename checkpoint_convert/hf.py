@@ -28,7 +28,7 @@ from trainer.config import ModelConfig, RopeScalingConfig
 from trainer.errors import ConfigError, DamagedFileError
 from trainer.families import (WINDOW_LAYER_TYPES, WINDOW_MAX_WINDOW_LAYERS, WINDOW_SLIDING_WINDOW,
                               WINDOW_USE_SLIDING_WINDOW)
-from trainer.model.gpt import VOCAB_PARAMS
+from trainer.model.gpt import ADAPTER, VOCAB_PARAMS
 from trainer.model.init import assign_full, clean_fqn, local_region
 
 # Keys a config.json may omit; the installed transformers config class supplies them, as from_pretrained would.
@@ -277,7 +277,8 @@ def load_hf_weights(model: nn.Module, path: Union[str, Path], partial: bool = Fa
     is read from the file (safetensors slicing), so no rank reads or holds the whole model.
     """
     cfg: ModelConfig = model.config
-    params = {clean_fqn(n): p for n, p in model.named_parameters()}
+    # LoRA's adapters (trainer/lora.py) are not in an HF checkpoint: they are initialised or loaded from PEFT.
+    params = {clean_fqn(n): p for n, p in model.named_parameters() if ADAPTER not in n}
     if cfg.tie_word_embeddings and "output_layer.weight" in params:
         # A pipeline's last stage holds its own copy of tied embeddings: fill it from the embedding.
         params["embedding.word_embeddings.weight"] = params.pop("output_layer.weight")

@@ -57,11 +57,22 @@ def owner_pp_ranks(cfg: Config, dims: ParallelDims, names) -> dict[str, int]:
     return owners
 
 
-def iter_full_tensors(pm, cfg: Config) -> Iterator[tuple[str, Optional[torch.Tensor]]]:
-    """(name, full CPU tensor on global rank 0, None elsewhere) for every tensor of export_layout, in its
-    order. Every rank must iterate to the end: each step is a collective among some of them."""
+def adapter_layout(cfg: Config, dims: ParallelDims) -> Layout:
+    """Name -> (shape, dtype) of every LoRA adapter of the single-device model (trainer/lora.py), in model order."""
+    from trainer.lora import add_adapters, is_adapter
+
+    with torch.device("meta"):
+        model = GPTModel(cfg.model, padded_vocab_size=dims.padded_vocab(cfg.model))
+        add_adapters(model, cfg.model.lora)
+    return {name: (t.shape, t.dtype) for name, t in model.named_parameters() if is_adapter(name)}
+
+
+def iter_full_tensors(pm, cfg: Config, layout: Optional[Layout] = None) -> Iterator[tuple[str, Optional[torch.Tensor]]]:
+    """(name, full CPU tensor on global rank 0, None elsewhere) for every tensor of `layout` (default
+    export_layout: the base model), in its order. Every rank must iterate to the end: each step is a collective
+    among some of them."""
     dims = pm.dims
-    layout = export_layout(cfg, dims)
+    layout = layout if layout is not None else export_layout(cfg, dims)
     local = {clean_fqn(n): t for m in pm.modules for n, t in m.state_dict().items()}
     if pm.mesh is None:
         for name in layout:

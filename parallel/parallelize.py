@@ -103,6 +103,12 @@ def _parallelize_one(module: nn.Module, cfg: Config, dims: ParallelDims, mesh, d
     """Applies every parallelism to one stage in the fixed order; returns how many linear layers run in fp8."""
     p = cfg.parallel
     fp8_layers = 0
+    lora = cfg.model.lora
+    if lora.enabled:
+        from trainer.lora import add_adapters, freeze_base
+
+        add_adapters(module, lora)  # first: the TP styles below place the adapters with their bases
+        freeze_base(module)
     if cfg.trainer.precision == "fp8":
         from parallel.float8 import convert_to_float8
 
@@ -112,8 +118,17 @@ def _parallelize_one(module: nn.Module, cfg: Config, dims: ParallelDims, mesh, d
         from parallel.float8 import tp_styles
         from parallel.tensor_parallel import apply_tensor_parallel
 
+        if lora.enabled:
+            from parallel.tensor_parallel import LoraColwiseParallel, LoraRowwiseParallel
+            from trainer.lora import freeze_base
+
+            styles = (LoraColwiseParallel, LoraRowwiseParallel)
+        else:
+            styles = tp_styles(cfg, device.type)
         apply_tensor_parallel(module, mesh["tp"], sequence_parallel=p.sequence_parallel, loss_parallel=True,
-                              styles=tp_styles(cfg, device.type))
+                              styles=styles)
+        if lora.enabled:
+            freeze_base(module)  # torch's SequenceParallel re-registers the norms' weights as trainable
     if moe is not None and moe.ep is not None:
         from parallel.expert_parallel import apply_expert_parallel
 
@@ -155,10 +170,16 @@ def _initialise(module: GPTModel, cfg: Config, load_weights: Optional[WeightLoad
             raise ValueError(f"model.hf_path={cfg.model.hf_path!r} is set but build_parallel_model got no "
                              "load_weights (trainer.loop.hf_weight_loader gives one)")
         module.init_weights(cfg.trainer.seed)
-        return
-    module.rotary_pos_emb.reset_parameters()
-    load_weights(module, len(module.decoder.layers) < cfg.model.num_layers or module.embedding is None
-                 or module.decoder.final_layernorm is None)
+    else:
+        module.rotary_pos_emb.reset_parameters()
+        load_weights(module, len(module.decoder.layers) < cfg.model.num_layers or module.embedding is None
+                     or module.decoder.final_layernorm is None)
+    if cfg.model.lora.enabled:
+        from trainer.lora import init_adapters, load_peft_adapter
+
+        init_adapters(module, cfg.model.lora, cfg.trainer.seed)
+        if cfg.model.lora.init_from:
+            load_peft_adapter(module, cfg.model.lora.init_from)
 
 
 def full_state_dict(pm: ParallelModel) -> Optional[dict[str, torch.Tensor]]:

@@ -63,7 +63,8 @@ class ReplicateParallel(ParallelStyle):
             for p_name, param in mod.named_parameters(recurse=False):
                 # Every rank built the same weights (or meta): no broadcast needed.
                 mod.register_parameter(p_name, nn.Parameter(DTensor.from_local(param, mesh, [Replicate()],
-                                                                               run_check=False)))
+                                                                               run_check=False),
+                                                            requires_grad=param.requires_grad))
 
         def to_dtensor(mod, inputs, mesh):
             return tuple(DTensor.from_local(x, mesh, [Replicate()], run_check=False) for x in inputs)
@@ -86,6 +87,32 @@ class VocabParallelOutput(ParallelStyle):
         sharded = distribute_tensor(weight, device_mesh, [Shard(0)], src_data_rank=None)
         module.register_parameter("weight", nn.Parameter(sharded, requires_grad=weight.requires_grad))
         return module
+
+
+class LoraColwiseParallel(ColwiseParallel):
+    """ColwiseParallel for a base carrying LoRA adapters (trainer/lora.py): the base's rows and each B's rows
+    sharded alike (Shard(0)), each A replicated, so the adapter's output is sharded like the base's. Frozen
+    parameters stay frozen."""
+
+    def _partition_linear_fn(self, name, module, device_mesh):
+        for pname, param in list(module.named_parameters(recurse=False)):
+            placement = Replicate() if pname.startswith("lora_A") else Shard(0)
+            module.register_parameter(pname, nn.Parameter(
+                distribute_tensor(param, device_mesh, [placement], src_data_rank=self.src_data_rank),
+                requires_grad=param.requires_grad))
+
+
+class LoraRowwiseParallel(RowwiseParallel):
+    """RowwiseParallel for a base carrying LoRA adapters: the base's columns and each A's columns sharded alike
+    (Shard(1)), B replicated (the adapter's output is then a partial sum, reduced with the base's); a bias is
+    replicated as torch's style has it."""
+
+    def _partition_linear_fn(self, name, module, device_mesh):
+        for pname, param in list(module.named_parameters(recurse=False)):
+            placement = (Shard(1) if pname == "weight" or pname.startswith("lora_A") else Replicate())
+            module.register_parameter(pname, nn.Parameter(
+                distribute_tensor(param, device_mesh, [placement], src_data_rank=self.src_data_rank),
+                requires_grad=param.requires_grad))
 
 
 # ------------------------------------------------------------------------------------------- plans

@@ -81,6 +81,8 @@ def _dcp_quietly(distributed: bool):
 TIED_COPY_FQN = "output_layer.weight"
 EMBEDDING_FQN = "embedding.word_embeddings.weight"
 _OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+# A LoRA run saves what it trains, the adapters, and loads them into a base built from its own weights.
+_TRAINED_ONLY = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 class CheckpointError(ConfigError):
@@ -155,9 +157,36 @@ def _rename(key: str, tied: bool) -> str:
     return key.replace(f".{TIED_COPY_FQN}.", f".{EMBEDDING_FQN}.")
 
 
-def _stage_states(pm, opt) -> list[tuple[bool, dict, dict]]:
-    return [(_has_tied_copy(m), get_model_state_dict(m), get_optimizer_state_dict(m, o, options=_OPTIM_OPTIONS))
-            for m, o in zip(pm.modules, opt.optimizers)]
+def _stage_states(pm, opt, trained_only: bool = False) -> list[tuple[bool, dict, dict]]:
+    model_options = _TRAINED_ONLY if trained_only else None
+    return [(_has_tied_copy(m), get_model_state_dict(m, options=model_options),
+             get_optimizer_state_dict(m, o, options=_OPTIM_OPTIONS)) for m, o in zip(pm.modules, opt.optimizers)]
+
+
+def base_identity(cfg: Config) -> dict:
+    """What a LoRA run's adapters were trained on: the HF directory and a hash of its config.json and weight
+    index (or safetensors header), or, for a base initialised from the seed, a hash of the model config and seed."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    m = cfg.model
+    if m.hf_path:
+        hf = Path(m.hf_path)
+        for name in ("config.json", "model.safetensors.index.json"):
+            if (hf / name).is_file():
+                digest.update((hf / name).read_bytes())
+        single = hf / "model.safetensors"
+        if single.is_file() and not (hf / "model.safetensors.index.json").is_file():
+            with open(single, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                digest.update(f.read(min(n, 1 << 26)))  # the header: names, dtypes, shapes, offsets
+        return {"base": str(hf.resolve()), "hash": digest.hexdigest()[:16]}
+    import dataclasses
+    import json
+
+    shape = {k: v for k, v in dataclasses.asdict(m).items() if k not in ("lora", "name", "hf_path")}
+    digest.update(json.dumps(shape, sort_keys=True, default=str).encode() + f"seed={cfg.trainer.seed}".encode())
+    return {"base": f"initialised from trainer.seed={cfg.trainer.seed}", "hash": digest.hexdigest()[:16]}
 
 
 def _merge(stages: list[tuple[bool, dict, dict]]) -> dict[str, dict]:
@@ -264,7 +293,7 @@ class Checkpointer:
             return
         self.wait()
         tmp = self.root / f"{TMP_PREFIX}{step}"
-        state = _merge(_stage_states(pm, opt))
+        state = _merge(_stage_states(pm, opt, self.cfg.model.lora.enabled))
         # Rank 0 checks the free space and makes the directory; every rank hears the outcome (the barrier
         # before anyone writes), so a full disk stops all of them here with nothing written.
         self._needed = self._expected_bytes(state, pm)
@@ -374,7 +403,8 @@ class Checkpointer:
         self._describe_files(tmp)
 
     def _write_run_files(self, tmp: Path, step: int, opt, loader, tokens: int) -> None:
-        torch.save({"step": step, "tokens": tokens, "world_size": self.world_size, "loader": loader.state_dict(),
+        lora = {"lora_base": base_identity(self.cfg)} if self.cfg.model.lora.enabled else {}
+        torch.save({"step": step, "tokens": tokens, "world_size": self.world_size, "loader": loader.state_dict(), **lora,
                     "schedulers": opt.scheduler_state()}, tmp / "trainer_state.pt")
         (tmp / "config.yaml").write_text(resolved_yaml(self.cfg))
         hf = tmp / "hf"
@@ -512,13 +542,25 @@ class Checkpointer:
         ts = load_untrusted(path / "trainer_state.pt")
         rng_file = path / "rng" / f"rank_{self.rank:05d}.pt"
         rng = load_untrusted(rng_file) if ts["world_size"] == self.world_size and rng_file.is_file() else None
-        stages = _stage_states(pm, opt)
+        lora = self.cfg.model.lora.enabled
+        if lora != ("lora_base" in ts):
+            raise CheckpointError(f"checkpoint {path} is " + ("a full model's; this run trains LoRA adapters "
+                                  "(model.lora.rank > 0): start it from the HF export instead (model.hf_path)"
+                                  if lora else "a LoRA run's (adapters only); this run trains every parameter "
+                                  "(model.lora.rank=0): set model.lora.* as that run had them"))
+        if lora and ts["lora_base"] != base_identity(self.cfg):
+            saved, now = ts["lora_base"], base_identity(self.cfg)
+            raise CheckpointError(f"checkpoint {path} holds LoRA adapters trained on {saved['base']} (hash "
+                                  f"{saved['hash']}), but this run's base is {now['base']} (hash {now['hash']}); "
+                                  f"resume with the same base model")
+        stages = _stage_states(pm, opt, lora)
         merged = _merge(stages)
         check_shapes(merged, path)
         with _dcp_quietly(self.distributed):
             dcp.load(merged, checkpoint_id=str(path), no_dist=not self.distributed)
         for (tied, msd, osd), module, optimizer in zip(stages, pm.modules, opt.optimizers):
-            set_model_state_dict(module, {k: merged["model"][_rename(k, tied)] for k in msd})
+            set_model_state_dict(module, {k: merged["model"][_rename(k, tied)] for k in msd},
+                                 options=_TRAINED_ONLY if lora else None)
             set_optimizer_state_dict(module, optimizer, {k: merged["optim"][_rename(k, tied)] for k in osd},
                                      options=_OPTIM_OPTIONS)
         opt.load_scheduler_state(ts["schedulers"])

@@ -15,6 +15,7 @@ from typing import Optional
 
 from trainer.errors import one_of, require
 from trainer.families import MODEL_FAMILIES
+from trainer.lora_config import LoraConfig
 from trainer.moe_config import MoEConfig
 
 
@@ -78,6 +79,8 @@ class ModelConfig:
     attention_backend: str = "auto"
     # Mixture of experts (trainer/moe_config.py); the default is a dense model.
     moe: MoEConfig = field(default_factory=MoEConfig)
+    # Low-rank adapters (trainer/lora_config.py, trainer/lora.py); rank 0, the default, trains every parameter.
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     @property
     def head_dim(self) -> int:
@@ -108,6 +111,7 @@ class ModelConfig:
         if self.rope_scaling is not None:
             self.rope_scaling.validate()
         self.moe.validate(self.num_layers)
+        self.lora.validate()
 
 
 # ------------------------------------------------------------------------------------------ parallel

@@ -79,6 +79,21 @@ def _write(pm, cfg: Config, out: Path, tokenizer, is_main: bool) -> str:
     return ""
 
 
+def export_adapter(pm, cfg: Config, out: Path, is_main: bool) -> None:
+    """A LoRA run's trained adapters as a PEFT adapter directory (trainer/lora.py save_peft_adapter), gathered
+    one tensor at a time to global rank 0 like the model export. Every rank calls it."""
+    from parallel.export import adapter_layout
+
+    tensors = iter_full_tensors(pm, cfg, adapter_layout(cfg, pm.dims))
+    if not is_main:
+        for _ in tensors:
+            pass
+        return
+    from trainer.lora import save_peft_adapter
+
+    save_peft_adapter(dict(tensors), cfg.model.lora, cfg.model.hf_path, out)
+
+
 def _from_rank0(problem: str) -> str:
     from trainer.distributed import broadcast_str
 

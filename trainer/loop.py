@@ -15,6 +15,7 @@ import torch
 from parallel.collectives import clip_grad_norm_
 from parallel.dims import ParallelDims, validate_layout
 from parallel.float8 import check_fp8, precompute_fsdp_scales
+from trainer.lora import check_lora
 from parallel.parallelize import ParallelModel, build_parallel_model
 from trainer.config import Config, TrainerConfig, device_type, validate_config
 from trainer.config_io import resolved_yaml
@@ -126,6 +127,7 @@ def train(cfg: Config, info: Optional[RankInfo] = None) -> Path:
     device = pick_device(cfg.trainer.device, info.local_rank)
     check_attention_backend(cfg.model, device.type, dims.cp_enabled)  # before anything is allocated
     check_fp8(cfg, dims.tp, device)
+    check_lora(cfg, dims)
 
     init_distributed(info, device, cfg.trainer.dist_timeout_s)
     mesh = None if dims.is_single else dims.build_mesh(device.type, cfg.trainer.dist_timeout_s)
@@ -166,7 +168,15 @@ def train(cfg: Config, info: Optional[RankInfo] = None) -> Path:
     n_params = cfg_param_count(cfg)
     logger = MetricsLogger(cfg, out, cfg.trainer.max_steps, start_step=start, enabled=info.is_main)
     accum = dims.microbatches_per_step(G, cfg.parallel.microbatch_size)
-    logger.write(f"meshtron: {cfg.model.name} ({n_params / 1e6:.2f}M parameters) on {dims.world_size} x {device.type}, "
+    if cfg.model.lora.enabled:
+        from trainer.lora import trainable_count
+
+        trainable = trainable_count(cfg.model, cfg.model.lora)
+        size = (f"{n_params / 1e6:.2f}M parameters, LoRA rank {cfg.model.lora.rank}: trainable "
+                f"{_count(trainable)} of {_count(n_params + trainable)}, {100 * trainable / (n_params + trainable):.2f}%")
+    else:
+        size = f"{n_params / 1e6:.2f}M parameters"
+    logger.write(f"meshtron: {cfg.model.name} ({size}) on {dims.world_size} x {device.type}, "
                  f"mesh {dims.degrees()}, {loader.rows_per_epoch} training rows of {cfg.data.seq_len} tokens, "
                  f"{G} sequences per step ({accum} micro-batches of {cfg.parallel.microbatch_size} per data rank)")
     if cfg.trainer.precision == "fp8":
@@ -200,7 +210,12 @@ def train(cfg: Config, info: Optional[RankInfo] = None) -> Path:
         logger.close()
         loader.close()
 
-    if cfg.trainer.export_hf:
+    if cfg.trainer.export_hf and cfg.model.lora.enabled:
+        from trainer.export import export_adapter
+
+        # What a LoRA run trained: the adapters, loadable with peft.PeftModel.from_pretrained(base, DIR).
+        export_adapter(pm, cfg, out / "hf_adapter", info.is_main)
+    elif cfg.trainer.export_hf:
         from trainer.export import export_hf
 
         # Streamed: one full tensor at a time on rank 0, never a full copy of the model on any rank.
@@ -208,7 +223,8 @@ def train(cfg: Config, info: Optional[RankInfo] = None) -> Path:
     if info.is_main:
         print(f"done: {cfg.trainer.max_steps} steps. Outputs in {out.resolve()}: config.yaml, metrics.jsonl"
               + (", checkpoints/" if ckpt.complete(cfg.trainer.max_steps) else "")
-              + (", hf/ (safetensors model + tokenizer)" if cfg.trainer.export_hf else ""), flush=True)
+              + ("" if not cfg.trainer.export_hf else ", hf_adapter/ (PEFT adapter)" if cfg.model.lora.enabled
+                 else ", hf/ (safetensors model + tokenizer)"), flush=True)
     return out
 
 
@@ -340,6 +356,10 @@ class NonfinitePolicy:
         self.logger.write(f"warning: {what}; skipping this step's update ({self.skips} in a row, "
                           f"trainer.nonfinite=skip)")
         return True
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
 
 
 def write_run_config(out: Path, cfg: Config) -> str:

@@ -17,10 +17,10 @@ def param_groups(params: Iterable[nn.Parameter], weight_decay: float) -> list[di
     for p in params:
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    # An empty group (LoRA's adapters are all matrices) is left out: DCP's flattened optimizer state cannot load
+    # one back.
+    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+            if g["params"]]
 
 
 def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
@@ -68,7 +68,8 @@ class StageOptimizers:
         seen: set[int] = set()
         self.optimizers = []
         for m in modules:
-            params = [p for p in m.parameters() if id(p) not in seen]
+            # Only what trains: LoRA's frozen base gets no optimizer state (trainer/lora.py).
+            params = [p for p in m.parameters() if p.requires_grad and id(p) not in seen]
             seen.update(id(p) for p in params)
             self.optimizers.append(build_optimizer(params, cfg, device))
         self.schedulers = [build_scheduler(o, cfg, max_steps) for o in self.optimizers]

@@ -27,6 +27,8 @@ from trainer.config import ModelConfig
 from trainer.loss import chunked_token_losses, cross_entropy_tokens
 from trainer.model.attention import SelfAttention, TokenLayout
 from trainer.model.init import assign_full, clean_fqn, normal_fill_, normal_like
+
+ADAPTER = ".lora_"  # in LoRA adapter names only (trainer/lora.py)
 from trainer.model.layers import RMSNorm, RotaryEmbedding, SwiGLUMLP
 from trainer.model.moe import EXTRA_COLUMNS, MoELayer, RouterStats, compute_dtype, grouped_mm_usable
 
@@ -123,7 +125,7 @@ class GPTModel(nn.Module):
         residual_std = std / math.sqrt(2.0 * self.config.num_layers)
         for name, p in self.named_parameters():
             name = clean_fqn(name)
-            if p.is_meta:
+            if p.is_meta or ADAPTER in name:  # LoRA's adapters: trainer/lora.py initialises them
                 continue
             if name.endswith("layernorm.weight"):
                 full = torch.ones(p.shape, device=p.device)

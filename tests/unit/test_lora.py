@@ -1,0 +1,177 @@
+"""LoRA on one process against its reference, PEFT: the same tiny HF model, the same initial adapters, the same
+batches and the same AdamW give the same adapters after 3 steps (fp32, 1e-5); the exported adapter loads with
+peft.PeftModel.from_pretrained and gives meshtron's logits; a PEFT-saved adapter loads into meshtron
+(model.lora.init_from) and gives PEFT's logits. Also: what is frozen, what trains, names, and the refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from parallel.collectives import clip_grad_norm_
+from parallel.dims import ParallelDims
+from parallel.parallelize import build_parallel_model
+from tests.tiny_hf import save_tiny_hf
+from trainer.errors import ConfigError
+from trainer.lora import is_adapter, peft_name, save_peft_adapter, trainable_count
+from trainer.optim import StageOptimizers
+from trainer.step import forward_backward, local_batch
+
+peft = pytest.importorskip("peft")
+
+RANK, ALPHA, STEPS = 4, 8.0, 3
+PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Adam turns float noise in near-zero gradients into O(lr) updates with its default eps (as the layout matrix
+# notes): a larger eps keeps the comparison about the adapters' math.
+OPTIM = ["optim.lr=1e-3", "optim.warmup_steps=0", "optim.decay=constant", "optim.weight_decay=0.1",
+         "optim.grad_clip=1.0", "optim.eps=1e-6"]
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("lora") / "llama"
+    save_tiny_hf("llama3.1", d)
+    return d
+
+
+def _ours(compose, hf_dir, *extra):
+    cfg = compose(f"model.hf_path={hf_dir}", f"model.lora.rank={RANK}", f"model.lora.alpha={ALPHA}",
+                  "trainer.precision=fp32", "trainer.max_steps=3", "parallel.microbatch_size=2",
+                  "trainer.global_batch_size=2", *OPTIM, *extra)
+    from trainer.loop import hf_weight_loader, resolve_model
+
+    cfg = resolve_model(cfg)
+    pm = build_parallel_model(cfg, ParallelDims.single(), None, torch.device("cpu"), hf_weight_loader(cfg))
+    return cfg, pm
+
+
+def _batches(vocab: int):
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(STEPS):
+        tokens = torch.randint(0, vocab, (2, 17), generator=gen)
+        out.append({"input_ids": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous()})
+    return out
+
+
+def _peft_model(hf_dir, adapters: dict):
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager").float()
+    model = peft.get_peft_model(base, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=PEFT_TARGETS,
+                                                      lora_dropout=0.0))
+    result = peft.set_peft_model_state_dict(model, {peft_name(n): t.clone() for n, t in adapters.items()})
+    assert not [k for k in result.unexpected_keys if "lora" in k]
+    return model
+
+
+def _adapters(pm) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in pm.modules[0].named_parameters() if is_adapter(n)}
+
+
+def test_three_steps_equal_peft(compose, hf_dir):
+    cfg, pm = _ours(compose, hf_dir)
+    initial = _adapters(pm)
+    assert all(torch.count_nonzero(t) == 0 for n, t in initial.items() if ".lora_B" in n)
+    assert all(torch.count_nonzero(t) > 0 for n, t in initial.items() if ".lora_A" in n)
+    reference = _peft_model(hf_dir, initial)
+    ref_params = [p for p in reference.parameters() if p.requires_grad]
+    ref_opt = torch.optim.AdamW(ref_params, lr=1e-3, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
+                                weight_decay=0.1)
+    opt = StageOptimizers(pm.modules, cfg.optim, torch.device("cpu"), cfg.trainer.max_steps)
+    for batch in _batches(96):
+        n = batch["labels"].numel()
+        forward_backward(pm, local_batch(batch, pm), n, cfg, torch.device("cpu"))
+        clip_grad_norm_(pm.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+
+        logits = reference(input_ids=batch["input_ids"]).logits
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1),
+                               reduction="sum") / n
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ref_params, 1.0)
+        ref_opt.step()
+        ref_opt.zero_grad()
+    theirs = peft.get_peft_model_state_dict(reference)
+    ours = _adapters(pm)
+    assert len(ours) == len(theirs) == 7 * 2 * cfg.model.num_layers
+    for name, t in ours.items():
+        torch.testing.assert_close(t, theirs[peft_name(name)], rtol=1e-5, atol=1e-5, msg=lambda m, k=name: f"{k}: {m}")
+        if ".lora_B" in name:
+            assert torch.count_nonzero(t) > 0, name  # it trained
+
+
+def test_exported_adapter_loads_in_peft_and_a_peft_adapter_loads_here(compose, hf_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg, pm = _ours(compose, hf_dir)
+    with torch.no_grad():  # non-zero B: the adapter changes the logits
+        for n, p in pm.modules[0].named_parameters():
+            if ".lora_B" in n:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
+    save_peft_adapter(_adapters(pm), cfg.model.lora, str(hf_dir), tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], sorted(config["target_modules"])) == (RANK, ALPHA,
+                                                                                      sorted(PEFT_TARGETS))
+    ids = _batches(96)[0]["input_ids"]
+    base = AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager").float()
+    loaded = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        ours = pm.modules[0](ids)[..., :96]
+        theirs = loaded(input_ids=ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+    # The other way: PEFT saves an adapter (its own random B), meshtron continues from it.
+    reference = _peft_model(hf_dir, _adapters(pm))
+    with torch.no_grad():
+        for n, p in reference.named_parameters():
+            if "lora_A" in n:
+                p.mul_(1.5)
+    reference.save_pretrained(tmp_path / "peft")
+    _, again = _ours(compose, hf_dir, f"model.lora.init_from={tmp_path / 'peft'}")
+    with torch.no_grad():
+        torch.testing.assert_close(again.modules[0](ids)[..., :96], reference.eval()(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_only_the_adapters_train_and_names_are_the_base_model_s(compose, hf_dir):
+    cfg, pm = _ours(compose, hf_dir)
+    model = pm.modules[0]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(is_adapter(n) for n in trainable)
+    assert sum(model.get_parameter(n).numel() for n in trainable) == trainable_count(cfg.model, cfg.model.lora)
+    base = {n for n, _ in model.named_parameters()} - trainable
+    _, full = _ours(compose, hf_dir, "model.lora.rank=0")
+    assert base == {n for n, _ in full.modules[0].named_parameters()}
+    opt = StageOptimizers(pm.modules, cfg.optim, torch.device("cpu"), 3)
+    assert sum(len(g["params"]) for g in opt.optimizers[0].param_groups) == len(trainable)
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["model.lora.target_modules=[experts]"], "adapters on MoE experts and routers are not built yet"),
+    (["model.lora.target_modules=[q_proj]"], "model.lora.target_modules has 'q_proj'; expected any of"),
+    (["model.lora.init=pissa"], "model.lora.init='pissa' is not supported"),
+    (["model.lora.dropout=1.0"], "model.lora.dropout=1.0 must be in [0, 1)"),
+])
+def test_config_refusals(compose, overrides, needle):
+    from trainer.config import validate_config
+
+    with pytest.raises(ConfigError) as err:
+        validate_config(compose("model.lora.rank=4", *overrides))
+    assert needle in str(err.value)
+
+
+def test_a_peft_adapter_of_another_shape_is_refused_naming_both(compose, hf_dir, tmp_path):
+    from trainer.lora import read_peft_config
+
+    cfg, pm = _ours(compose, hf_dir)
+    save_peft_adapter(_adapters(pm), cfg.model.lora, str(hf_dir), tmp_path / "adapter")
+    read_peft_config(tmp_path / "adapter", cfg.model.lora)
+    other = compose("model.lora.rank=8", "model.lora.target_modules=[linear_qkv]").model.lora
+    with pytest.raises(ConfigError, match=r"rank: adapter 4 vs model.lora 8.*target_modules: adapter \[.*'down_proj'"
+                                          r".*\] vs model.lora \['k_proj', 'q_proj', 'v_proj'\]"):
+        read_peft_config(tmp_path / "adapter", other)
