@@ -105,10 +105,11 @@ def _parallelize_one(module: nn.Module, cfg: Config, dims: ParallelDims, mesh, d
     fp8_layers = 0
     lora = cfg.model.lora
     if lora.enabled:
-        from trainer.lora import add_adapters, freeze_base
+        from trainer.lora import add_adapters, freeze_base, store_base
 
         add_adapters(module, lora)  # first: the TP styles below place the adapters with their bases
         freeze_base(module)
+        store_base(module, lora.base_dtype)
     if cfg.trainer.precision == "fp8":
         from parallel.float8 import convert_to_float8
 

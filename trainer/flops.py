@@ -111,8 +111,15 @@ def real_tokens(document_ids: np.ndarray) -> int:
 def step_flops(cfg: ModelConfig, document_ids: np.ndarray, padded_vocab: Optional[int] = None) -> int:
     """Model FLOPs of one optimizer step over a global batch with these document ids [B, S]."""
     lengths = document_lengths(document_ids)  # every real token is in exactly one document
-    dense = 6 * matmul_params_per_token(cfg, padded_vocab) * int(lengths.sum())
-    return dense + attention_flops(cfg, lengths)
+    tokens = int(lengths.sum())
+    weights = matmul_params_per_token(cfg, padded_vocab)
+    if cfg.lora.enabled:
+        # Only the FLOPs that run: a frozen weight's matmul runs forward and for its input's gradient (2 + 2 per
+        # weight and token), never for its own gradient; the adapters' run all three. Attention's backward runs.
+        from trainer.lora import trainable_count
+
+        return (4 * weights + 6 * trainable_count(cfg, cfg.lora)) * tokens + attention_flops(cfg, lengths)
+    return 6 * weights * tokens + attention_flops(cfg, lengths)
 
 
 def achieved_tflops(flops: float, seconds: float, devices: int) -> float:

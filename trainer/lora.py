@@ -137,6 +137,17 @@ def _interleave_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_d
     return fused.reshape(*lead, -1)
 
 
+def store_base(model: nn.Module, base_dtype: str) -> None:
+    """model.lora.base_dtype=bf16: the frozen base's parameters become bf16 (on the meta device, before FSDP and
+    materialisation, so only bf16 storage is ever allocated; initial or HF weights are rounded into it)."""
+    if base_dtype != "bf16":
+        return
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if not name.startswith("lora_"):
+                module.register_parameter(name, nn.Parameter(p.to(torch.bfloat16), requires_grad=False))
+
+
 def freeze_base(model: nn.Module) -> None:
     """Only the adapters train. Called again after tensor parallelism: some styles re-register parameters."""
     for name, p in model.named_parameters():
@@ -212,6 +223,9 @@ def check_lora(cfg, dims) -> None:
     if cfg.trainer.precision == "fp8":
         raise ConfigError("model.lora with trainer.precision=fp8 is not supported: the adapters would run beside "
                           "torchao's Float8Linear, which is not built; use trainer.precision=bf16")
+    if lora.base_dtype == "bf16" and cfg.trainer.precision != "bf16":
+        raise ConfigError(f"model.lora.base_dtype=bf16 needs trainer.precision=bf16 (got "
+                          f"{cfg.trainer.precision}): the base's matmuls then run in bf16 on its bf16 weights")
     if lora.dropout and dims.tp > 1:
         raise ConfigError(f"model.lora.dropout={lora.dropout} with parallel.tp={dims.tp}: the dropout masks of "
                           f"the replicated adapter inputs would differ between tensor-parallel ranks; use "

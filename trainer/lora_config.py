@@ -33,6 +33,9 @@ class LoraConfig:
     init: str = "default"
     # A PEFT adapter directory (adapter_config.json + adapter_model.safetensors) to continue training.
     init_from: Optional[str] = None
+    # The frozen base's storage: fp32, or bf16 (half the memory; it has no fp32 master copy to keep, since it
+    # never changes, nor gradients or optimizer state). bf16 needs trainer.precision=bf16.
+    base_dtype: str = "fp32"
 
     @property
     def enabled(self) -> bool:
@@ -54,6 +57,7 @@ class LoraConfig:
         require(self.alpha > 0, f"model.lora.alpha={self.alpha} must be positive")
         require(0.0 <= self.dropout < 1.0, f"model.lora.dropout={self.dropout} must be in [0, 1)")
         one_of("model.lora.init", self.init, ("default", "gaussian"))
+        one_of("model.lora.base_dtype", self.base_dtype, ("fp32", "bf16"))
         require(bool(self.target_modules), "model.lora.target_modules is empty; name at least one of "
                                            f"{list(LORA_TARGETS)} or {ALL_LINEAR}")
         for t in self.target_modules:
