@@ -28,6 +28,8 @@ examples:
   %(prog)s hf-to-megatron --hf Qwen3-30B-A3B --out megatron-ep8 --format torch --tp 1 --pp 4 --ep 8
   %(prog)s megatron-to-hf --megatron megatron-tp2pp2 --out Llama-3.2-1B-back
   %(prog)s meshtron-to-hf --checkpoint outputs/run/checkpoints --out my-model-hf
+  %(prog)s lora-to-peft --checkpoint outputs/lora-run/checkpoints --out my-adapter
+  %(prog)s merge-lora --checkpoint outputs/lora-run/checkpoints --out my-model-merged
   %(prog)s verify --hf my-model-hf --checkpoint outputs/run/checkpoints
 """
 
@@ -112,6 +114,22 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
                    help="cast floating-point weights (default: as saved, fp32 master weights)")
 
+    c = sub.add_parser("lora-to-peft", help="a LoRA run's checkpoint -> PEFT adapter directory",
+                       description="Write a LoRA run's adapters (a checkpoints/ or step_<N> directory) as a PEFT "
+                                   "adapter: adapter_config.json + adapter_model.safetensors in PEFT's names.")
+    c.add_argument("--checkpoint", required=True, type=Path, metavar="DIR",
+                   help="a LoRA run's checkpoints/ directory (uses 'latest') or one step_<N> directory")
+    c.add_argument("--out", required=True, type=Path, metavar="DIR", help="new (or empty) output directory")
+
+    c = sub.add_parser("merge-lora", help="a LoRA run's checkpoint -> HF model with the adapters merged in",
+                       description="Merge a LoRA run's adapters into the base it trained on (its model.hf_path, or "
+                                   "the base initialised from its trainer.seed) and write an HF directory with the "
+                                   "run's tokenizer. Holds the base model in memory once.")
+    c.add_argument("--checkpoint", required=True, type=Path, metavar="DIR",
+                   help="a LoRA run's checkpoints/ directory (uses 'latest') or one step_<N> directory")
+    c.add_argument("--out", required=True, type=Path, metavar="DIR", help="new (or empty) output directory")
+    c.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="cast the weights (default: the base's)")
+
     c = sub.add_parser("verify", help="compare an HF directory's logits with a Megatron or meshtron checkpoint",
                        description="Load both on CPU in fp32, run a few fixed prompts through each, print the "
                                    "max abs logit difference per prompt and overall.",
@@ -182,6 +200,22 @@ def _run(args: argparse.Namespace) -> int:
         dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.dtype]
         out = meshtron_to_hf(step, args.out, dtype=dtype, progress=args.progress)
         print(f"wrote HF checkpoint of {step} to {out}")
+    elif cmd in ("lora-to-peft", "merge-lora"):
+        _input_dir("--checkpoint", args.checkpoint, _MESHTRON)
+        _output_dir(args.out, args.checkpoint)
+        if cmd == "lora-to-peft":
+            from checkpoint_convert.lora import lora_to_peft
+
+            out = lora_to_peft(args.checkpoint, args.out)
+            print(f"wrote PEFT adapter to {out}")
+        else:
+            import torch
+
+            from checkpoint_convert.lora import merge_lora
+
+            dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.dtype]
+            out = merge_lora(args.checkpoint, args.out, dtype)
+            print(f"wrote merged HF checkpoint to {out}")
     elif cmd == "verify":
         _input_dir("--hf", args.hf, _HF)
         _refuse_non_hf(args.hf)

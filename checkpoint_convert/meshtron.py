@@ -170,8 +170,11 @@ def meshtron_to_hf(checkpoint: Union[str, Path], out_dir: Union[str, Path], dtyp
     step = resolve_checkpoint(checkpoint)
     out = Path(out_dir)
     check_out_dir(out)
-    verify_checkpoint(step, progress)
     cfg, ids = checkpoint_config(step)
+    if cfg.lora.enabled:
+        raise ConfigError(f"checkpoint {step} is a LoRA run's (model.lora.rank={cfg.lora.rank}): it holds the "
+                          f"adapters only; use lora-to-peft for a PEFT adapter or merge-lora for a full model")
+    verify_checkpoint(step, progress)
     meta = model_tensor_meta(step)
     if cfg.tie_word_embeddings and "output_layer.weight" in meta:
         raise ConfigError(f"checkpoint {step} has output_layer.weight but its config has tie_word_embeddings=true")

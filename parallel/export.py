@@ -30,7 +30,10 @@ def export_layout(cfg: Config, dims: ParallelDims) -> Layout:
     pipeline copy of tied embeddings; vocabulary rows padded as the parallel model has them)."""
     with torch.device("meta"):
         model = GPTModel(cfg.model, padded_vocab_size=dims.padded_vocab(cfg.model))
-    return {name: (t.shape, t.dtype) for name, t in model.state_dict().items()}
+    # LoRA's frozen base may be stored in bf16 (model.lora.base_dtype, trainer/lora.py store_base).
+    bf16 = cfg.model.lora.enabled and cfg.model.lora.base_dtype == "bf16"
+    return {name: (t.shape, torch.bfloat16 if bf16 and t.is_floating_point() else t.dtype)
+            for name, t in model.state_dict().items()}
 
 
 def owner_pp_ranks(cfg: Config, dims: ParallelDims, names) -> dict[str, int]:

@@ -337,8 +337,11 @@ class TrainerConfig:
     # Seconds any rank waits for the others (process-group collectives, shared tokenization, the export)
     # before failing with a message naming what it waited for; NCCL's watchdog uses it too.
     dist_timeout_s: float = 1800.0
-    # Save the final model as HF safetensors (+ tokenizer) under <output_dir>/hf.
+    # Save the final model as HF safetensors (+ tokenizer) under <output_dir>/hf; a LoRA run (model.lora) saves
+    # its adapters as a PEFT adapter under <output_dir>/hf_adapter instead, and with export_merged also the
+    # base with the adapters merged in under hf/.
     export_hf: bool = True
+    export_merged: bool = False
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     # A non-finite loss or gradient norm: skip drops that step's update (at most max_consecutive_skips in a
     # row, then stops); stop exits at once without saving anything newer.

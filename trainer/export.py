@@ -34,7 +34,8 @@ def export_bytes(cfg: Config, dims) -> int:
     return sum(shape.numel() * dtype.itemsize for shape, dtype in plan.values()) + SMALL_FILES_BYTES
 
 
-def export_hf(pm, cfg: Config, out: Path, tokenizer, is_main: bool, saved: Optional[Path] = None) -> None:
+def export_hf(pm, cfg: Config, out: Path, tokenizer, is_main: bool, saved: Optional[Path] = None,
+              adapters: Optional[dict] = None) -> None:
     """Write `out` (safetensors, config.json, generation_config.json, tokenizer) from the trained model on
     global rank 0. Every rank calls it. `saved`: the complete checkpoint of the final step, if any, named when
     the export fails for want of space (RunExit EXIT_NO_SPACE on every rank)."""
@@ -48,16 +49,22 @@ def export_hf(pm, cfg: Config, out: Path, tokenizer, is_main: bool, saved: Optio
     if distributed:
         problem = _from_rank0(problem)
     if not problem:
-        problem = _write(pm, cfg, out, tokenizer, is_main)
+        problem = _write(pm, cfg, out, tokenizer, is_main, adapters)
         if distributed:
             problem = _from_rank0(problem)
     if problem:
         raise RunExit(EXIT_NO_SPACE, problem + "; " + _where_the_weights_are(saved, out))
 
 
-def _write(pm, cfg: Config, out: Path, tokenizer, is_main: bool) -> str:
-    """'' when written, else why (no space); rank 0 keeps taking part in the gathers after a failed write."""
+def _write(pm, cfg: Config, out: Path, tokenizer, is_main: bool, adapters: Optional[dict] = None) -> str:
+    """'' when written, else why (no space); rank 0 keeps taking part in the gathers after a failed write.
+    `adapters` (rank 0: LoRA's full adapters): merged into their base weights on the way (the merged model)."""
     tensors = iter_full_tensors(pm, cfg)
+    if is_main and adapters:
+        from trainer.lora import merge_weight
+
+        base = tensors
+        tensors = ((n, merge_weight(n, t, adapters, cfg.model.lora, cfg.model)) for n, t in base)
     if not is_main:
         for _ in tensors:  # the collectives of each tensor; rank 0 receives
             pass
@@ -79,19 +86,22 @@ def _write(pm, cfg: Config, out: Path, tokenizer, is_main: bool) -> str:
     return ""
 
 
-def export_adapter(pm, cfg: Config, out: Path, is_main: bool) -> None:
+def export_adapter(pm, cfg: Config, out: Path, is_main: bool) -> Optional[dict]:
     """A LoRA run's trained adapters as a PEFT adapter directory (trainer/lora.py save_peft_adapter), gathered
-    one tensor at a time to global rank 0 like the model export. Every rank calls it."""
+    one tensor at a time to global rank 0 like the model export. Every rank calls it; rank 0 gets the adapters
+    (full tensors, small) back for a merged export."""
     from parallel.export import adapter_layout
 
     tensors = iter_full_tensors(pm, cfg, adapter_layout(cfg, pm.dims))
     if not is_main:
         for _ in tensors:
             pass
-        return
+        return None
     from trainer.lora import save_peft_adapter
 
-    save_peft_adapter(dict(tensors), cfg.model.lora, cfg.model.hf_path, out)
+    adapters = dict(tensors)
+    save_peft_adapter(adapters, cfg.model.lora, cfg.model.hf_path, out)
+    return adapters
 
 
 def _from_rank0(problem: str) -> str:

@@ -211,20 +211,26 @@ def train(cfg: Config, info: Optional[RankInfo] = None) -> Path:
         loader.close()
 
     if cfg.trainer.export_hf and cfg.model.lora.enabled:
-        from trainer.export import export_adapter
+        from trainer.export import export_adapter, export_hf
 
         # What a LoRA run trained: the adapters, loadable with peft.PeftModel.from_pretrained(base, DIR).
-        export_adapter(pm, cfg, out / "hf_adapter", info.is_main)
+        adapters = export_adapter(pm, cfg, out / "hf_adapter", info.is_main)
+        if cfg.trainer.export_merged:  # and the base with them merged in: a plain HF model
+            export_hf(pm, cfg, out / "hf", tokenizer, info.is_main, saved=ckpt.complete(cfg.trainer.max_steps),
+                      adapters=adapters)
     elif cfg.trainer.export_hf:
         from trainer.export import export_hf
 
         # Streamed: one full tensor at a time on rank 0, never a full copy of the model on any rank.
         export_hf(pm, cfg, out / "hf", tokenizer, info.is_main, saved=ckpt.complete(cfg.trainer.max_steps))
     if info.is_main:
+        exported = ""
+        if cfg.trainer.export_hf and cfg.model.lora.enabled:
+            exported = ", hf_adapter/ (PEFT adapter)" + (", hf/ (merged)" if cfg.trainer.export_merged else "")
+        elif cfg.trainer.export_hf:
+            exported = ", hf/ (safetensors model + tokenizer)"
         print(f"done: {cfg.trainer.max_steps} steps. Outputs in {out.resolve()}: config.yaml, metrics.jsonl"
-              + (", checkpoints/" if ckpt.complete(cfg.trainer.max_steps) else "")
-              + ("" if not cfg.trainer.export_hf else ", hf_adapter/ (PEFT adapter)" if cfg.model.lora.enabled
-                 else ", hf/ (safetensors model + tokenizer)"), flush=True)
+              + (", checkpoints/" if ckpt.complete(cfg.trainer.max_steps) else "") + exported, flush=True)
     return out
 
 

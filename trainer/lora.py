@@ -317,3 +317,23 @@ def save_peft_adapter(tensors: dict, lora: LoraConfig, base: Optional[str], out)
         save_file({peft_name(n): t.detach().contiguous().cpu() for n, t in tensors.items()},
                   str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_config(lora, base), indent=2, sort_keys=True) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------ merging
+
+
+def merge_weight(name: str, weight: torch.Tensor, adapters: dict, lora: LoraConfig, cfg) -> torch.Tensor:
+    """A base weight (our name, full tensor) with its adapters merged in: W + scale * B A, in fp32, returned in
+    W's dtype; linear_qkv's three adapters interleaved per query group like its rows. Unadapted: W itself."""
+    module = name.removesuffix(".weight")
+    if not name.endswith(".weight") or not any(k.startswith(module + ".lora_") for k in adapters):
+        return weight
+    if module.endswith("linear_qkv"):
+        from checkpoint_convert.mapping import interleave_qkv
+
+        parts = [adapters[f"{module}.lora_B_{p}"].float() @ adapters[f"{module}.lora_A_{p}"].float()
+                 for p in QKV_PARTS]
+        delta = interleave_qkv(*parts, cfg.num_query_groups, cfg.head_dim)
+    else:
+        delta = adapters[f"{module}.lora_B"].float() @ adapters[f"{module}.lora_A"].float()
+    return (weight.float() + lora.scale * delta).to(weight.dtype)

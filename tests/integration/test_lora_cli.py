@@ -39,3 +39,48 @@ def test_a_resume_on_another_base_is_refused(run, change, needle):
     assert done.returncode == 2, done.stderr[-2000:]
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
+def test_merged_export_and_the_converters(tmp_path):
+    """On an HF base (a short full run's export): hf/ (trainer.export_merged) gives the logits of PEFT's model
+    with hf_adapter/ on the base; merge-lora and lora-to-peft rebuild the same two from the checkpoint; and
+    meshtron-to-hf refuses the adapters-only checkpoint in one line."""
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    peft = pytest.importorskip("peft")
+    cli(tmp_path, "base", "trainer.max_steps=2", "trainer.export_hf=true")
+    base = tmp_path / "base" / "hf"
+    cli(tmp_path, "lora", f"model.hf_path={base}", *LORA, "trainer.export_hf=true", "trainer.export_merged=true",
+        "optim.lr=3e-2")
+    run = tmp_path / "lora"
+    ids = torch.randint(0, 2000, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(run / "hf").eval()(input_ids=ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(base).eval()
+        before = plain(input_ids=ids).logits
+        with_adapter = peft.PeftModel.from_pretrained(plain, run / "hf_adapter").eval()(input_ids=ids).logits
+    assert (merged - before).abs().max() > 1e-3  # the adapters trained and were merged
+    torch.testing.assert_close(merged, with_adapter, rtol=1e-4, atol=1e-4)
+
+    def convert(*argv):
+        return subprocess.run([sys.executable, "-m", "checkpoint_convert", *argv], capture_output=True, text=True,
+                              timeout=300)
+
+    assert convert("lora-to-peft", "--checkpoint", str(run / "checkpoints"), "--out", str(tmp_path / "peft")
+                   ).returncode == 0
+    a, b = load_file(str(tmp_path / "peft" / "adapter_model.safetensors")), load_file(
+        str(run / "hf_adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    done = convert("merge-lora", "--checkpoint", str(run / "checkpoints"), "--out", str(tmp_path / "merged"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    a, b = load_file(str(tmp_path / "merged" / "model.safetensors")), load_file(str(run / "hf" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
+    assert (tmp_path / "merged" / "tokenizer.json").is_file()
+    refused = convert("meshtron-to-hf", "--checkpoint", str(run / "checkpoints"), "--out", str(tmp_path / "x"))
+    assert refused.returncode == 2 and "use lora-to-peft for a PEFT adapter or merge-lora" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
