@@ -133,3 +133,13 @@ def test_scale_smoke(tmp_path):
     assert re.search(r"^ratio 2-rank / 1-process peak RSS: [\d.]+ \(goal <= 0\.40\) -> (met|missed)$", proc.stdout,
                      re.M), proc.stdout
     assert (tmp_path / "model_fsdp2" / "run" / "hf" / "model.safetensors").exists()  # the export ran
+
+
+def test_lora_bench_smoke():
+    """bench/lora.py on the small model: every configuration runs and the ratio columns and goal lines print."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "lora.py"), "--model", "small", "--ranks", "2",
+                           "--steps", "2"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert re.search(r"^lora-bf16 +[\d,]+ +[\d.]+x +[\d.]+ +[\d.]+x +[\d.]+x", proc.stdout, re.M), proc.stdout
+    assert re.search(r"^goal: lora-bf16 peak <= 0.45x full: [\d.]+x -> (met|missed)$", proc.stdout, re.M)
+    assert re.search(r"^goal: lora-bf16 tokens/s >= 1.2x full: [\d.]+x -> (met|missed)$", proc.stdout, re.M)
