@@ -108,6 +108,8 @@ def _gather(local: dict, name: str, shape, dtype) -> torch.Tensor:
                            f"{sorted(local)[:4]}...")
     t = local[name]
     full = t.full_tensor() if isinstance(t, DTensor) else t
+    if hasattr(full, "get_original_weight"):  # QLoRA's NF4 base weight (trainer/lora.py): its bf16 values
+        full = full.get_original_weight()
     if tuple(full.shape) != tuple(shape) or full.dtype != dtype:
         raise RuntimeError(f"export: {name} is {list(full.shape)} {full.dtype} here, but the config gives "
                            f"{list(shape)} {dtype}")

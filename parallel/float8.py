@@ -21,12 +21,9 @@ in high precision, the same numerics without fp8 GEMMs: how the conversion and e
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import importlib.metadata
 import importlib.util
-import logging
-import warnings
 from typing import Optional
 
 import torch
@@ -34,6 +31,7 @@ from torch import nn
 
 from trainer.config import Config, Fp8Config
 from trainer.errors import ConfigError
+from trainer.torch_compat import quiet_torchao
 
 # The torchao releases this code is written and tested against (pyproject's `fp8` extra): 0.18 imports and
 # trains with every torch of our range (2.11 to 2.14).
@@ -134,28 +132,12 @@ def skipped(fqn: str, fp8: Fp8Config) -> bool:
     return any(fnmatch.fnmatchcase(fqn, pattern) for pattern in fp8.skip)
 
 
-@contextlib.contextmanager
-def _quiet_torchao():
-    """torchao's import logs a warning for each CUDA kernel library it cannot load on this machine (every CPU
-    machine, every GPU other than the one it was built for) and warns about a deprecated torch.compile
-    registration: nothing a user can act on."""
-    log = logging.getLogger("torchao")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*register_constant.*")
-            yield
-    finally:
-        log.setLevel(level)
-
-
 def float8_linear_config(cfg: Config, device_type: str, fsdp: bool):
     """torchao's Float8LinearConfig for the recipe; FSDP2 all-gathers in fp8 where torchao offers it
     (tensorwise scaling only)."""
     import dataclasses
 
-    with _quiet_torchao():
+    with quiet_torchao():
         from torchao.float8 import Float8LinearConfig
 
     fp8 = cfg.trainer.fp8
@@ -167,7 +149,7 @@ def float8_linear_config(cfg: Config, device_type: str, fsdp: bool):
 def convert_to_float8(module: nn.Module, cfg: Config, device_type: str, fsdp: bool) -> int:
     """Swap the decoder's linear layers (not the output layer, not those trainer.fp8.skip names) for torchao's
     Float8Linear in place; returns how many were converted."""
-    with _quiet_torchao():
+    with quiet_torchao():
         from torchao.float8 import convert_to_float8_training
         from torchao.float8.float8_linear import Float8Linear
 
@@ -190,7 +172,7 @@ def tp_styles(cfg: Config, device_type: str):
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
     if uses_fp8(cfg) and cfg.trainer.fp8.recipe == "tensorwise" and device_type == "cuda":
-        with _quiet_torchao():
+        with quiet_torchao():
             from torchao.float8.float8_tensor_parallel import Float8ColwiseParallel, Float8RowwiseParallel
         return Float8ColwiseParallel, Float8RowwiseParallel
     return ColwiseParallel, RowwiseParallel
@@ -202,7 +184,7 @@ def precompute_fsdp_scales(modules: list[nn.Module], cfg: Config, fsdp: bool) ->
     weight."""
     if not (uses_fp8(cfg) and fsdp and cfg.trainer.fp8.recipe == "tensorwise"):
         return
-    with _quiet_torchao():
+    with quiet_torchao():
         from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
     for m in modules:
         precompute_float8_dynamic_scale_for_fsdp(m)

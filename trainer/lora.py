@@ -226,10 +226,71 @@ def check_lora(cfg, dims) -> None:
     if lora.base_dtype == "bf16" and cfg.trainer.precision != "bf16":
         raise ConfigError(f"model.lora.base_dtype=bf16 needs trainer.precision=bf16 (got "
                           f"{cfg.trainer.precision}): the base's matmuls then run in bf16 on its bf16 weights")
+    if lora.base_quant == "nf4":
+        check_nf4(cfg, dims)
     if lora.dropout and dims.tp > 1:
         raise ConfigError(f"model.lora.dropout={lora.dropout} with parallel.tp={dims.tp}: the dropout masks of "
                           f"the replicated adapter inputs would differ between tensor-parallel ranks; use "
                           f"model.lora.dropout=0 under tensor parallelism")
+
+
+# ------------------------------------------------------------------------------------------------ QLoRA
+
+NF4_BLOCK, NF4_SCALER_BLOCK = 64, 256  # torchao's to_nf4 defaults: values per scale, scales per scale-of-scales
+_DECODER_LINEARS = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1_gate",
+                    "mlp.linear_fc1_up", "mlp.linear_fc2")
+
+
+def check_nf4(cfg, dims) -> None:
+    """model.lora.base_quant=nf4's refusals, before anything is allocated."""
+    import importlib.util
+
+    lora, m = cfg.model.lora, cfg.model
+    if importlib.util.find_spec("torchao") is None:
+        raise ConfigError("model.lora.base_quant=nf4 needs torchao, which is not installed: pip install "
+                          "'meshtron[qlora]' (torchao>=0.18,<0.19)")
+    if lora.base_dtype != "bf16":
+        raise ConfigError(f"model.lora.base_quant=nf4 needs model.lora.base_dtype=bf16 (got {lora.base_dtype}): the "
+                          f"NF4 weights dequantize to bf16 and the rest of the frozen base is kept in bf16")
+    if dims.tp > 1:
+        raise ConfigError(f"model.lora.base_quant=nf4 with parallel.tp={dims.tp}: an NF4 weight is blocks of "
+                          f"{NF4_BLOCK} values with their scales laid over the whole flattened weight, and torchao's "
+                          f"NF4Tensor has no tensor-parallel sharding; use QLoRA without tensor parallelism")
+    if dims.fsdp_enabled:
+        raise ConfigError("model.lora.base_quant=nf4 under FSDP (data or context parallelism) is not built yet: the "
+                          "NF4 weights would have to be quantized whole and sharded at load, as torchtune does; "
+                          "use one process per model replica (pipeline parallelism works) or model.lora.base_dtype="
+                          "bf16 without base_quant")
+    if cfg.parallel.compile:
+        raise ConfigError("model.lora.base_quant=nf4 with parallel.compile=true is not supported (not proven here)")
+    from parallel.float8 import linear_shapes
+
+    for name, (rows, cols) in linear_shapes(cfg, 1).items():
+        if (rows * cols) % (NF4_BLOCK * NF4_SCALER_BLOCK):
+            raise ConfigError(f"model.lora.base_quant=nf4: decoder.layers.*.{name} is {rows} x {cols} = "
+                              f"{rows * cols} values, not a multiple of {NF4_BLOCK} x {NF4_SCALER_BLOCK} = "
+                              f"{NF4_BLOCK * NF4_SCALER_BLOCK} (NF4's blocks and scale blocks); change the "
+                              f"model's widths or use model.lora.base_dtype=bf16 without base_quant")
+    del m
+
+
+@torch.no_grad()
+def quantize_base(model: nn.Module) -> int:
+    """model.lora.base_quant=nf4: the decoder's linear weights (loaded or initialised, bf16) become torchao
+    NF4Tensors, frozen; returns how many. F.linear on an NF4 weight dequantizes it to the input's dtype."""
+    from trainer.torch_compat import quiet_torchao
+
+    with quiet_torchao():
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+
+    count = 0
+    for layer in model.decoder.layers.values():
+        for path in _DECODER_LINEARS:
+            module = layer.get_submodule(path)
+            module.weight = nn.Parameter(to_nf4(module.weight.detach().to(torch.bfloat16), NF4_BLOCK,
+                                                NF4_SCALER_BLOCK), requires_grad=False)
+            count += 1
+    return count
 
 
 # ------------------------------------------------------------------------------------------------- PEFT

@@ -36,6 +36,9 @@ class LoraConfig:
     # The frozen base's storage: fp32, or bf16 (half the memory; it has no fp32 master copy to keep, since it
     # never changes, nor gradients or optimizer state). bf16 needs trainer.precision=bf16.
     base_dtype: str = "fp32"
+    # QLoRA: nf4 stores the decoder's frozen linear weights as torchao's 4-bit NF4 tensors (blocks of 64 values,
+    # dequantized to bf16 for each matmul); needs base_dtype=bf16 and the `qlora` extra (torchao).
+    base_quant: Optional[str] = None
 
     @property
     def enabled(self) -> bool:
@@ -58,6 +61,7 @@ class LoraConfig:
         require(0.0 <= self.dropout < 1.0, f"model.lora.dropout={self.dropout} must be in [0, 1)")
         one_of("model.lora.init", self.init, ("default", "gaussian"))
         one_of("model.lora.base_dtype", self.base_dtype, ("fp32", "bf16"))
+        one_of("model.lora.base_quant", self.base_quant, (None, "nf4"))
         require(bool(self.target_modules), "model.lora.target_modules is empty; name at least one of "
                                            f"{list(LORA_TARGETS)} or {ALL_LINEAR}")
         for t in self.target_modules:

@@ -32,8 +32,11 @@ for the workers after a signal); slurm/train.sbatch passes it only where ``--hel
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import logging
+import warnings
 from typing import Optional
 
 import torch
@@ -122,3 +125,19 @@ def pipeline_stage_class() -> type:
             return [op for op in super()._get_init_p2p_neighbors_ops() if op.group_peer != own]
 
     return Stage
+
+
+@contextlib.contextmanager
+def quiet_torchao():
+    """torchao's import logs a warning for each CUDA kernel library it cannot load on this machine (every CPU
+    machine, every GPU other than the one it was built for) and warns about a deprecated torch.compile
+    registration: nothing a user can act on."""
+    log = logging.getLogger("torchao")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*register_constant.*")
+            yield
+    finally:
+        log.setLevel(level)

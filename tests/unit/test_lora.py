@@ -220,3 +220,55 @@ def test_a_bf16_base_needs_bf16_precision(compose):
 
     with pytest.raises(ConfigError, match=r"model.lora.base_dtype=bf16 needs trainer.precision=bf16 \(got fp32\)"):
         check_lora(compose("model.lora.rank=4", "model.lora.base_dtype=bf16"), ParallelDims.single())
+
+
+def test_nf4_base_is_quantized_and_trains_like_the_bf16_base(compose):
+    """QLoRA (model.lora.base_quant=nf4): the decoder's linear weights are torchao NF4 tensors after loading, the
+    rest of the base bf16, the adapters fp32; 3 steps on the same batches track the bf16-base run within 2e-2
+    (relative loss): NF4 keeps 4 bits per weight (16 levels per block of 64, one absmax scale each), an error of
+    a few percent per weight that the matmuls' sums average down; on these 32-token batches of random tokens at
+    initialisation, measured at most 6.7e-3 (on the bundled corpus, 16 x 256 tokens a step: 4e-4 over 10 steps).
+    A quantization gone wrong moves the loss by whole units."""
+    pytest.importorskip("torchao")
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor
+
+    losses = {}
+    for quant in ("null", "nf4"):
+        cfg = compose("model.lora.rank=8", "trainer.precision=bf16", "model.lora.base_dtype=bf16",
+                      f"model.lora.base_quant={quant}", "model.ffn_hidden_size=384", "trainer.global_batch_size=2",
+                      "parallel.microbatch_size=2", *OPTIM)
+        pm = build_parallel_model(cfg, ParallelDims.single(), None, torch.device("cpu"))
+        weights = {n: p for n, p in pm.modules[0].named_parameters() if n.startswith("decoder.layers.")
+                   and n.endswith(("linear_qkv.weight", "linear_proj.weight", "linear_fc2.weight",
+                                   "linear_fc1_gate.weight", "linear_fc1_up.weight"))}
+        assert len(weights) == 5 * cfg.model.num_layers
+        assert all(isinstance(p, NF4Tensor) == (quant == "nf4") and not p.requires_grad for p in weights.values())
+        opt = StageOptimizers(pm.modules, cfg.optim, torch.device("cpu"), 3)
+        losses[quant] = []
+        for batch in _batches(cfg.model.vocab_size):
+            n = batch["labels"].numel()
+            losses[quant].append(float(forward_backward(pm, local_batch(batch, pm), n, cfg, torch.device("cpu"))) / n)
+            opt.step()
+            opt.zero_grad()
+    for a, b in zip(losses["nf4"], losses["null"]):
+        assert a == pytest.approx(b, rel=2e-2)
+    assert losses["nf4"] != losses["null"]  # quantized, not the same weights
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["parallel=tp2"], "model.lora.base_quant=nf4 with parallel.tp=2: an NF4 weight is blocks of 64"),
+    (["parallel=fsdp"], "under FSDP (data or context parallelism) is not built yet"),
+    (["model.lora.base_dtype=fp32"], "needs model.lora.base_dtype=bf16 (got fp32)"),
+    (["model.ffn_hidden_size=352"], "decoder.layers.*.mlp.linear_fc1_gate is 352 x 128 = 45056 values, not a "
+                                    "multiple of 64 x 256"),
+])
+def test_nf4_refusals(compose, overrides, needle):
+    from trainer.loop import prepare
+    from trainer.lora import check_lora
+
+    cfg = compose("model.lora.rank=8", "trainer.precision=bf16", "model.lora.base_dtype=bf16",
+                  "model.lora.base_quant=nf4", "model.ffn_hidden_size=384", *overrides)
+    cfg, dims = prepare(cfg, 2 if any(o.startswith("parallel=") for o in overrides) else 1)
+    with pytest.raises(ConfigError) as err:
+        check_lora(cfg, dims)
+    assert needle in str(err.value)
