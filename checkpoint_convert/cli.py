@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--spec", choices=("local", "te"), default="local",
                    help="megatron-core layer spec the names follow (te: Transformer Engine, fused norms; MoE experts "
                         "as TEGroupedMLP's linear_fc1.weight<e>)")
+    c.add_argument("--lora", type=Path, metavar="DIR",
+                   help="a PEFT LoRA adapter of this model: its weights are merged into the base as they are read")
     c.add_argument("--vocab-divisible-by", type=_positive, default=128, metavar="N",
                    help="pad the vocabulary to a multiple of N x TP, as Megatron's "
                         "--make-vocab-size-divisible-by (default 128)")
@@ -256,8 +258,10 @@ def _hf_to_megatron(args: argparse.Namespace) -> int:
     else:
         from checkpoint_convert.megatron_dist_write import hf_to_megatron_dist as convert
 
+    if args.lora is not None:
+        _input_dir("--lora", args.lora, "a PEFT adapter directory (adapter_config.json, adapter_model.safetensors)")
     out = convert(args.hf, args.out, tp=tp, pp=pp, spec=args.spec, vocab_divisible_by=args.vocab_divisible_by,
-                  progress=args.progress, ep=args.ep)
+                  progress=args.progress, ep=args.ep, lora=args.lora)
     layout = f"TP={tp}, PP={pp}" + (f", EP={args.ep}" if args.ep > 1 else "") if args.format == "torch" \
         else "loads at any TP x PP"
     print(f"wrote Megatron-LM {args.format} checkpoint ({layout}, spec {args.spec}) to {out}")

@@ -71,3 +71,47 @@ def merge_lora(checkpoint: PathLike, out: PathLike, dtype: Optional[torch.dtype]
             if f.is_file() and f.name not in ("config.json", "generation_config.json") and f.suffix != ".safetensors":
                 shutil.copyfile(f, out / f.name)
     return out
+
+
+class PeftMerge:
+    """A PEFT LoRA adapter merged into HF weights as they are read (hf-to-megatron --lora): W + scale * B A for
+    each weight the adapter covers, in fp32, returned in W's dtype. Checked before anything is written: every
+    adapter tensor must name a weight of the checkpoint."""
+
+    PREFIX = "base_model.model."
+
+    def __init__(self, adapter_dir: PathLike, hf_names: set[str]):
+        import json
+
+        from safetensors.torch import load_file
+
+        from trainer.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+        d = Path(adapter_dir)
+        if not (d / ADAPTER_CONFIG).is_file() or not (d / ADAPTER_WEIGHTS).is_file():
+            raise ConfigError(f"--lora {d}: expected a PEFT adapter directory with {ADAPTER_CONFIG} and "
+                              f"{ADAPTER_WEIGHTS}")
+        raw = json.loads((d / ADAPTER_CONFIG).read_text())
+        if raw.get("peft_type") != "LORA" or raw.get("use_dora") or raw.get("rank_pattern") or raw.get("alpha_pattern"):
+            raise ConfigError(f"--lora {d}: only plain LoRA adapters merge (no DoRA, no per-module rank or alpha)")
+        r, alpha = raw["r"], raw["lora_alpha"]
+        self.scale = alpha / (r ** 0.5 if raw.get("use_rslora") else r)
+        tensors = load_file(str(d / ADAPTER_WEIGHTS))
+        self.pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for key in tensors:
+            if not key.endswith(".lora_A.weight"):
+                continue
+            module = key.removeprefix(self.PREFIX).removesuffix(".lora_A.weight")
+            b = key.replace(".lora_A.weight", ".lora_B.weight")
+            if f"{module}.weight" not in hf_names or b not in tensors:
+                raise ConfigError(f"--lora {d}: {key} has no weight {module}.weight in the HF checkpoint (or no "
+                                  f"lora_B): the adapter belongs to another model")
+            self.pairs[f"{module}.weight"] = (tensors[key], tensors[b])
+        if not self.pairs:
+            raise ConfigError(f"--lora {d}: no lora_A/lora_B tensors in {ADAPTER_WEIGHTS}")
+
+    def __call__(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        if name not in self.pairs:
+            return weight
+        a, b = self.pairs[name]
+        return (weight.float() + self.scale * (b.float() @ a.float())).to(weight.dtype)

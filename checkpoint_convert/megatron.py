@@ -38,6 +38,7 @@ from checkpoint_convert.megatron_common import (MetaShapes, Ours, check_hf_tenso
                                                  meshtron_shapes)
 from checkpoint_convert.megatron_layout import merge, plan, stage_tensors
 from checkpoint_convert.megatron_moe import check_expert_layout, expert_tp, same_moe
+from checkpoint_convert.lora import PeftMerge
 from checkpoint_convert.megatron_tokenizer import (TOKENIZER_GLOBS, copy_tokenizer, copy_tokens, record_tokenizer,
                                                    special_tokens)
 from checkpoint_convert.models.megatron_names import REPLICATED, VOCAB, layer_of, tp_split
@@ -61,7 +62,7 @@ __all__ = ["hf_to_megatron", "megatron_to_hf", "load_megatron_as_meshtron"]
 
 def hf_to_megatron(hf_dir: PathLike, out_dir: PathLike, tp: int, pp: int, spec: str = "local",
                    vocab_divisible_by: int = 128, progress: bool = True, *, overwrite: bool = False,
-                   ep: int = 1) -> Path:
+                   ep: int = 1, lora: Optional[PathLike] = None) -> Path:
     """Write an HF checkpoint as a Megatron-LM `release` checkpoint at TP x PP (x EP for experts). Returns out_dir.
 
     Raises (before writing anything) ConfigError for an unsupported architecture or a TP/PP/spec that does
@@ -81,6 +82,7 @@ def hf_to_megatron(hf_dir: PathLike, out_dir: PathLike, tp: int, pp: int, spec: 
         src = SafetensorsDir(hf_dir, stack)
         hf_units = family(cfg.family).table.units(expected, cfg)
         check_hf_tensors(src, hf_units, cfg, hf_dir)
+        merge = PeftMerge(lora, set(src.files)) if lora is not None else None  # --lora: merged as read
 
         def stage(fetch: Callable[[str], torch.Tensor], s: int) -> Iterator[tuple[Optional[int], str, list]]:
             ours = Ours(hf_units, fetch, cfg, expected, what=str(hf_dir))
@@ -94,7 +96,7 @@ def hf_to_megatron(hf_dir: PathLike, out_dir: PathLike, tp: int, pp: int, spec: 
             # A mapping of its own per tensor: pages read through a long-lived one would stay resident and
             # grow the process to the size of the whole checkpoint.
             with safe_open(str(src.files[name]), framework="pt") as f:
-                return f.get_tensor(name)
+                return merge(name, f.get_tensor(name)) if merge else f.get_tensor(name)
 
         dry = {}  # (stage, EP rank, TP rank) -> its model state dict of meta tensors; raises on any mismatch
         for s in range(pp):

@@ -38,6 +38,7 @@ from checkpoint_convert.megatron_common import (MetaShapes, Ours, check_hf_tenso
 from checkpoint_convert.megatron_dist import CHECKPOINT_CONFIG, COMMON_FILE, CONFIG_FILE
 from checkpoint_convert.megatron_format import CHECKPOINT_VERSION, TRACKER, PathLike, megatron_args
 from checkpoint_convert.megatron_moe import check_expert_layout
+from checkpoint_convert.lora import PeftMerge
 from checkpoint_convert.megatron_tokenizer import copy_tokenizer, record_tokenizer
 from checkpoint_convert.models.megatron_names import EXTRA_STATE_MODULES, layer_of, megatron_units
 from checkpoint_convert.models.registry import family
@@ -79,7 +80,7 @@ class _Entry:
 
 def hf_to_megatron_dist(hf_dir: PathLike, out_dir: PathLike, tp: int = 1, pp: int = 1, spec: str = "local",
                         vocab_divisible_by: int = 128, progress: bool = True, *, overwrite: bool = False,
-                        ep: int = 1) -> Path:
+                        ep: int = 1, lora: Optional[PathLike] = None) -> Path:
     """Write an HF checkpoint as a Megatron-LM torch_dist `release` checkpoint. Returns out_dir.
 
     tp, pp and ep are what the args record (tp also pads the vocabulary, to a multiple of vocab_divisible_by x tp);
@@ -98,6 +99,7 @@ def hf_to_megatron_dist(hf_dir: PathLike, out_dir: PathLike, tp: int = 1, pp: in
         src = SafetensorsDir(hf_dir, stack)
         hf_units = family(cfg.family).table.units(expected, cfg)
         check_hf_tensors(src, hf_units, cfg, hf_dir)
+        merge = PeftMerge(lora, set(src.files)) if lora is not None else None  # --lora: merged as read
 
         def meta(name: str) -> torch.Tensor:
             sl = src.get_slice(name)
@@ -106,7 +108,7 @@ def hf_to_megatron_dist(hf_dir: PathLike, out_dir: PathLike, tp: int = 1, pp: in
         def read(name: str) -> torch.Tensor:
             # A mapping of its own per tensor: pages read through a long-lived one would stay resident.
             with safe_open(str(src.files[name]), framework="pt") as f:
-                return f.get_tensor(name)
+                return merge(name, f.get_tensor(name)) if merge else f.get_tensor(name)
 
         def tensor(entry: _Entry, fetch: Callable[[str], torch.Tensor]) -> torch.Tensor:
             ours = Ours(hf_units, fetch, cfg, expected, what=str(hf_dir))

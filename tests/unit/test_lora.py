@@ -272,3 +272,42 @@ def test_nf4_refusals(compose, overrides, needle):
     with pytest.raises(ConfigError) as err:
         check_lora(cfg, dims)
     assert needle in str(err.value)
+
+
+@pytest.mark.parametrize("fmt", ["torch", "torch_dist"])
+def test_hf_to_megatron_merges_a_peft_adapter(compose, hf_dir, tmp_path, fmt):
+    """hf-to-megatron --lora: the Megatron checkpoint holds the merged weights; converted back, its logits are
+    PEFT's model's with the adapter on the base."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from checkpoint_convert.cli import main as convert
+
+    _, pm = _ours(compose, hf_dir)
+    adapters = {n: (torch.randn(t.shape, generator=torch.Generator().manual_seed(i)) * 0.05)
+                for i, (n, t) in enumerate(_adapters(pm).items())}
+    reference = _peft_model(hf_dir, adapters)
+    reference.save_pretrained(tmp_path / "adapter")
+    src = tmp_path / "hf"
+    shutil.copytree(hf_dir, src)
+    layout = ["--tp", "2", "--pp", "1"] if fmt == "torch" else []
+    assert convert(["hf-to-megatron", "--hf", str(src), "--out", str(tmp_path / "meg"), "--format", fmt,
+                    "--lora", str(tmp_path / "adapter"), "--no-progress", *layout]) == 0
+    assert convert(["megatron-to-hf", "--megatron", str(tmp_path / "meg"), "--out", str(tmp_path / "back"),
+                    "--no-progress"]) == 0
+    ids = _batches(96)[0]["input_ids"]
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "back", attn_implementation="eager").eval()
+        torch.testing.assert_close(merged(input_ids=ids).logits, reference.eval()(input_ids=ids).logits,
+                                   rtol=1e-4, atol=1e-4)
+    other = tmp_path / "other"
+    shutil.copytree(tmp_path / "adapter", other)
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(other / "adapter_model.safetensors"))
+    state = {k.replace("layers.0.", "layers.9."): v for k, v in state.items()}
+    save_file(state, str(other / "adapter_model.safetensors"))
+    assert convert(["hf-to-megatron", "--hf", str(src), "--out", str(tmp_path / "none"), "--lora", str(other),
+                    "--no-progress"]) == 2
+    assert not (tmp_path / "none").exists()
