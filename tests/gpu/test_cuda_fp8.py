@@ -1,6 +1,6 @@
 """trainer.precision=fp8 on a GPU with fp8 GEMMs (compute capability 8.9+: Ada, Hopper): the real, not emulated,
 torchao float8 step, eager and compiled, both recipes, tracking the bf16 run. Skipped without such a GPU or
-without torchao; the same conversion is proven on CPU in emulation (tests/integration/test_fp8.py,
+without torchao; the same conversion is proven on CPU in emulation (tests/integration/test_fp8_cli.py,
 tests/distributed/test_fp8_layouts.py)."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ MODEL = ["model.hidden_size=256", "model.ffn_hidden_size=704", "model.num_layers
 RUN = ["data.seq_len=256", "trainer.global_batch_size=8", "parallel.microbatch_size=2", "trainer.eval_every=0",
        "logging.wandb=false", "trainer.export_hf=false", "trainer.checkpoint.save_before_export=false",
        "trainer.max_steps=30", "trainer.device=cuda"]
-# The CPU bound (tests/integration/test_fp8.py TRACK_REL: 4x the measured 5.0e-3 drift of emulated fp8 from
+# The CPU bound (tests/integration/test_fp8_cli.py TRACK_REL: 4x the measured 5.0e-3 drift of emulated fp8 from
 # bf16 over 30 steps): real fp8 GEMMs accumulate in fp32 like the emulation's high-precision matmuls.
 TRACK_REL = 2e-2
 

@@ -1,6 +1,6 @@
 """trainer.precision=fp8 on one process, in-process: which layers torchao converts (and which it must not),
 parameter names unchanged, the refusals that need a GPU or another torchao to happen (faked here), and the
-styles tensor parallelism gets. The CLI's refusals and the training runs: tests/integration/test_fp8.py."""
+styles tensor parallelism gets. The CLI's refusals and the training runs: tests/integration/test_fp8_cli.py."""
 
 from __future__ import annotations
 
