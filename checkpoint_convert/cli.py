@@ -61,6 +61,12 @@ _non_negative = _number(int, 0, ">= 0")
 _tolerance = _number(float, 0.0, ">= 0")
 
 
+def _checkpoint_and_out(c: argparse.ArgumentParser, whose: str) -> None:
+    c.add_argument("--checkpoint", required=True, type=Path, metavar="DIR",
+                   help=f"{whose} checkpoints/ directory (uses 'latest') or one checkpoints/step_<N> directory")
+    c.add_argument("--out", required=True, type=Path, metavar="DIR", help="new (or empty) output directory")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Convert checkpoints between HF safetensors, Megatron-LM (torch_dist or "
                                        "legacy torch format) and meshtron (DCP), and verify conversions numerically.",
@@ -110,26 +116,20 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("meshtron-to-hf", help="meshtron (DCP) checkpoint -> HF safetensors",
                        description="Export a meshtron checkpoint as an HF directory, with the tokenizer and "
                                    "chat template stored in the checkpoint. Needs nothing else.")
-    c.add_argument("--checkpoint", required=True, type=Path, metavar="DIR",
-                   help="a run's checkpoints/ directory (uses 'latest') or one checkpoints/step_<N> directory")
-    c.add_argument("--out", required=True, type=Path, metavar="DIR", help="new (or empty) output directory")
+    _checkpoint_and_out(c, "a run's")
     c.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
                    help="cast floating-point weights (default: as saved, fp32 master weights)")
 
     c = sub.add_parser("lora-to-peft", help="a LoRA run's checkpoint -> PEFT adapter directory",
                        description="Write a LoRA run's adapters (a checkpoints/ or step_<N> directory) as a PEFT "
                                    "adapter: adapter_config.json + adapter_model.safetensors in PEFT's names.")
-    c.add_argument("--checkpoint", required=True, type=Path, metavar="DIR",
-                   help="a LoRA run's checkpoints/ directory (uses 'latest') or one step_<N> directory")
-    c.add_argument("--out", required=True, type=Path, metavar="DIR", help="new (or empty) output directory")
+    _checkpoint_and_out(c, "a LoRA run's")
 
     c = sub.add_parser("merge-lora", help="a LoRA run's checkpoint -> HF model with the adapters merged in",
                        description="Merge a LoRA run's adapters into the base it trained on (its model.hf_path, or "
                                    "the base initialised from its trainer.seed) and write an HF directory with the "
                                    "run's tokenizer. Holds the base model in memory once.")
-    c.add_argument("--checkpoint", required=True, type=Path, metavar="DIR",
-                   help="a LoRA run's checkpoints/ directory (uses 'latest') or one step_<N> directory")
-    c.add_argument("--out", required=True, type=Path, metavar="DIR", help="new (or empty) output directory")
+    _checkpoint_and_out(c, "a LoRA run's")
     c.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="cast the weights (default: the base's)")
 
     c = sub.add_parser("verify", help="compare an HF directory's logits with a Megatron or meshtron checkpoint",

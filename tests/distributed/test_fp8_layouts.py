@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.distributed.test_mesh_matrix import MODEL, RUN, _losses, _run
+from tests.distributed.test_mesh_matrix import MODEL, RUN, _losses, _run, reference  # noqa: F401 (fixture)
 
 pytest.importorskip("torchao")
 
@@ -31,26 +31,14 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("fp8")
-    runs = {}
-
-    def get(recipe: str):
-        if recipe not in runs:
-            runs[recipe] = _run(tmp, f"single_{recipe}", 1, [*MODEL, *RUN, *FP8, f"trainer.fp8.recipe={recipe}"])
-        return runs[recipe], tmp
-    return get
-
-
 def _fp8_line(run) -> str:
     return next(line for line in (run / "console.log").read_text().splitlines() if line.startswith("fp8: "))
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("name,nproc,parallel,recipe,layers", CASES)
-def test_fp8_layout_tracks_one_fp8_process(single, name, nproc, parallel, recipe, layers):
-    ref, tmp = single(recipe)
+def test_fp8_layout_tracks_one_fp8_process(reference, name, nproc, parallel, recipe, layers):
+    ref, tmp = reference([*FP8, f"trainer.fp8.recipe={recipe}"])
     run = _run(tmp, name, nproc, [*MODEL, *RUN, *FP8, f"trainer.fp8.recipe={recipe}", *parallel])
     losses, ref_losses = _losses(run), _losses(ref)
     assert len(losses) == len(ref_losses) == 3

@@ -14,7 +14,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 
-from tests.distributed.test_mesh_matrix import MODEL, RUN, TIED, _losses, _run
+from tests.distributed.test_mesh_matrix import MODEL, RUN, TIED, _losses, _run, reference  # noqa: F401 (fixture)
 
 LORA = ["model.lora.rank=4", "model.lora.alpha=8", "trainer.checkpoint.save_before_export=false"]
 CASES = [
@@ -33,23 +33,10 @@ def _adapters(run) -> dict[str, torch.Tensor]:
     return load_file(str(run / "hf_adapter" / "adapter_model.safetensors"))
 
 
-@pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("lora")
-    cache = {}
-
-    def get(variant):
-        key = tuple(variant)
-        if key not in cache:
-            cache[key] = _run(tmp, f"single_{len(cache)}", 1, [*MODEL, *RUN, *LORA, *variant])
-        return cache[key], tmp
-    return get
-
-
 @pytest.mark.distributed
 @pytest.mark.parametrize("name,nproc,parallel,variant", CASES)
-def test_lora_layout_matches_one_process(single, name, nproc, parallel, variant):
-    ref, tmp = single(variant)
+def test_lora_layout_matches_one_process(reference, name, nproc, parallel, variant):
+    ref, tmp = reference([*LORA, *variant])
     run = _run(tmp, name, nproc, [*MODEL, *RUN, *LORA, *variant, *parallel])
     for step, (a, b) in enumerate(zip(_losses(run), _losses(ref)), start=1):
         assert a == pytest.approx(b, rel=1e-5), f"{name}: step {step} loss {a} vs one process {b}"
@@ -63,7 +50,7 @@ def test_lora_layout_matches_one_process(single, name, nproc, parallel, variant)
 
 
 @pytest.mark.distributed
-def test_resume_is_bitwise_and_reshards(single, tmp_path):
+def test_resume_is_bitwise_and_reshards(tmp_path):
     """Straight 3 steps at tp2 vs 2 steps + resume; and the step-2 checkpoint of the tp2 run resumed at fsdp2."""
     # A constant LR: the 2-step run's schedule is then the 3-step run's first two steps.
     ckpt = ["trainer.checkpoint.every_steps=2", "optim.decay=constant"]
