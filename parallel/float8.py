@@ -31,6 +31,7 @@ from torch import nn
 
 from trainer.config import Config, Fp8Config
 from trainer.errors import ConfigError
+from trainer.model.shapes import DECODER_LINEARS, linear_shapes
 from trainer.torch_compat import quiet_torchao
 
 # The torchao releases this code is written and tested against (pyproject's `fp8` extra): 0.18 imports and
@@ -39,10 +40,6 @@ TORCHAO_RANGE = ((0, 18), (0, 19))
 TORCHAO_PIN = "torchao>=0.18,<0.19"
 FP8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper: torch._scaled_mm's fp8 GEMMs
 GEMM_MULTIPLE = 16  # fp8 GEMMs need both dimensions of the weight divisible by 16
-# Linear layers of a dense decoder layer: name -> (out, in) as multiples of the model's widths, and which one
-# tensor parallelism splits (out: column-parallel, in: row-parallel).
-_LINEARS = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1_gate", "mlp.linear_fc1_up",
-            "mlp.linear_fc2")
 
 
 def uses_fp8(cfg: Config) -> bool:
@@ -103,7 +100,7 @@ def check_fp8(cfg: Config, tp: int, device: torch.device) -> None:
                               f"{torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}: use "
                               f"trainer.precision=bf16, or trainer.fp8.emulate=true for fp8 numerics without "
                               f"its speed")
-    for name, (rows, cols) in linear_shapes(cfg, tp).items():
+    for name, (rows, cols) in linear_shapes(cfg.model, tp).items():
         if not rows % GEMM_MULTIPLE and not cols % GEMM_MULTIPLE:
             continue
         converted = [i for i in range(cfg.model.num_layers) if not skipped(f"decoder.layers.{i}.{name}", fp8)]
@@ -112,19 +109,6 @@ def check_fp8(cfg: Config, tp: int, device: torch.device) -> None:
                               f"each tensor-parallel rank (tp={tp}); fp8 GEMMs need both dimensions divisible by "
                               f"{GEMM_MULTIPLE}: change the model's widths or parallel.tp, or keep it in bf16 with "
                               f"trainer.fp8.skip=['*.{name}']")
-
-
-def linear_shapes(cfg: Config, tp: int) -> dict[str, tuple[int, int]]:
-    """(out, in) of each dense layer's linear weights as one tensor-parallel rank holds them."""
-    m = cfg.model
-    heads, groups, hd = m.num_attention_heads, m.num_query_groups, m.head_dim
-    return {
-        "self_attention.linear_qkv": ((heads + 2 * groups) * hd // tp, m.hidden_size),
-        "self_attention.linear_proj": (m.hidden_size, heads * hd // tp),
-        "mlp.linear_fc1_gate": (m.ffn_hidden_size // tp, m.hidden_size),
-        "mlp.linear_fc1_up": (m.ffn_hidden_size // tp, m.hidden_size),
-        "mlp.linear_fc2": (m.hidden_size, m.ffn_hidden_size // tp),
-    }
 
 
 def skipped(fqn: str, fp8: Fp8Config) -> bool:
@@ -156,7 +140,7 @@ def convert_to_float8(module: nn.Module, cfg: Config, device_type: str, fsdp: bo
     fp8 = cfg.trainer.fp8
 
     def wanted(mod: nn.Module, fqn: str) -> bool:
-        return fqn.startswith("decoder.layers.") and fqn.endswith(_LINEARS) and not skipped(fqn, fp8)
+        return fqn.startswith("decoder.layers.") and fqn.endswith(DECODER_LINEARS) and not skipped(fqn, fp8)
 
     convert_to_float8_training(module, module_filter_fn=wanted,
                                config=float8_linear_config(cfg, device_type, fsdp))

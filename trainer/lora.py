@@ -36,6 +36,7 @@ from torch.distributed.tensor import DTensor
 from trainer.errors import ConfigError
 from trainer.lora_config import LoraConfig
 from trainer.model.init import assign_full, clean_fqn, name_seed
+from trainer.model.shapes import DECODER_LINEARS, linear_shapes
 
 from trainer.model.gpt import ADAPTER  # noqa: E402 - ".lora_": in every adapter's name, never a base parameter's
 QKV_PARTS = ("q", "k", "v")
@@ -178,19 +179,15 @@ def trainable_count(model_cfg, lora: LoraConfig) -> int:
     """Adapter parameters of the whole model (every layer, every stage)."""
     if not lora.enabled:
         return 0
-    m, r = model_cfg, lora.rank
+    shapes = linear_shapes(model_cfg)
     per_layer = 0
     for target in lora.targets:
-        if target == "linear_qkv":
-            q, kv = m.num_attention_heads * m.head_dim, m.num_query_groups * m.head_dim
-            per_layer += 3 * r * m.hidden_size + r * (q + 2 * kv)
-        elif target == "linear_proj":
-            per_layer += r * m.num_attention_heads * m.head_dim + r * m.hidden_size
-        elif target == "linear_fc1":
-            per_layer += 2 * (r * m.hidden_size + r * m.ffn_hidden_size)
-        else:
-            per_layer += r * m.ffn_hidden_size + r * m.hidden_size
-    return per_layer * m.num_layers
+        for path in TARGET_MODULES[target]:
+            rows, cols = shapes[path]
+            # A per part ([rank, in] each: three for the fused qkv), B over all the module's rows.
+            parts = len(QKV_PARTS) if path == "self_attention.linear_qkv" else 1
+            per_layer += lora.rank * (parts * cols + rows)
+    return per_layer * model_cfg.num_layers
 
 
 _OURS = re.compile(r"decoder\.layers\.(\d+)\.(.+)\.lora_([AB])(?:_([qkv]))?")
@@ -237,8 +234,6 @@ def check_lora(cfg, dims) -> None:
 # ------------------------------------------------------------------------------------------------ QLoRA
 
 NF4_BLOCK, NF4_SCALER_BLOCK = 64, 256  # torchao's to_nf4 defaults: values per scale, scales per scale-of-scales
-_DECODER_LINEARS = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1_gate",
-                    "mlp.linear_fc1_up", "mlp.linear_fc2")
 
 
 def check_nf4(cfg, dims) -> None:
@@ -263,15 +258,12 @@ def check_nf4(cfg, dims) -> None:
                           "bf16 without base_quant")
     if cfg.parallel.compile:
         raise ConfigError("model.lora.base_quant=nf4 with parallel.compile=true is not supported (not proven here)")
-    from parallel.float8 import linear_shapes
-
-    for name, (rows, cols) in linear_shapes(cfg, 1).items():
+    for name, (rows, cols) in linear_shapes(m).items():
         if (rows * cols) % (NF4_BLOCK * NF4_SCALER_BLOCK):
             raise ConfigError(f"model.lora.base_quant=nf4: decoder.layers.*.{name} is {rows} x {cols} = "
                               f"{rows * cols} values, not a multiple of {NF4_BLOCK} x {NF4_SCALER_BLOCK} = "
                               f"{NF4_BLOCK * NF4_SCALER_BLOCK} (NF4's blocks and scale blocks); change the "
                               f"model's widths or use model.lora.base_dtype=bf16 without base_quant")
-    del m
 
 
 @torch.no_grad()
@@ -285,7 +277,7 @@ def quantize_base(model: nn.Module) -> int:
 
     count = 0
     for layer in model.decoder.layers.values():
-        for path in _DECODER_LINEARS:
+        for path in DECODER_LINEARS:
             module = layer.get_submodule(path)
             module.weight = nn.Parameter(to_nf4(module.weight.detach().to(torch.bfloat16), NF4_BLOCK,
                                                 NF4_SCALER_BLOCK), requires_grad=False)

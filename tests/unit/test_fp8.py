@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from parallel.dims import ParallelDims
-from parallel.float8 import check_fp8, linear_shapes, tp_styles
+from parallel.float8 import check_fp8, tp_styles
 from trainer.config import Config, Fp8Config, TrainerConfig
 from trainer.errors import ConfigError
+from trainer.model.shapes import linear_shapes
 
 pytest.importorskip("torchao")
 
@@ -93,7 +94,7 @@ def test_a_torchao_outside_the_supported_range_is_refused_naming_both_versions(c
 
 def test_dimensions_are_checked_per_tensor_parallel_rank(compose):
     cfg = _cfg(compose, "model.ffn_hidden_size=352")  # 352 = 22 x 16, but 176 per rank at tp 2 is 11 x 16
-    assert linear_shapes(cfg, 2)["mlp.linear_fc2"] == (cfg.model.hidden_size, 176)
+    assert linear_shapes(cfg.model, 2)["mlp.linear_fc2"] == (cfg.model.hidden_size, 176)
     check_fp8(cfg, 2, torch.device("cpu"))
     cfg = _cfg(compose, "model.ffn_hidden_size=360")
     with pytest.raises(ConfigError, match=r"decoder.layers.0.mlp.linear_fc1_gate is 180 x 128 on each "

@@ -29,3 +29,22 @@ def check_tp_divisibility(model_cfg: ModelConfig, tp: int, tp_name: str = "paral
                 f"{field_prefix}{name}={value} is not divisible by {tp_name}={tp}; tensor parallelism gives "
                 f"every rank an equal share of it"
             )
+
+
+# The linear modules of a dense decoder layer, under decoder.layers.N (what fp8 converts and QLoRA quantizes).
+DECODER_LINEARS = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1_gate",
+                   "mlp.linear_fc1_up", "mlp.linear_fc2")
+
+
+def linear_shapes(model_cfg: ModelConfig, tp: int = 1) -> dict[str, tuple[int, int]]:
+    """(out, in) of each of a dense layer's linear weights (DECODER_LINEARS) as one tensor-parallel rank holds
+    them: column-parallel ones split their rows, row-parallel ones their columns."""
+    m = model_cfg
+    heads, groups, hd = m.num_attention_heads, m.num_query_groups, m.head_dim
+    return {
+        "self_attention.linear_qkv": ((heads + 2 * groups) * hd // tp, m.hidden_size),
+        "self_attention.linear_proj": (m.hidden_size, heads * hd // tp),
+        "mlp.linear_fc1_gate": (m.ffn_hidden_size // tp, m.hidden_size),
+        "mlp.linear_fc1_up": (m.ffn_hidden_size // tp, m.hidden_size),
+        "mlp.linear_fc2": (m.hidden_size, m.ffn_hidden_size // tp),
+    }
