@@ -71,3 +71,29 @@ def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float, mesh=None
         for group in by_mesh.values():
             clip_grads_with_norm_(group, max_norm, finite)
     return total
+
+
+class _SumOfParts(torch.autograd.Function):
+    """Forward: all-reduce SUM over ``group``. Backward: the incoming gradient, unchanged.
+
+    For a sum s = sum_r x_r of parts held by the ranks of ``group`` (a sequence's log-prob over its context-parallel
+    chunks) that every rank then feeds into the same loss L(s), rank r's share of dL/dtheta is dL/ds * dx_r/dtheta:
+    the gradient for x_r is dL/ds itself. The ranks' parameter gradients are then summed by the data-parallel
+    reduction like any token loss's, giving one process' gradient. (torch.distributed.nn.functional.all_reduce
+    all-reduces the gradient too, which would count it once per rank.)
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        out = x.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+def sum_of_parts(x: torch.Tensor, group) -> torch.Tensor:
+    """``x`` summed over ``group`` with the gradient of a sum of parts (see _SumOfParts); as is without a group."""
+    return x if group is None else _SumOfParts.apply(x, group)

@@ -249,6 +249,8 @@ class PipelineRunner:
         self.has_first = any(stage.is_first for stage in self.stages)
         self.has_last = any(stage.is_last for stage in self.stages)
         self.normalizer = 1.0
+        # trainer.objective=dpo: (token losses, labels, sample ids) -> the micro-batch's loss; see step().
+        self.pair_loss: Optional[Any] = None
         self.n_microbatches = n_microbatches
         # (token losses, labels, sample ids) of each loss_fn call of the running step; see step().
         self._doc_parts: Optional[list] = None
@@ -266,6 +268,8 @@ class PipelineRunner:
             # The target carries [labels, sample_ids] so per-document losses can be recorded per micro-batch.
             labels, sample_ids = target.unbind(-1)
             self._doc_parts.append((tokens.detach(), labels, sample_ids))
+            if self.pair_loss is not None:  # trainer.objective=dpo: the micro-batch's pairs (trainer/dpo.py)
+                return self.pair_loss(tokens, labels, sample_ids)
         return tokens.sum() / self.normalizer
 
     def _inputs(self, batch: dict) -> tuple[tuple, dict, dict]:
@@ -281,13 +285,18 @@ class PipelineRunner:
         extra = {"target": target, "losses": losses} if self.has_last else {}
         return args, kwargs, extra
 
-    def step(self, batch: dict, normalizer: float, doc_loss: Optional[DocumentLoss] = None) -> Optional[torch.Tensor]:
+    def step(self, batch: dict, normalizer: float, doc_loss: Optional[DocumentLoss] = None,
+             pair_loss: Optional[Any] = None) -> Optional[torch.Tensor]:
         """Forward and backward over all microbatches; gradients accumulate into the stage parameters.
 
         Returns sum over microbatches of (summed CE / normalizer) on the rank with the last stage, else None.
         With `doc_loss` (and `sample_ids` in the batch), the last stage records per-document losses in it.
+        With `pair_loss` (needs both), each micro-batch's loss is pair_loss(token losses, labels, sample ids).
         """
+        if pair_loss is not None and (doc_loss is None or "sample_ids" not in batch):
+            raise ValueError("pair_loss needs doc_loss and the batch's sample_ids")
         self.normalizer = float(normalizer)
+        self.pair_loss = pair_loss
         self._doc_parts = [] if doc_loss is not None and "sample_ids" in batch else None
         args, kwargs, extra = self._inputs(batch)
         try:
@@ -300,16 +309,25 @@ class PipelineRunner:
                     doc_loss.add(*part)
         finally:
             self._doc_parts = None
+            self.pair_loss = None
         return torch.stack(extra["losses"]).sum().detach() if self.has_last else None
 
     @torch.no_grad()
-    def eval_loss_sum(self, batch: dict) -> Optional[torch.Tensor]:
-        """Forward only (torch's ``schedule.eval``): summed CE over the batch on the last stage, else None."""
+    def eval_loss_sum(self, batch: dict, doc_loss: Optional[DocumentLoss] = None) -> Optional[torch.Tensor]:
+        """Forward only (torch's ``schedule.eval``): summed CE over the batch on the last stage, else None;
+        with `doc_loss`, the last stage records per-document losses in it as step() does."""
         self.normalizer = 1.0
-        args, kwargs, extra = self._inputs(batch)
-        plan = _forward_actions_only(self.schedule) if self.has_action_plan else contextlib.nullcontext()
-        with plan:
-            self.schedule.eval(*args, return_outputs=False, **extra, **kwargs)
+        self._doc_parts = [] if doc_loss is not None else None
+        try:
+            args, kwargs, extra = self._inputs(batch)
+            plan = _forward_actions_only(self.schedule) if self.has_action_plan else contextlib.nullcontext()
+            with plan:
+                self.schedule.eval(*args, return_outputs=False, **extra, **kwargs)
+            if self._doc_parts is not None:
+                for part in self._doc_parts[-self.n_microbatches:]:
+                    doc_loss.add(*part)
+        finally:
+            self._doc_parts = None
         return torch.stack(extra["losses"]).sum() if self.has_last else None
 
 

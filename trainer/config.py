@@ -15,6 +15,7 @@ from typing import Optional
 
 from trainer.errors import one_of, require
 from trainer.families import MODEL_FAMILIES
+from trainer.dpo_config import OBJECTIVES, DpoConfig
 from trainer.lora_config import LoraConfig
 from trainer.moe_config import MoEConfig
 
@@ -165,7 +166,10 @@ class ParallelConfig:
 
 PRETRAIN_FORMATS = ("text", "jsonl_text", "parquet", "hf_disk", "megatron")
 SFT_FORMATS = ("messages", "sharegpt", "alpaca")
-DATA_FORMATS = PRETRAIN_FORMATS + SFT_FORMATS
+# Preference pairs (trainer/data/preference.py): TRL's explicit- and implicit-prompt rows, .jsonl files.
+PREFERENCE_FORMATS = ("preference",)
+CHAT_FORMATS = SFT_FORMATS + PREFERENCE_FORMATS  # rendered with a chat template, labels on completions only
+DATA_FORMATS = PRETRAIN_FORMATS + CHAT_FORMATS
 
 
 @dataclass
@@ -195,7 +199,8 @@ class DataConfig:
     val_path: Optional[str] = None
     val_fraction: float = 0.05
     # Pretraining: text (blank-line separated blocks), jsonl_text, parquet, hf_disk (datasets.save_to_disk),
-    # megatron (.bin/.idx from Megatron's preprocess_data.py). SFT: messages, sharegpt, alpaca.
+    # megatron (.bin/.idx from Megatron's preprocess_data.py). SFT: messages, sharegpt, alpaca. Preference
+    # pairs (trainer.objective=dpo): preference.
     format: str = "text"
     text_field: str = "text"
     # HF tokenizer directory; None means model.hf_path's tokenizer if it has one, else the bundled one.
@@ -326,6 +331,9 @@ class TrainerConfig:
     output_dir: str = "outputs/${now:%Y-%m-%d_%H-%M-%S}"
     # fp32; bf16 autocast over fp32 master weights; fp8: bf16, and the decoder's linear layers in fp8 (trainer.fp8).
     precision: str = "fp32"
+    # lm: summed token cross-entropy over the global batch's labels (pretraining, SFT); dpo: a preference loss
+    # over the global batch's pairs (dpo.*, data.format=preference).
+    objective: str = "lm"
     fp8: Fp8Config = field(default_factory=Fp8Config)
     device: str = "auto"
     # Tokens per chunk of the output layer + cross-entropy (trainer/loss.py): at most one chunk's logits exist
@@ -354,6 +362,7 @@ class TrainerConfig:
         require(self.max_consecutive_skips >= 0,
                  f"trainer.max_consecutive_skips={self.max_consecutive_skips} must be >= 0")
         one_of("trainer.precision", self.precision, ("fp32", "bf16", "fp8"))
+        one_of("trainer.objective", self.objective, OBJECTIVES)
         self.fp8.validate()
         one_of("trainer.device", self.device, ("auto", "cpu", "cuda"))
         for name in ("max_steps", "global_batch_size", "log_every", "eval_batches"):
@@ -474,6 +483,8 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
+    # trainer.objective=dpo's settings (trainer/dpo_config.py).
+    dpo: DpoConfig = field(default_factory=DpoConfig)
     # Read by `python -m trainer.launch` only.
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
 

@@ -22,6 +22,7 @@ from trainer.config_io import resolved_yaml
 from trainer.errors import ConfigError
 from trainer.distributed import RankInfo, broadcast_str, init_distributed, rank_info
 from trainer.data.build import batches_in_order
+from trainer.dpo_run import DpoObjective, build_dpo, check_dpo
 from trainer.data.loader import GlobalBatchLoader
 from trainer.flops import moe_layer_params
 from trainer.loss import DocumentLoss
@@ -31,7 +32,7 @@ from trainer.disk import NoSpace, is_no_space, write_text_atomic
 from trainer.exits import EXIT_CHECKPOINT_FAILED, EXIT_NO_SPACE, EXIT_NONFINITE, RunExit, resume_hint
 from trainer.optim import StageOptimizers
 from trainer.signals import PreemptionSignals
-from trainer.step import batch_facts, evaluate, forward_backward, local_batch, step_totals
+from trainer.step import batch_facts, cp_group, evaluate, forward_backward, local_batch, step_totals
 
 
 def resolve_model(cfg: Config) -> Config:
@@ -60,6 +61,7 @@ def prepare(cfg: Config, world_size: int) -> tuple[Config, ParallelDims]:
 
     cfg = resolve_model(cfg)
     validate_config(cfg)
+    check_dpo(cfg)
     if cfg.trainer.eval_every and not has_val_split(cfg.data):
         raise ConfigError(
             f"trainer.eval_every={cfg.trainer.eval_every} needs a validation split, but data.val_path is unset "
@@ -136,8 +138,8 @@ def train(cfg: Config, info: Optional[RankInfo] = None) -> Path:
     G = cfg.trainer.global_batch_size
     clock.mark("import")  # and set-up: config checks, tokenizer, process group, mesh
     train_data = load_split(cfg, tokenizer, "train", info)
-    val = (batches_in_order(load_split(cfg, tokenizer, "val", info).rows, G, cfg.trainer.eval_batches,
-                            "the validation split") if cfg.trainer.eval_every else [])
+    val_rows = load_split(cfg, tokenizer, "val", info).rows if cfg.trainer.eval_every else None
+    val = batches_in_order(val_rows, G, cfg.trainer.eval_batches, "the validation split") if val_rows else []
     loader = GlobalBatchLoader(train_data.rows, G, seed=cfg.trainer.seed, pin_memory=device.type == "cuda")
     clock.mark("data index")
 
@@ -151,6 +153,9 @@ def train(cfg: Config, info: Optional[RankInfo] = None) -> Path:
         candidates = [Path(p) for p in json.loads(broadcast_str(json.dumps([str(p) for p in candidates])))]
     resume, more = ckpt.pick(candidates)
     notes += more
+    # Before a checkpoint is loaded: a precomputed reference is made with the initial weights.
+    dpo = build_dpo(cfg, pm, train_data.rows, val_rows, device, info.is_main, None if resume is None else str(resume),
+                    lambda: build_parallel_model(cfg, dims, mesh, device, hf_weight_loader(cfg)))
     start, tokens = 0, 0
     if resume is not None:
         start, tokens, more = ckpt.load(resume, pm, opt, loader)
@@ -197,7 +202,7 @@ def train(cfg: Config, info: Optional[RankInfo] = None) -> Path:
     signals, own_signals = PreemptionSignals.for_run()
     try:
         stop_if_signalled_before_the_steps(signals, info, device, start, out)
-        _run_steps(Run(cfg, info, device, pm, opt, ckpt, loader, logger, val, signals), start, tokens)
+        _run_steps(Run(cfg, info, device, pm, opt, ckpt, loader, logger, val, signals, dpo), start, tokens)
     except RunExit as stop:
         if stop.code != EXIT_CHECKPOINT_FAILED:
             ckpt.wait()  # an earlier async save holds good state: commit it before exiting
@@ -248,6 +253,7 @@ class Run:
     logger: MetricsLogger
     val: list[dict[str, torch.Tensor]]  # the validation batches, each a global batch
     signals: PreemptionSignals
+    dpo: Optional[DpoObjective] = None  # trainer.objective=dpo (trainer/dpo_run.py)
 
 
 def _run_steps(run: Run, start: int, tokens: int) -> None:
@@ -266,12 +272,19 @@ def _run_steps(run: Run, start: int, tokens: int) -> None:
         batch = next(run.loader)
         facts = batch_facts(batch, cfg, padded)
         doc_loss = DocumentLoss(batch["sample_ids"], run.device)
-        local_sum = forward_backward(pm, local_batch(batch, pm), facts.normalizer, cfg, run.device, doc_loss)
+        pairs = run.dpo.pairs(batch, run.device) if run.dpo is not None else None
+        ref_sums = run.dpo.online_reference(pairs, batch, run.device, cp_group(pm)) if pairs is not None else None
+        local_sum = forward_backward(pm, local_batch(batch, pm), facts.normalizer, cfg, run.device, doc_loss, pairs)
         grad_norm = _reduce_and_clip_grads(pm, max_norm)
-        totals = step_totals(local_sum, grad_norm, doc_loss, run.signals.received, pm, ckpt.save_flags())
+        totals = step_totals(local_sum, grad_norm, doc_loss, run.signals.received, pm, ckpt.save_flags(), ref_sums)
         now = time.perf_counter()
         seconds, boundary = now - boundary, now
-        loss, grad_norm, lr = totals.loss_sum / facts.normalizer, totals.grad_norm, opt.lr
+        if pairs is not None:  # the preference loss and TRL's metrics, from the reduced per-document sums
+            objective = pairs.metrics(totals.doc_totals, totals.ref_sums)
+        else:
+            objective = {"loss": totals.loss_sum / facts.normalizer,
+                         "loss_per_doc": doc_loss.value(lambda _: totals.doc_totals)}
+        loss, grad_norm, lr = objective["loss"], totals.grad_norm, opt.lr
         skipped = nonfinite.skip_update(step, loss, grad_norm, totals, local_sum, pm)  # or RunExit: stop
         if skipped:
             opt.zero_grad()
@@ -281,13 +294,14 @@ def _run_steps(run: Run, start: int, tokens: int) -> None:
             precompute_fsdp_scales(pm.modules, cfg, pm.dims.fsdp_enabled)  # tensorwise fp8 under FSDP only
         tokens += facts.slots
         # The reduced per-document sums stand in for DocumentLoss.value's own reduction.
-        record = {"step": step, "loss": loss, "loss_per_doc": doc_loss.value(lambda _: totals.doc_totals),
-                  "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+        record = {"step": step, **objective, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                   "tokens_per_s": facts.real_tokens / seconds, "packing_efficiency": facts.packing_efficiency,
                   **meter.throughput(facts.flops, seconds), **totals.moe}
         if skipped:
             record["skipped"] = True
-        if eval_due(t, step):
+        if eval_due(t, step) and run.dpo is not None:
+            record.update(run.dpo.evaluate(pm, run.val, run.device))
+        elif eval_due(t, step):
             v = evaluate(pm, run.val, cfg, run.device)
             record.update(val_loss=v, val_ppl=perplexity(v))
         if log_due(t, step, record):

@@ -168,8 +168,12 @@ def format_record(r: dict[str, Any]) -> str:
         line += f" | mfu {r['mfu']:.1%}"
     if "mem_gib" in r:
         line += f" | mem {r['mem_gib']:.2f} GiB"
+    if "rewards/accuracies" in r:  # trainer.objective=dpo
+        line += f" | {r['pairs']} pairs | reward acc {r['rewards/accuracies']:.2f} | margin {r['rewards/margins']:.3f}"
     if "val_loss" in r:
-        line += f" | val_loss {r['val_loss']:.4f} | val_ppl {r['val_ppl']:.2f}"
+        line += f" | val_loss {r['val_loss']:.4f}"
+        line += f" | val_ppl {r['val_ppl']:.2f}" if "val_ppl" in r else ""
+        line += f" | val reward acc {r['val_rewards/accuracies']:.2f}" if "val_rewards/accuracies" in r else ""
     return line
 
 

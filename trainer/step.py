@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
@@ -22,6 +22,9 @@ from trainer.flops import real_tokens, step_flops
 from trainer.loss import IGNORE_INDEX, DocumentLoss, count_valid
 from trainer.model.moe import router_metrics, start_router_step, step_router_totals
 from trainer.step_vector import StepVector
+
+if TYPE_CHECKING:
+    from trainer.dpo import PairBatch
 
 
 def local_batch(batch: dict[str, torch.Tensor], pm: ParallelModel) -> dict[str, torch.Tensor]:
@@ -85,21 +88,31 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def cp_group(pm: ParallelModel):
+    """The context-parallel process group, None without context parallelism."""
+    return pm.mesh["cp"].get_group() if pm.dims.cp_enabled else None
+
+
 def forward_backward(pm: ParallelModel, batch: dict[str, torch.Tensor], normalizer: int, cfg: Config,
-                     device: torch.device, doc_loss: Optional[DocumentLoss] = None) -> torch.Tensor:
-    """Runs every micro-batch of this rank's batch; returns this rank's summed cross-entropy.
+                     device: torch.device, doc_loss: Optional[DocumentLoss] = None,
+                     pairs: Optional["PairBatch"] = None) -> torch.Tensor:
+    """Runs every micro-batch of this rank's batch; returns this rank's summed cross-entropy, or with `pairs`
+    (trainer.objective=dpo) the sum of its micro-batches' preference losses (trainer/dpo.py).
 
     With `doc_loss` and `sample_ids` in the batch, per-document losses are recorded on the way. An MoE model's
     auxiliary losses join the gradients inside its forward (trainer/model/moe.py), averaged over the step's rows.
     """
     start_router_step(pm.modules, cfg.trainer.global_batch_size)
+    group = cp_group(pm)
     if pm.runner is not None:
         inputs = {k: to_device(v, device) for k, v in batch.items()}
+        pair_loss = None if pairs is None else (lambda t, y, s: pairs.micro_loss(t, y, s, group))
         # The schedule interleaves forwards and backwards, so here autocast also covers the backwards.
         with autocast(cfg, pm, device), loss_context(pm):
-            loss = pm.runner.step(inputs, normalizer, doc_loss)
+            loss = pm.runner.step(inputs, normalizer, doc_loss, pair_loss)
         # The last stage returns sum(CE) / normalizer over its micro-batches; other stages hold no loss.
-        return _full(loss).detach().float() * normalizer if loss is not None else torch.zeros((), device=device)
+        scale = 1 if pairs is not None else normalizer
+        return _full(loss).detach().float() * scale if loss is not None else torch.zeros((), device=device)
     from parallel.fsdp import set_gradient_sync
 
     model = pm.modules[0]
@@ -112,17 +125,39 @@ def forward_backward(pm: ParallelModel, batch: dict[str, torch.Tensor], normaliz
         set_gradient_sync(pm.modules, every or i == len(mbs) - 1)
         tokens, kwargs = model_inputs(mb, device)
         labels = to_device(mb["labels"], device)
+        sample_ids = to_device(mb["sample_ids"], device) if "sample_ids" in mb else None
         with loss_context(pm):
             with autocast(cfg, pm, device):
                 token_losses = model(tokens, labels=labels, **kwargs)
-                ce = token_losses.sum()
+                ce = token_losses.sum() if pairs is None else pairs.micro_loss(token_losses, labels, sample_ids, group)
             # Outside autocast: backward ops run in the dtypes autocast chose for their forwards (torch AMP
             # docs: "backward passes under autocast are not recommended").
-            (ce / normalizer).backward()
-        if doc_loss is not None and "sample_ids" in mb:
-            doc_loss.add(token_losses, labels, to_device(mb["sample_ids"], device))
+            (ce / normalizer if pairs is None else ce).backward()
+        if doc_loss is not None and sample_ids is not None:
+            doc_loss.add(token_losses, labels, sample_ids)
         total += _full(ce).detach().float()
     return total
+
+
+@torch.no_grad()
+def forward_doc_losses(pm: ParallelModel, global_batch: dict[str, torch.Tensor], cfg: Config,
+                       device: torch.device) -> DocumentLoss:
+    """Forward only over this rank's share of a global batch: per-document cross-entropy sums and label counts
+    of this rank's tokens (reduce them over the mesh with sum_tokens_and_ranks). The reference log-probs of
+    trainer.objective=dpo and its validation come from here."""
+    doc_loss = DocumentLoss(global_batch["sample_ids"], device)
+    batch = local_batch(global_batch, pm)
+    if pm.runner is not None:
+        with autocast(cfg, pm, device), loss_context(pm):
+            pm.runner.eval_loss_sum({k: to_device(v, device) for k, v in batch.items()}, doc_loss)
+        return doc_loss
+    for mb in micro_batches(batch, cfg.parallel.microbatch_size):
+        tokens, kwargs = model_inputs(mb, device)
+        labels = to_device(mb["labels"], device)
+        with autocast(cfg, pm, device), loss_context(pm):
+            token_losses = pm.modules[0](tokens, labels=labels, **kwargs)
+        doc_loss.add(token_losses, labels, to_device(mb["sample_ids"], device))
+    return doc_loss
 
 
 @dataclass(frozen=True)
@@ -158,10 +193,12 @@ class StepTotals:
     writing_ranks: int = 0  # ranks still writing a pending async checkpoint
     failed_save_ranks: int = 0  # ranks whose pending async checkpoint write failed
     moe: dict = field(default_factory=dict)  # MoE models: aux/z losses and expert load (trainer.model.moe)
+    ref_sums: Optional[torch.Tensor] = None  # dpo.reference=online: host [documents], the reference's log-probs
 
 
 def step_totals(local_sum: torch.Tensor, grad_norm: torch.Tensor, doc_loss: Optional[DocumentLoss],
-                signalled: bool, pm: ParallelModel, save_flags: tuple[bool, bool] = (False, False)) -> StepTotals:
+                signalled: bool, pm: ParallelModel, save_flags: tuple[bool, bool] = (False, False),
+                ref_sums: Optional[torch.Tensor] = None) -> StepTotals:
     """The step's one collective and its one device->host transfer (trainer/step_vector.py): the loss sum and
     per-document sums and counts over the mesh's tokens; MoE router totals, the non-finite flag, the preemption
     flag and the async-save flags (still writing, failed) summed over ranks; the (already global) grad norm."""
@@ -171,6 +208,8 @@ def step_totals(local_sum: torch.Tensor, grad_norm: torch.Tensor, doc_loss: Opti
     if doc_loss is not None:
         v.tokens("doc_sums", doc_loss.sums)
         v.tokens("doc_counts", doc_loss.counts)
+    if ref_sums is not None:  # dpo.reference=online: the reference's per-document log-prob sums
+        v.tokens("ref_sums", ref_sums.double())
     # Router totals are per rank: under sequence parallelism each tp rank routed its own part of the rows.
     router = step_router_totals(pm.modules, device, pm.runner.n_microbatches if pm.runner is not None else None)
     if router is not None:
@@ -188,7 +227,8 @@ def step_totals(local_sum: torch.Tensor, grad_norm: torch.Tensor, doc_loss: Opti
     return StepTotals(loss_sum=host.value("loss_sum"), grad_norm=host.value("grad_norm"),
                       nonfinite_loss_ranks=int(host.value("nonfinite_loss")), preempted=host.value("preempted") > 0,
                       doc_totals=docs.view(2, k), writing_ranks=int(host.value("writing")),
-                      failed_save_ranks=int(host.value("failed_save")), moe=moe)
+                      failed_save_ranks=int(host.value("failed_save")), moe=moe,
+                      ref_sums=host.tensor("ref_sums") if ref_sums is not None else None)
 
 
 @torch.no_grad()

@@ -11,23 +11,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Iterator, Optional, Union
 
 import numpy as np
 import torch
 
-from trainer.config import SFT_FORMATS, DataConfig, DataSource
+from trainer.config import CHAT_FORMATS, PREFERENCE_FORMATS, SFT_FORMATS, DataConfig, DataSource
 from trainer.errors import ConfigError
 from trainer.data.corpus import TokenizedCorpus
 from trainer.data.loader import Blend
 from trainer.data.packing import IGNORE_INDEX, PAD_DOC, PackedRows
 from trainer.data.pretrain import data_sources, held_out_count, load_source_corpus, log_bad_rows
 from trainer.data.row_index import ConcatRows, LazyRows, RowIndex, build_rows
+from trainer.data.preference import BUNDLED_PREFERENCE_TRAIN, BUNDLED_PREFERENCE_VAL, load_preference_corpus
 from trainer.data.sft import BUNDLED_SFT_TRAIN, BUNDLED_SFT_VAL, load_sft_corpus
 from trainer.assets import BUNDLED_TRAIN, BUNDLED_VAL
 
 # A bundled training file and its validation twin: the held-out split is a separate file, not a tail.
-_BUNDLED_VAL = {str(BUNDLED_TRAIN): BUNDLED_VAL, str(BUNDLED_SFT_TRAIN): BUNDLED_SFT_VAL}
+_BUNDLED_VAL = {str(BUNDLED_TRAIN): BUNDLED_VAL, str(BUNDLED_SFT_TRAIN): BUNDLED_SFT_VAL,
+                str(BUNDLED_PREFERENCE_TRAIN): BUNDLED_PREFERENCE_VAL}
 ROW_INDEX_DIR = "rows"  # row indices live in this subdirectory of the token cache
 
 
@@ -40,6 +42,10 @@ class SplitData:
 def load_corpus(source: DataSource, tokenizer, data_cfg: DataConfig, cache_dir: Path, setting: str,
                 share=None) -> TokenizedCorpus:
     """``share`` (how ranks split a tokenization, trainer.data.shared) goes to the source loaders unchanged."""
+    if source.format in PREFERENCE_FORMATS:
+        corpus = load_preference_corpus(source, tokenizer, data_cfg, cache_dir, share=share)
+        log_bad_rows(corpus.bad_rows)
+        return corpus
     if source.format in SFT_FORMATS:
         corpus = load_sft_corpus(source, tokenizer, data_cfg, cache_dir, share=share)
         log_bad_rows(corpus.bad_rows)
@@ -67,13 +73,16 @@ def _doc_range(corpus: TokenizedCorpus, data_cfg: DataConfig, split: str, own_va
             raise ConfigError(f"{corpus.name} has no validation split: data.val_fraction=0 and data.val_path is "
                               "unset; set one of them, or trainer.eval_every=0")
         return 0, corpus.num_docs
-    cut = corpus.num_docs - held_out_count(corpus.num_docs, data_cfg, corpus.name)
+    if corpus.pairs:  # whole pairs: documents 2i and 2i + 1 stay on one side
+        cut = corpus.num_docs - 2 * held_out_count(corpus.num_docs // 2, data_cfg, corpus.name)
+    else:
+        cut = corpus.num_docs - held_out_count(corpus.num_docs, data_cfg, corpus.name)
     return (0, cut) if split == "train" else (cut, corpus.num_docs)
 
 
 def _pack(corpus: TokenizedCorpus, data_cfg: DataConfig, eos_id: int, base: int, span: tuple[int, int],
           source: DataSource, cache_dir: Path) -> RowIndex:
-    eos = None if source.format in SFT_FORMATS else eos_id
+    eos = None if source.format in CHAT_FORMATS else eos_id
     return build_rows(corpus, data_cfg.seq_len, eos, packing=data_cfg.packing, overlong=data_cfg.overlong,
                       sample_id_base=base, start=span[0], stop=span[1], cache_dir=cache_dir / ROW_INDEX_DIR)
 
@@ -109,21 +118,25 @@ def build_split(data_cfg: DataConfig, tokenizer, split: str, cache_dir: Path, sh
     return SplitData(Blend(packed, [s.weight for s in sources]), stats)
 
 
-def batches_in_order(rows: Union[PackedRows, LazyRows], size: int, limit: int,
-                     what: str) -> list[dict[str, torch.Tensor]]:
-    """Up to `limit` global batches of packed rows, in order (validation), gathering only those rows. A short
-    last batch is filled with empty rows (no labels, padding document ids), which add nothing to the loss or
-    its token count."""
-    if rows.num_rows == 0:
-        raise ConfigError(f"{what} has no rows; use more validation data or trainer.eval_every=0")
-    n = min(limit, -(-rows.num_rows // size))
+def iter_batches_in_order(rows: Union[PackedRows, LazyRows], size: int, limit: Optional[int] = None
+                          ) -> Iterator[dict[str, torch.Tensor]]:
+    """Global batches of packed rows in order (up to `limit`), each gathered when reached. A short last batch
+    is filled with empty rows (no labels, padding document ids), which add nothing to the loss or its token
+    count."""
+    n = -(-rows.num_rows // size) if limit is None else min(limit, -(-rows.num_rows // size))
     fill = {"input_ids": 0, "labels": IGNORE_INDEX, "position_ids": 0, "document_ids": PAD_DOC, "sample_ids": PAD_DOC}
-    out = []
     for i in range(n):
         drawn = rows.gather(np.arange(i * size, min((i + 1) * size, rows.num_rows)))
         part = {k: torch.from_numpy(drawn[k]).long() for k in PackedRows.FIELDS}
         short = size - part["input_ids"].shape[0]
         if short:
             part = {k: torch.cat([v, v.new_full((short, v.shape[1]), fill[k])]) for k, v in part.items()}
-        out.append(part)
-    return out
+        yield part
+
+
+def batches_in_order(rows: Union[PackedRows, LazyRows], size: int, limit: int,
+                     what: str) -> list[dict[str, torch.Tensor]]:
+    """Up to `limit` global batches of packed rows, in order (validation): iter_batches_in_order's, listed."""
+    if rows.num_rows == 0:
+        raise ConfigError(f"{what} has no rows; use more validation data or trainer.eval_every=0")
+    return list(iter_batches_in_order(rows, size, limit))

@@ -31,6 +31,9 @@ class TokenizedCorpus:
     # --append-eod): the packer then predicts that token instead of appending a second one, so the rows equal
     # those of the same documents without it.
     eod: bool = False
+    # Preference pairs (trainer/data/preference.py): documents 2i and 2i + 1 are pair i's chosen and rejected
+    # (prompt + completion each), which packing keeps in one row.
+    pairs: bool = False
 
     @property
     def num_docs(self) -> int:

@@ -239,6 +239,8 @@ def check_pack_args(corpus: TokenizedCorpus, seq_len: int, eos_id: Optional[int]
     stop = corpus.num_docs if stop is None else stop
     if not 0 <= start <= stop <= corpus.num_docs:
         raise ValueError(f"document span [{start}, {stop}) is outside {corpus.name}'s {corpus.num_docs} documents")
+    if corpus.pairs and (start % 2 or stop % 2):
+        raise ValueError(f"document span [{start}, {stop}) of {corpus.name} splits a preference pair (2i, 2i + 1)")
     return stop
 
 
@@ -252,6 +254,10 @@ def pack_corpus(corpus: TokenizedCorpus, seq_len: int, eos_id: Optional[int], pa
     document's index in the corpus, so several corpora of a blend can keep their ids apart.
     """
     stop = check_pack_args(corpus, seq_len, eos_id, overlong, start, stop)
+    if corpus.pairs:  # the pair plan has one implementation, row_index's; here its rows, materialized
+        from trainer.data.row_index import build_rows
+
+        return build_rows(corpus, seq_len, None, packing, overlong, sample_id_base, start, stop).materialize()
     if corpus.targets is None:
         if corpus.eod:
             corpus = without_final_tokens(corpus)

@@ -35,6 +35,7 @@ from trainer.data import packing
 from trainer.data.corpus import TokenizedCorpus
 from trainer.data.packing import IGNORE_INDEX, PAD_DOC, PackedRows, check_pack_args, select_conversations
 from trainer.data.pretrain import save_npy_atomic, write_atomic
+from trainer.errors import ConfigError
 
 # Bump when the index layout or a packing rule changes, so stale indices are never read.
 INDEX_VERSION = 1
@@ -130,10 +131,34 @@ def _plan_index(corpus: TokenizedCorpus, lo: int, hi: int, seq_len: int, packing
     return arrays, num_rows, int(size.sum()), truncated, dropped
 
 
+def _pair_plan_index(corpus: TokenizedCorpus, lo: int, hi: int, seq_len: int,
+                     packing_on: bool) -> tuple[dict, int, int, int, int]:
+    """A preference corpus' plan: pair i (documents 2i, 2i + 1) is one item of len(chosen) - 1 +
+    len(rejected) - 1 slots, packed whole by best-fit decreasing (or one pair per row), the chosen document
+    first and the rejected one right after it in the same row. Overlong pairs were fitted at tokenization."""
+    n_tokens = np.diff(corpus.offsets[lo:hi + 1]).astype(np.int64)
+    chosen, rejected = n_tokens[0::2] - 1, n_tokens[1::2] - 1
+    size = chosen + rejected
+    if len(size) and size.max() > seq_len:
+        raise ConfigError(f"{corpus.name}: pair {lo // 2 + int(np.argmax(size))} fills {int(size.max())} slots, "
+                          f"more than data.seq_len={seq_len}; its token cache was made for a longer data.seq_len "
+                          f"(delete the cache entry to rebuild it)")
+    if packing_on:
+        row, offset, num_rows = packing.best_fit_decreasing(size, seq_len)
+    else:
+        row, offset, num_rows = np.arange(len(size)), np.zeros(len(size), np.int64), len(size)
+    docs = lo + np.arange(2 * len(size), dtype=np.int64)
+    doc_row, doc_offset = np.repeat(row, 2), np.stack([offset, offset + chosen], axis=1).reshape(-1)
+    order = np.lexsort((doc_offset, doc_row))
+    row_ptr = np.concatenate([[0], np.cumsum(np.bincount(doc_row, minlength=num_rows))]).astype(np.int64)
+    arrays = {"row_ptr": row_ptr, "docs": docs[order], "offsets": doc_offset[order].astype(np.int64)}
+    return arrays, num_rows, int(size.sum()), 0, 0
+
+
 def index_key(corpus: TokenizedCorpus, seq_len: int, eos_id: Optional[int], packing_on: bool, overlong: str,
               sample_id_base: int, span: tuple[int, int]) -> str:
     sft = corpus.targets is not None
-    text = (f"rows-v{INDEX_VERSION}|{corpus.key}|sft={sft}|S={seq_len}|packing={packing_on}|overlong={overlong}|"
+    text = (f"rows-v{INDEX_VERSION}|{corpus.key}|sft={sft}|pairs={corpus.pairs}|S={seq_len}|packing={packing_on}|overlong={overlong}|"
             f"span={span[0]}:{span[1]}|eos={eos_id}|base={sample_id_base}|eod={corpus.eod}")
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
@@ -169,7 +194,9 @@ def _kind(corpus: TokenizedCorpus, packing_on: bool) -> str:
 def _build(corpus: TokenizedCorpus, seq_len: int, packing_on: bool, overlong: str, lo: int,
            hi: int) -> tuple[dict, dict]:
     kind = _kind(corpus, packing_on)
-    if kind == "plan":
+    if kind == "plan" and corpus.pairs:
+        arrays, num_rows, real, truncated, dropped = _pair_plan_index(corpus, lo, hi, seq_len, packing_on)
+    elif kind == "plan":
         arrays, num_rows, real, truncated, dropped = _plan_index(corpus, lo, hi, seq_len, packing_on, overlong)
     else:
         build = _stream_index if kind == "stream" else _chunks_index

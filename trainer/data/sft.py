@@ -79,6 +79,8 @@ class SFTCorpus(TokenizedCorpus):
     (``data.on_bad_row=skip``; empty with ``error``, which raises instead)."""
 
     bad_rows: dict[str, int] = field(default_factory=dict)
+    truncated: int = 0  # preference pairs cut to data.seq_len at tokenization (trainer/data/preference.py)
+    dropped: int = 0  # preference pairs left out for their length (data.overlong=drop)
 
 
 # ------------------------------------------------------------------------------------------ formats
