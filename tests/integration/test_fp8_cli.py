@@ -64,6 +64,24 @@ def test_thirty_steps_track_bf16_and_the_checkpoint_is_a_bf16_one(tmp_path):
     assert len(_losses(tmp_path / "fp8")) == 32
 
 
+MOE = ["model=tiny_moe", "trainer.max_steps=4", "trainer.eval_every=0", "logging.wandb=false",
+       "trainer.export_hf=false", "trainer.checkpoint.every_steps=4", "logging.console_every=4"]
+
+
+def test_an_moe_model_runs_fp8_on_cpu_with_its_routed_experts_in_bf16(tmp_path):
+    """torchao's grouped-expert float8 has no emulation (refused below), but trainer.fp8.skip can keep the routed
+    experts in bf16: attention runs emulated fp8 (the router, experts and output layer bf16), tracking bf16 and
+    saving a bf16 run's checkpoint. The routed experts' real fp8 step: tests/gpu/test_cuda_fp8.py."""
+    bf16 = _run(tmp_path, tmp_path / "bf16", *MOE, "trainer.precision=bf16")
+    fp8 = _run(tmp_path, tmp_path / "fp8", *MOE, "trainer.precision=fp8", "trainer.fp8.skip=[*.mlp.experts.*]")
+    assert bf16.returncode == 0 and fp8.returncode == 0, (bf16.stderr + fp8.stderr)[-3000:]
+    assert "fp8: 8 linear layers in fp8 on rank 0" in fp8.stdout  # linear_qkv and linear_proj of 4 layers
+    a, b = _losses(tmp_path / "fp8"), _losses(tmp_path / "bf16")
+    assert len(a) == len(b) == 4 and a[0] != b[0]
+    assert max(abs(x - y) / y for x, y in zip(a, b)) <= TRACK_REL, (a, b)
+    assert _keys(tmp_path / "fp8" / "checkpoints" / "step_4") == _keys(tmp_path / "bf16" / "checkpoints" / "step_4")
+
+
 HIDE_TORCHAO = """import importlib.util as _u
 _find = _u.find_spec
 _u.find_spec = lambda name, *a, **k: None if name.split('.')[0] == 'torchao' else _find(name, *a, **k)
@@ -78,7 +96,8 @@ _m.version = lambda name: '0.9.0' if name == 'torchao' else _version(name)
     ([], HIDE_TORCHAO, "trainer.precision=fp8 needs torchao, which is not installed: pip install 'meshtron[fp8]' "
                        "(torchao>=0.18,<0.19), or use trainer.precision=bf16"),
     ([], OLD_TORCHAO, "trainer.precision=fp8: torchao 0.9.0 with torch "),
-    (["model=tiny_moe"], None, "trainer.precision=fp8 with an MoE model (model.moe.num_moe_experts="),
+    (["model=tiny_moe"], None, "trainer.precision=fp8 with MoE routed experts (decoder.layers.0.mlp.experts."
+                               "linear_fc1_gate, ...) on CPU: torchao 0.18.0's grouped-expert float8 has no emulation"),
     (["model.hidden_size=72", "model.num_attention_heads=4", "model.num_query_groups=2"], None,
      "decoder.layers.0.self_attention.linear_qkv is 144 x 72 on each tensor-parallel rank (tp=1); fp8 GEMMs need "
      "both dimensions divisible by 16"),
