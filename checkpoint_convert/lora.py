@@ -42,7 +42,7 @@ def lora_checkpoint(checkpoint: PathLike) -> tuple[Path, ModelConfig, dict, dict
 def lora_to_peft(checkpoint: PathLike, out: PathLike) -> Path:
     step, cfg, _, run, adapters = lora_checkpoint(checkpoint)
     check_out_dir(Path(out))
-    save_peft_adapter(adapters, cfg.lora, run["hf_path"], out)
+    save_peft_adapter(adapters, cfg.lora, run["hf_path"], out, moe=cfg.moe.enabled)
     return Path(out)
 
 

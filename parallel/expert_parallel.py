@@ -117,15 +117,17 @@ class AllToAllDispatcher:
 
 def apply_expert_parallel(module: nn.Module, ep_mesh: DeviceMesh, weight_mesh: DeviceMesh) -> None:
     """Shard every MoE layer's stacked experts on dim 0 over ``ep_mesh`` (``weight_mesh`` = ep, or (ep, tp)
-    with the experts Replicate over tp) and route its tokens there."""
+    with the experts Replicate over tp) and route its tokens there. LoRA's expert adapters (trainer/lora.py,
+    [E, ...] like the weights) are sharded alike: each expert's adapter lives with its expert."""
     placements = [Shard(0)] + [Replicate()] * (weight_mesh.ndim - 1)
     for layer in moe_layers(module):
         experts: GroupedExperts = layer.experts
         for linear in (experts.linear_fc1_gate, experts.linear_fc1_up, experts.linear_fc2):
             linear: GroupedLinear
-            # src_data_rank=None: every rank built the same weights (or meta), each keeps its slice.
-            sharded = distribute_tensor(linear.weight, weight_mesh, placements, src_data_rank=None)
-            linear.register_parameter("weight", nn.Parameter(sharded, requires_grad=linear.weight.requires_grad))
+            for name, param in list(linear.named_parameters(recurse=False)):
+                # src_data_rank=None: every rank built the same weights (or meta), each keeps its slice.
+                sharded = distribute_tensor(param, weight_mesh, placements, src_data_rank=None)
+                linear.register_parameter(name, nn.Parameter(sharded, requires_grad=param.requires_grad))
         experts.dispatcher = AllToAllDispatcher(ep_mesh, layer.num_experts)
 
 

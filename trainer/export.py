@@ -100,7 +100,7 @@ def export_adapter(pm, cfg: Config, out: Path, is_main: bool) -> Optional[dict]:
     from trainer.lora import save_peft_adapter
 
     adapters = dict(tensors)
-    save_peft_adapter(adapters, cfg.model.lora, cfg.model.hf_path, out)
+    save_peft_adapter(adapters, cfg.model.lora, cfg.model.hf_path, out, moe=cfg.model.moe.enabled)
     return adapters
 
 

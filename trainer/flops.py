@@ -118,7 +118,8 @@ def step_flops(cfg: ModelConfig, document_ids: np.ndarray, padded_vocab: Optiona
         # weight and token), never for its own gradient; the adapters' run all three. Attention's backward runs.
         from trainer.lora import trainable_count
 
-        return (4 * weights + 6 * trainable_count(cfg, cfg.lora)) * tokens + attention_flops(cfg, lengths)
+        adapters = trainable_count(cfg, cfg.lora, per_token=True)  # of the routed experts', a token's top k
+        return (4 * weights + 6 * adapters) * tokens + attention_flops(cfg, lengths)
     return 6 * weights * tokens + attention_flops(cfg, lengths)
 
 

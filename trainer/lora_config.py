@@ -9,7 +9,9 @@ from typing import Optional
 
 from trainer.errors import one_of, require
 
-# megatron-core's names of a dense layer's linear modules; linear_fc1 is our gate and up (two nn.Linear).
+# megatron-core's names of a dense layer's linear modules; linear_fc1 is our gate and up (two nn.Linear). In an
+# MoE layer linear_fc1/linear_fc2 are the shared experts' (where the family has them, as PEFT's gate_proj/up_proj/
+# down_proj match them), `experts` the routed experts' stacked weights, `router` the router's.
 LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 ALL_LINEAR = "all-linear"
 MOE_TARGETS = ("experts", "router")
@@ -25,7 +27,8 @@ class LoraConfig:
     alpha: float = 16.0
     # On the adapters' input, as PEFT's lora_dropout.
     dropout: float = 0.0
-    # Any of linear_qkv, linear_proj, linear_fc1, linear_fc2, or all-linear for all of them.
+    # Any of linear_qkv, linear_proj, linear_fc1, linear_fc2, and for MoE models experts and router, or all-linear
+    # for all of them (experts and router only where the model has them).
     target_modules: list[str] = field(default_factory=lambda: [ALL_LINEAR])
     # Scale alpha / sqrt(rank) instead of alpha / rank (rank-stabilised LoRA).
     use_rslora: bool = False
@@ -46,8 +49,9 @@ class LoraConfig:
 
     @property
     def targets(self) -> tuple[str, ...]:
-        return LORA_TARGETS if ALL_LINEAR in self.target_modules else tuple(
-            t for t in LORA_TARGETS if t in self.target_modules)
+        """What the adapters go on; experts and router do nothing in a dense model (trainer/lora.py)."""
+        every = LORA_TARGETS + MOE_TARGETS
+        return every if ALL_LINEAR in self.target_modules else tuple(t for t in every if t in self.target_modules)
 
     @property
     def scale(self) -> float:
@@ -63,10 +67,8 @@ class LoraConfig:
         one_of("model.lora.base_dtype", self.base_dtype, ("fp32", "bf16"))
         one_of("model.lora.base_quant", self.base_quant, (None, "nf4"))
         require(bool(self.target_modules), "model.lora.target_modules is empty; name at least one of "
-                                           f"{list(LORA_TARGETS)} or {ALL_LINEAR}")
+                                           f"{list(LORA_TARGETS + MOE_TARGETS)} or {ALL_LINEAR}")
         for t in self.target_modules:
-            require(t not in MOE_TARGETS, f"model.lora.target_modules has {t!r}: adapters on MoE experts and "
-                                          f"routers are not built yet; target {list(LORA_TARGETS)}")
-            require(t in LORA_TARGETS or t == ALL_LINEAR,
-                    f"model.lora.target_modules has {t!r}; expected any of {list(LORA_TARGETS)} or {ALL_LINEAR!r} "
-                    f"(megatron-core's module names; linear_fc1 is the gate and up projections)")
+            require(t in LORA_TARGETS + MOE_TARGETS or t == ALL_LINEAR,
+                    f"model.lora.target_modules has {t!r}; expected any of {list(LORA_TARGETS + MOE_TARGETS)} or "
+                    f"{ALL_LINEAR!r} (megatron-core's module names; linear_fc1 is the gate and up projections)")

@@ -1,7 +1,9 @@
 """LoRA on one process against its reference, PEFT: the same tiny HF model, the same initial adapters, the same
 batches and the same AdamW give the same adapters after 3 steps (fp32, 1e-5); the exported adapter loads with
 peft.PeftModel.from_pretrained and gives meshtron's logits; a PEFT-saved adapter loads into meshtron
-(model.lora.init_from) and gives PEFT's logits. Also: what is frozen, what trains, names, and the refusals."""
+(model.lora.init_from) and gives PEFT's logits. Dense and MoE families (Qwen3-MoE's experts through
+torch._grouped_mm, Mixtral's through the loop; PEFT adapts transformers 5's fused experts and router with
+target_parameters). Also: what is frozen, what trains, names, merging, and the refusals."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from parallel.dims import ParallelDims
 from parallel.parallelize import build_parallel_model
 from tests.tiny_hf import save_tiny_hf
 from trainer.errors import ConfigError
-from trainer.lora import is_adapter, peft_name, save_peft_adapter, trainable_count
+from trainer.lora import is_adapter, peft_targets, save_peft_adapter, to_peft, trainable_count
 from trainer.optim import StageOptimizers
 from trainer.step import forward_backward, local_batch
 
@@ -30,11 +32,26 @@ OPTIM = ["optim.lr=1e-3", "optim.warmup_steps=0", "optim.decay=constant", "optim
          "optim.grad_clip=1.0", "optim.eps=1e-6"]
 
 
+# MoE runs: HF's auxiliary loss is not part of the reference loop's loss (nor, here, ours).
+NO_AUX = ["model.moe.moe_aux_loss_coeff=0"]
+
+
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("lora") / "llama"
-    save_tiny_hf("llama3.1", d)
-    return d
+def hf_dirs(tmp_path_factory):
+    made = {}
+
+    def get(name: str):
+        if name not in made:
+            made[name] = tmp_path_factory.mktemp("lora") / name
+            save_tiny_hf(name, made[name])
+        return made[name]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def hf_dir(hf_dirs):
+    return hf_dirs("llama3.1")
 
 
 def _ours(compose, hf_dir, *extra):
@@ -57,14 +74,16 @@ def _batches(vocab: int):
     return out
 
 
-def _peft_model(hf_dir, adapters: dict):
+def _peft_model(hf_dir, adapters: dict, moe: bool = False):
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager").float()
-    model = peft.get_peft_model(base, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=PEFT_TARGETS,
-                                                      lora_dropout=0.0))
-    result = peft.set_peft_model_state_dict(model, {peft_name(n): t.clone() for n, t in adapters.items()})
+    modules, params = peft_targets(adapters, moe)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=modules,
+                                                      target_parameters=params or None, lora_dropout=0.0))
+    result = peft.set_peft_model_state_dict(model, {k: t.clone() for k, t in to_peft(adapters).items()})
     assert not [k for k in result.unexpected_keys if "lora" in k]
+    assert not [k for k in result.missing_keys if "lora" in k]
     return model
 
 
@@ -72,12 +91,25 @@ def _adapters(pm) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in pm.modules[0].named_parameters() if is_adapter(n)}
 
 
-def test_three_steps_equal_peft(compose, hf_dir):
-    cfg, pm = _ours(compose, hf_dir)
+@pytest.mark.parametrize("family,extra", [
+    ("llama3.1", []),
+    ("qwen3-moe", NO_AUX),  # experts through torch._grouped_mm
+    ("mixtral", [*NO_AUX, "model.moe.moe_grouped_gemm=false"]),  # experts through the loop
+])
+def test_three_steps_equal_peft(compose, hf_dirs, family, extra):
+    hf_dir = hf_dirs(family)
+    cfg, pm = _ours(compose, hf_dir, *extra)
+    moe = cfg.model.moe.enabled
     initial = _adapters(pm)
     assert all(torch.count_nonzero(t) == 0 for n, t in initial.items() if ".lora_B" in n)
     assert all(torch.count_nonzero(t) > 0 for n, t in initial.items() if ".lora_A" in n)
-    reference = _peft_model(hf_dir, initial)
+    assert sum(t.numel() for t in initial.values()) == trainable_count(cfg.model, cfg.model.lora)
+    if moe:  # all-linear: attention, every expert's adapter and the router's
+        assert {n.split(".", 3)[3] for n in initial if ".mlp." in n} == {
+            "mlp.router.lora_A", "mlp.router.lora_B", "mlp.experts.linear_fc1_gate.lora_A",
+            "mlp.experts.linear_fc1_gate.lora_B", "mlp.experts.linear_fc1_up.lora_B",
+            "mlp.experts.linear_fc2.lora_A", "mlp.experts.linear_fc2.lora_B"}
+    reference = _peft_model(hf_dir, initial, moe)
     ref_params = [p for p in reference.parameters() if p.requires_grad]
     ref_opt = torch.optim.AdamW(ref_params, lr=1e-3, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
                                 weight_decay=0.1)
@@ -98,35 +130,50 @@ def test_three_steps_equal_peft(compose, hf_dir):
         ref_opt.zero_grad()
     theirs = peft.get_peft_model_state_dict(reference)
     ours = _adapters(pm)
-    assert len(ours) == len(theirs) == 7 * 2 * cfg.model.num_layers
+    assert all(torch.count_nonzero(t) > 0 for n, t in ours.items() if ".lora_B" in n)  # they trained
+    ours = to_peft(ours)
+    assert ours.keys() == theirs.keys() and len(ours) == (7 if not moe else 4 + 3) * 2 * cfg.model.num_layers
     for name, t in ours.items():
-        torch.testing.assert_close(t, theirs[peft_name(name)], rtol=1e-5, atol=1e-5, msg=lambda m, k=name: f"{k}: {m}")
-        if ".lora_B" in name:
-            assert torch.count_nonzero(t) > 0, name  # it trained
+        torch.testing.assert_close(t, theirs[name], rtol=1e-5, atol=1e-5, msg=lambda m, k=name: f"{k}: {m}")
 
 
-def test_exported_adapter_loads_in_peft_and_a_peft_adapter_loads_here(compose, hf_dir, tmp_path):
+@pytest.mark.parametrize("family,target_parameters", [
+    ("llama3.1", None),
+    # Dense layers 0, 2, 3 and an MoE layer 1; the dense MLPs by parameter (peft_targets says why).
+    ("qwen3-moe-mixed", ["down_proj.weight", "gate_proj.weight", "mlp.experts.down_proj", "mlp.experts.gate_up_proj",
+                         "mlp.gate.weight", "up_proj.weight"]),
+    # A shared expert (mlp.shared_expert.*_proj) beside the routed ones.
+    ("qwen2-moe-shared", ["down_proj.weight", "gate_proj.weight", "mlp.experts.down_proj",
+                          "mlp.experts.gate_up_proj", "mlp.gate.weight", "up_proj.weight"]),
+])
+def test_exported_adapter_loads_in_peft_and_a_peft_adapter_loads_here(compose, hf_dirs, tmp_path, family,
+                                                                      target_parameters):
     from transformers import AutoModelForCausalLM
 
+    hf_dir = hf_dirs(family)
     cfg, pm = _ours(compose, hf_dir)
+    moe = cfg.model.moe.enabled
     with torch.no_grad():  # non-zero B: the adapter changes the logits
         for n, p in pm.modules[0].named_parameters():
             if ".lora_B" in n:
                 p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
-    save_peft_adapter(_adapters(pm), cfg.model.lora, str(hf_dir), tmp_path / "adapter")
+    save_peft_adapter(_adapters(pm), cfg.model.lora, str(hf_dir), tmp_path / "adapter", moe=moe)
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert (config["r"], config["lora_alpha"], sorted(config["target_modules"])) == (RANK, ALPHA,
-                                                                                      sorted(PEFT_TARGETS))
+    modules = ["k_proj", "o_proj", "q_proj", "v_proj"] if moe else sorted(PEFT_TARGETS)
+    assert (config["r"], config["lora_alpha"], config["target_modules"]) == (RANK, ALPHA, modules)
+    assert config["target_parameters"] == target_parameters
     ids = _batches(96)[0]["input_ids"]
     base = AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager").float()
     loaded = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     with torch.no_grad():
         ours = pm.modules[0](ids)[..., :96]
         theirs = loaded(input_ids=ids).logits
+        loaded.disable_adapter_layers()
+        assert (loaded(input_ids=ids).logits - theirs).abs().max() > 1e-2  # the adapter matters
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
     # The other way: PEFT saves an adapter (its own random B), meshtron continues from it.
-    reference = _peft_model(hf_dir, _adapters(pm))
+    reference = _peft_model(hf_dir, _adapters(pm), moe)
     with torch.no_grad():
         for n, p in reference.named_parameters():
             if "lora_A" in n:
@@ -152,7 +199,6 @@ def test_only_the_adapters_train_and_names_are_the_base_model_s(compose, hf_dir)
 
 
 @pytest.mark.parametrize("overrides,needle", [
-    (["model.lora.target_modules=[experts]"], "adapters on MoE experts and routers are not built yet"),
     (["model.lora.target_modules=[q_proj]"], "model.lora.target_modules has 'q_proj'; expected any of"),
     (["model.lora.init=pissa"], "model.lora.init='pissa' is not supported"),
     (["model.lora.dropout=1.0"], "model.lora.dropout=1.0 must be in [0, 1)"),
@@ -165,16 +211,74 @@ def test_config_refusals(compose, overrides, needle):
     assert needle in str(err.value)
 
 
+@pytest.mark.parametrize("overrides,needle", [
+    (["model.lora.target_modules=[experts]"], "model.lora.target_modules has 'experts' but the model is dense"),
+    (["model=tiny_moe", "model.lora.dropout=0.1"], "model.lora.dropout=0.1 with an MoE model and target linear_fc1: "
+                                                  "PEFT adapts an MoE model's experts, router and MLPs as parameters"),
+    (["model=tiny_moe", "trainer.precision=bf16", "model.lora.base_dtype=bf16", "model.lora.base_quant=nf4"],
+     "model.lora.base_quant=nf4 with an MoE model (model.moe.num_moe_experts=8)"),
+])
+def test_moe_refusals(compose, overrides, needle):
+    from trainer.lora import check_lora
+
+    with pytest.raises(ConfigError) as err:
+        check_lora(compose("model.lora.rank=4", *overrides), ParallelDims.single())
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_moe_attention_only_with_dropout_is_fine(compose):
+    from trainer.lora import check_lora
+
+    check_lora(compose("model=tiny_moe", "model.lora.rank=4", "model.lora.dropout=0.1",
+                       "model.lora.target_modules=[linear_qkv,linear_proj]"), ParallelDims.single())
+
+
+def test_expert_adapters_grouped_equal_looped_and_merge_exactly(compose, hf_dirs):
+    """Rank 3: torch._grouped_mm needs 16-byte rows, so the adapters' rank is zero-padded to 4 there; the loop
+    gives the same logits and gradients. Merged into the base (experts, router, shared experts: merge_weight,
+    as trainer.export_merged and merge-lora do), the plain model gives the adapted model's logits."""
+    from trainer.lora import merge_weight
+
+    hf = hf_dirs("qwen2-moe-shared")
+    ids = _batches(96)[0]["input_ids"]
+    runs = {}
+    for grouped in ("true", "false"):
+        cfg, pm = _ours(compose, hf, "model.lora.rank=3", f"model.moe.moe_grouped_gemm={grouped}")
+        model = pm.modules[0]
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if ".lora_B" in n:
+                    p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
+        logits = model(ids)
+        logits.square().mean().backward()
+        runs[grouped] = (logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    (a, grads_a), (b, grads_b) = runs["true"], runs["false"]
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert grads_a.keys() == grads_b.keys() and any(".mlp.experts." in n for n in grads_a)
+    for n in grads_a:
+        torch.testing.assert_close(grads_a[n], grads_b[n], rtol=1e-5, atol=1e-6, msg=lambda m, k=n: f"{k}: {m}")
+
+    adapters = _adapters(pm)
+    _, plain = _ours(compose, hf, "model.lora.rank=0")
+    base = plain.modules[0]
+    merged = {n: merge_weight(n, t, adapters, cfg.model.lora, cfg.model) for n, t in base.state_dict().items()}
+    # Per layer: qkv, proj, the shared expert's 3, the routed experts' 3, the router.
+    assert sum(not torch.equal(merged[n], t) for n, t in base.state_dict().items()) == 2 * 9
+    base.load_state_dict(merged)
+    with torch.no_grad():
+        torch.testing.assert_close(base(ids), b, rtol=1e-5, atol=1e-5)
+
+
 def test_a_peft_adapter_of_another_shape_is_refused_naming_both(compose, hf_dir, tmp_path):
     from trainer.lora import read_peft_config
 
     cfg, pm = _ours(compose, hf_dir)
     save_peft_adapter(_adapters(pm), cfg.model.lora, str(hf_dir), tmp_path / "adapter")
-    read_peft_config(tmp_path / "adapter", cfg.model.lora)
+    read_peft_config(tmp_path / "adapter", cfg.model.lora, cfg.model)
     other = compose("model.lora.rank=8", "model.lora.target_modules=[linear_qkv]").model.lora
     with pytest.raises(ConfigError, match=r"rank: adapter 4 vs model.lora 8.*target_modules: adapter \[.*'down_proj'"
                                           r".*\] vs model.lora \['k_proj', 'q_proj', 'v_proj'\]"):
-        read_peft_config(tmp_path / "adapter", other)
+        read_peft_config(tmp_path / "adapter", other, cfg.model)
 
 
 def test_flops_count_only_the_matmuls_that_run(compose):

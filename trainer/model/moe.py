@@ -98,11 +98,15 @@ class TopKRouter(nn.Module):
         super().__init__()
         self.topk, self.pre_softmax = topk, pre_softmax
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        # Set from outside (trainer/lora.py): adapter(module, x) is added to the logits before the softmax.
+        self.adapter: Optional[Callable] = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, H] -> logits [N, E] (x's dtype), probabilities [N, E] (fp32), top-k weights [N, k] (fp32)
         and expert indices [N, k], highest probability first."""
         logits = F.linear(x, self.weight)
+        if self.adapter is not None:
+            logits = logits + self.adapter(self, x)
         probs = torch.softmax(logits.float(), dim=-1)
         top_p, top_i = torch.topk(probs, self.topk, dim=-1)
         if not self.pre_softmax:
@@ -116,26 +120,34 @@ class GroupedLinear(nn.Module):
     def __init__(self, num_experts: int, in_features: int, out_features: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))
+        # Set from outside (trainer/lora.py): adapter(module, x, out, groups) is added to the output; groups are
+        # the int32 offsets (grouped) or the host ends (looped) of this rank's experts.
+        self.adapter: Optional[Callable] = None
 
     def local_weight(self) -> torch.Tensor:
-        """The experts this rank computes: all of them, or under expert parallelism its Shard(0) of the
-        DTensor. The gradient is this rank's shard of the gradient; along a Replicate mesh axis (tp, whose
-        ranks route different tokens under sequence parallelism) it is a partial sum."""
-        w = self.weight
-        if not isinstance(w, DTensor):
-            return w
-        return w.to_local(grad_placements=[Partial() if isinstance(p, Replicate) else p for p in w.placements])
+        return local_experts(self.weight)
 
     def grouped(self, x: torch.Tensor, offsets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         # weight[e]^T is a transposed view: the column-major operand _grouped_mm takes without a copy.
-        return torch._grouped_mm(x.to(dtype), self.local_weight().to(dtype).transpose(-2, -1), offs=offsets)
+        out = torch._grouped_mm(x.to(dtype), self.local_weight().to(dtype).transpose(-2, -1), offs=offsets)
+        return out if self.adapter is None else out + self.adapter(self, x.to(dtype), offsets)
 
     def looped(self, x: torch.Tensor, ends: list[int]) -> torch.Tensor:
         parts, start, weight = [], 0, self.local_weight()
         for e, end in enumerate(ends):
             parts.append(F.linear(x[start:end], weight[e]))
             start = end
-        return torch.cat(parts)
+        out = torch.cat(parts)
+        return out if self.adapter is None else out + self.adapter(self, x, ends)
+
+
+def local_experts(w: torch.Tensor) -> torch.Tensor:
+    """The experts this rank computes of a stacked [E, ...] tensor: all of them, or under expert parallelism
+    its Shard(0) of the DTensor. The gradient is this rank's shard of the gradient; along a Replicate mesh axis
+    (tp, whose ranks route different tokens under sequence parallelism) it is a partial sum."""
+    if not isinstance(w, DTensor):
+        return w
+    return w.to_local(grad_placements=[Partial() if isinstance(p, Replicate) else p for p in w.placements])
 
 
 class GroupedExperts(nn.Module):
