@@ -3,7 +3,8 @@
 weights. Under tp2 with sequence parallelism the replicated factors (A of the column-parallel bases, B of the
 row-parallel ones) get their gradient only through the reduction over tp that DTensor's placements give
 (trainer/lora.py): without it those tensors, and the losses after step 1, differ. Also: a same-layout resume is
-bitwise, and a run saved at tp2 resumes at fsdp2."""
+bitwise, and a run saved at tp2 resumes at fsdp2. On an MoE model (all-linear: attention, every expert's adapter
+and the router's) expert parallelism keeps each expert's adapter with its expert and trains the same."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 
-from tests.distributed.test_mesh_matrix import MODEL, RUN, TIED, _losses, _run, reference  # noqa: F401 (fixture)
+from tests.distributed.test_mesh_matrix import MODEL, MOE, RUN, TIED, _losses, _run, reference  # noqa: F401
 
 LORA = ["model.lora.rank=4", "model.lora.alpha=8", "trainer.checkpoint.save_before_export=false"]
 CASES = [
@@ -26,6 +27,8 @@ CASES = [
     ("cp2", 2, ["parallel=fsdp", "parallel.dp_shard=1", "parallel.cp=2"], []),
     ("fsdp2_tp2", 4, ["parallel=tp2"], TIED),
     pytest.param("4d_16ranks", 16, ["parallel=4d_16ranks"], TIED, marks=pytest.mark.slow),
+    # 8 experts over 2 ranks, each rank's 4 experts' adapters sharded with them (Shard(0) over ep).
+    ("ep2_moe", 2, ["parallel=fsdp", "parallel.ep=2"], MOE),
 ]
 
 
@@ -41,7 +44,9 @@ def test_lora_layout_matches_one_process(reference, name, nproc, parallel, varia
     for step, (a, b) in enumerate(zip(_losses(run), _losses(ref)), start=1):
         assert a == pytest.approx(b, rel=1e-5), f"{name}: step {step} loss {a} vs one process {b}"
     ours, theirs = _adapters(run), _adapters(ref)
+    # Per layer 14 PEFT tensors: dense q, k, v, o, gate, up, down; MoE q, k, v, o, gate_up, down (experts), router.
     assert ours.keys() == theirs.keys() and len(ours) == 14 * 4
+    assert ("mlp.experts.base_layer.lora_A.weight" in " ".join(ours)) == (variant == MOE)
     for k in theirs:
         torch.testing.assert_close(ours[k], theirs[k], rtol=1e-5, atol=1e-5, msg=lambda m, k=k: f"{name}: {k}: {m}")
         if "lora_B" in k:
