@@ -94,6 +94,11 @@ class PeftMerge:
         raw = json.loads((d / ADAPTER_CONFIG).read_text())
         if raw.get("peft_type") != "LORA" or raw.get("use_dora") or raw.get("rank_pattern") or raw.get("alpha_pattern"):
             raise ConfigError(f"--lora {d}: only plain LoRA adapters merge (no DoRA, no per-module rank or alpha)")
+        if raw.get("target_parameters"):
+            raise ConfigError(f"--lora {d}: adapts parameters {raw['target_parameters']} (an MoE model's fused experts "
+                              f"or router, PEFT's target_parameters), which hf-to-megatron does not merge (the HF "
+                              f"files hold the experts one tensor each); merge it first (meshtron merge-lora, "
+                              f"trainer.export_merged, or PEFT's merge_and_unload) and convert the merged model")
         r, alpha = raw["r"], raw["lora_alpha"]
         self.scale = alpha / (r ** 0.5 if raw.get("use_rslora") else r)
         tensors = load_file(str(d / ADAPTER_WEIGHTS))

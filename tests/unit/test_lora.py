@@ -269,6 +269,17 @@ def test_expert_adapters_grouped_equal_looped_and_merge_exactly(compose, hf_dirs
         torch.testing.assert_close(base(ids), b, rtol=1e-5, atol=1e-5)
 
 
+def test_hf_to_megatron_refuses_an_moe_adapter_in_one_line(compose, hf_dirs, tmp_path):
+    from checkpoint_convert.lora import PeftMerge
+
+    hf = hf_dirs("qwen3-moe")
+    cfg, pm = _ours(compose, hf, *NO_AUX)
+    save_peft_adapter(_adapters(pm), cfg.model.lora, str(hf), tmp_path / "adapter", moe=True)
+    with pytest.raises(ConfigError) as err:
+        PeftMerge(tmp_path / "adapter", set())
+    assert "which hf-to-megatron does not merge" in str(err.value) and "\n" not in str(err.value)
+
+
 def test_a_peft_adapter_of_another_shape_is_refused_naming_both(compose, hf_dir, tmp_path):
     from trainer.lora import read_peft_config
 
