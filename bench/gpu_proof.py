@@ -56,7 +56,9 @@ TESTS = [
 ]
 # The transformers padded baseline and meshtron's packed paths, best first (varlen on every supported torch).
 BENCH_CONFIGS = ["hf-sdpa-pad", "meshtron-varlen+chunk", "meshtron-flex+chunk"]
-# With a torchao wheel among --wheels: the real fp8 step's tests and the fp8 twin of the best bf16 path.
+# With a torchao wheel among --wheels: the real fp8 step's tests (test_cuda_fp8.py also holds the fp8 twin of
+# test_cuda_moe.py's MoE model: its routed experts on fp8 grouped GEMMs, on an H100/H200) and the fp8 twin of the
+# best bf16 path (bench/gpu_throughput.py has no MoE configuration to twin).
 FP8_TESTS = [f"{G}/test_cuda_fp8.py"]
 FP8_BENCH = ["meshtron-varlen+chunk+fp8"]
 
