@@ -86,8 +86,21 @@ def _completion(obj: dict, key: str) -> list[Message]:
     return messages
 
 
+def _check_not_empty(pair: Pair) -> Pair:
+    for key in ("chosen", "rejected"):
+        part = getattr(pair, key)
+        texts = [part] if isinstance(part, str) else [m["content"] for m in part if m["role"] == "assistant"]
+        if not any(texts):
+            raise BadRow(f"the {key} completion is empty: nothing to compare")
+    return pair
+
+
 def to_pair(obj: Any) -> Pair:
     """One parsed JSON row as a Pair; raises :class:`BadRow` when it is malformed."""
+    return _check_not_empty(_to_pair(obj))
+
+
+def _to_pair(obj: Any) -> Pair:
     if not isinstance(obj, dict):
         raise BadRow(f"expected a JSON object, found {type(obj).__name__}")
     missing = [k for k in ("chosen", "rejected") if k not in obj]
