@@ -392,6 +392,10 @@ def check_lora(cfg, dims) -> None:
     if named and not cfg.model.moe.enabled:
         raise ConfigError(f"model.lora.target_modules has {named[0]!r} but the model is dense (no "
                           f"model.moe.num_moe_experts): target {list(LORA_TARGETS)} or all-linear")
+    if cfg.model.moe.enabled and trainable_count(cfg.model, lora) == 0:
+        raise ConfigError(f"model.lora.target_modules={list(lora.target_modules)} adapts nothing in this model: its "
+                          f"MoE layers have no dense MLP (linear_fc1/linear_fc2 are shared experts' there, and it has "
+                          f"none); target experts (the routed experts), router or attention")
     by_parameter = [t for t in lora.targets if t not in ("linear_qkv", "linear_proj")]
     if cfg.model.moe.enabled and by_parameter and lora.dropout:
         raise ConfigError(f"model.lora.dropout={lora.dropout} with an MoE model and target {by_parameter[0]}: PEFT "

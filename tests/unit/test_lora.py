@@ -217,6 +217,8 @@ def test_config_refusals(compose, overrides, needle):
                                                   "PEFT adapts an MoE model's experts, router and MLPs as parameters"),
     (["model=tiny_moe", "trainer.precision=bf16", "model.lora.base_dtype=bf16", "model.lora.base_quant=nf4"],
      "model.lora.base_quant=nf4 with an MoE model (model.moe.num_moe_experts=8)"),
+    (["model=tiny_moe", "model.lora.target_modules=[linear_fc1]"],
+     "model.lora.target_modules=['linear_fc1'] adapts nothing in this model"),
 ])
 def test_moe_refusals(compose, overrides, needle):
     from trainer.lora import check_lora
