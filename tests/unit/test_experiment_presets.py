@@ -103,3 +103,16 @@ def test_preset_checks_model_against_tensor_parallelism(tmp_path, capsys, monkey
     monkeypatch.chdir(tmp_path)
     code, _, err = dry_run(capsys, monkeypatch, "+experiment=qwen2_5_7b_sft_8gpu", "parallel.tp=8")
     assert code == 2 and "model.num_attention_heads=28 is not divisible by parallel.tp=8" in err, err
+
+
+def test_dpo_preset_trains_packed_pairs_of_an_8b_model_and_passes_a_dry_run(compose, tmp_path, capsys, monkeypatch):
+    cfg = compose("+experiment=dpo_8gpu")
+    assert cfg.model.name == "llama3_8b" and cfg_param_count(cfg) == pytest.approx(8.03e9, rel=0.01)
+    assert cfg.trainer.objective == "dpo" and cfg.data.format == "preference" and cfg.data.packing
+    assert cfg.data.seq_len == 4096 and cfg.dpo.reference == "precompute" and cfg.trainer.precision == "bf16"
+    assert (cfg.parallel.dp_shard, cfg.launcher.gpus_per_node) == (-1, 8)
+    monkeypatch.chdir(tmp_path)
+    code, script, err = dry_run(capsys, monkeypatch, "+experiment=dpo_8gpu")
+    assert code == 0, err
+    assert "#SBATCH --gpus-per-node=8\n" in script and "  +experiment=dpo_8gpu \\\n" in script
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
