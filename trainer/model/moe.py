@@ -120,7 +120,7 @@ class GroupedLinear(nn.Module):
     def __init__(self, num_experts: int, in_features: int, out_features: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))
-        # Set from outside (trainer/lora.py): adapter(module, x, out, groups) is added to the output; groups are
+        # Set from outside (trainer/lora.py): adapter(module, x, groups) is added to the output; groups are
         # the int32 offsets (grouped) or the host ends (looped) of this rank's experts.
         self.adapter: Optional[Callable] = None
 
