@@ -166,3 +166,27 @@ def test_check_pairs_refuses_a_split_pair():
         check_pairs(np.array([4, 5, 11]))
     with pytest.raises(RuntimeError, match="part of a preference pair"):
         check_pairs(np.array([5, 6]))
+
+
+def test_parquet_and_hf_disk_rows_give_the_jsonl_tokens(tok, tmp_path):
+    pytest.importorskip("pyarrow")
+    datasets = pytest.importorskip("datasets")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": [U(f"Question {i}?")], "chosen": [A(f"Answer {i}.")], "rejected": [A("No.")]} for i in range(5)]
+    ref = _corpus(tok, tmp_path / "jsonl", rows)
+    (tmp_path / "pq").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "pq" / "pairs.parquet", row_group_size=2)
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "disk"))
+    data = DataConfig(format="preference", seq_len=256)
+    for path in (tmp_path / "pq" / "pairs.parquet", tmp_path / "disk"):
+        got = load_preference_corpus(DataSource(path=str(path), format="preference"), tok, data, tmp_path / "cache")
+        assert np.array_equal(np.asarray(got.tokens), np.asarray(ref.tokens)), path
+        assert np.array_equal(got.offsets, ref.offsets) and np.array_equal(got.targets, ref.targets)
+    # A record without "rejected" (Parquet fills the column with null) is named by file and row.
+    pq.write_table(pa.Table.from_pylist([{"prompt": "p", "chosen": " c", "rejected": " r"}, {"prompt": "p", "chosen": " c"}]),
+                   tmp_path / "bad.parquet")
+    with pytest.raises(ConfigError, match=r"bad.parquet: row 1: 'rejected' is NoneType"):
+        load_preference_corpus(DataSource(path=str(tmp_path / "bad.parquet"), format="preference"), tok, data,
+                               tmp_path / "cache")

@@ -1,7 +1,8 @@
 """Preference pairs (data.format=preference): rows -> a prompt with a chosen and a rejected completion -> two
 cached token sequences per pair, with targets on the completions only.
 
-Row formats (TRL's, one JSON object per line of a ``.jsonl`` file):
+Row formats (TRL's; one JSON object per line of ``.jsonl`` files, or the records of ``.parquet`` files or of a
+``datasets.save_to_disk`` directory):
 
 * explicit prompt, standard: ``{"prompt": str, "chosen": str, "rejected": str}``. The text is prompt +
   completion, tokenized with the tokenizer's special tokens (BOS); TRL appends EOS to a standard completion that
@@ -34,7 +35,7 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
@@ -46,7 +47,8 @@ from trainer.data.sft import (SFTCorpus, BadRow, Message, _load_cached, _special
                               render_with_spans, resolve_chat_template, target_spans, targets_from_offsets)
 from trainer.data.pretrain import files_identity
 from trainer.data.shared import SOLO, Share, build_shared, plan_parts
-from trainer.data.sources import Part, Progress, jsonl_rows, resolve_files
+from trainer.data.sources import (_ROW_BATCH, Part, Progress, jsonl_rows, open_parquet, require_package,
+                                  resolve_files)
 from trainer.data.tokenizer import tokenizer_fingerprint
 from trainer.errors import ConfigError
 
@@ -178,7 +180,7 @@ def _has_label(targets: np.ndarray) -> bool:
 
 def tokenize_preference_part(part: Part, writers: list[IndexedWriter], progress: Progress, *,
                              tokenizer: PreTrainedTokenizerBase, template: Optional[str], seq_len: int,
-                             overlong: str, on_bad_row: str) -> dict[str, int]:
+                             overlong: str, on_bad_row: str, reader: str = "jsonl") -> dict[str, int]:
     """Pairs of one part: chosen and rejected token ids (documents 2i, 2i + 1) into ``writers[0]``, their
     0/1 targets into ``writers[1]``; returns the bad rows skipped per file plus the TRUNCATED/DROPPED counts."""
     specials = _special_tokens(tokenizer)
@@ -241,7 +243,7 @@ def tokenize_preference_part(part: Part, writers: list[IndexedWriter], progress:
                 targets_out.add(t)
         pending.clear()
 
-    for where, obj, problem in jsonl_rows(part, progress):
+    for where, obj, problem in preference_rows(part, reader, progress):
         try:
             if problem is not None:
                 raise BadRow(problem)
@@ -259,6 +261,56 @@ def tokenize_preference_part(part: Part, writers: list[IndexedWriter], progress:
     if pending:
         flush()
     return counts
+
+
+# ------------------------------------------------------------------------------------------- files
+
+
+def preference_files(path: str) -> tuple[str, tuple[Path, ...]]:
+    """(reader, files) of data.path: a datasets.save_to_disk directory (``hf_disk``), ``.parquet`` files, or
+    ``.jsonl`` files (a file, a directory searched recursively, or a glob)."""
+    p = Path(path).expanduser()
+    if p.is_dir() and ((p / "state.json").is_file() or (p / "dataset_dict.json").is_file()):
+        return "hf_disk", resolve_files(path, "hf_disk", "data.path")
+    parquet = p.suffix == ".parquet" or (p.is_dir() and any(p.rglob("*.parquet")) and not any(p.rglob("*.jsonl")))
+    if parquet:
+        return "parquet", resolve_files(path, "parquet", "data.path")
+    return "jsonl", resolve_files(path, "jsonl_text", "data.path")
+
+
+def preference_rows(part: Part, reader: str, progress: Progress = None) -> Iterator[tuple[str, Any, Optional[str]]]:
+    """(where, row, problem) of every row of a part: JSONL lines ("file:line"), Parquet or hf_disk records
+    ("file: row N", numbered from 0 as pyarrow and datasets index them)."""
+    if reader == "jsonl":
+        yield from jsonl_rows(part, progress)
+        return
+    path = part.path
+    if reader == "parquet":
+        pf = open_parquet(path, "chosen")
+        meta = pf.metadata
+        groups = list(range(part.start, meta.num_row_groups if part.stop is None else part.stop))
+        row = sum(meta.row_group(g).num_rows for g in range(part.start))
+        per_row = path.stat().st_size / max(1, meta.num_rows)
+        batches = pf.iter_batches(batch_size=_ROW_BATCH, row_groups=groups) if groups else iter(())
+    else:
+        require_package("datasets", "data.format=preference from a save_to_disk directory")
+        import datasets
+
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except (FileNotFoundError, ValueError, OSError) as e:
+            raise ConfigError(f"{path}: datasets.load_from_disk failed ({e})") from e
+        if not isinstance(ds, datasets.Dataset):
+            raise ConfigError(f"{path} holds a {type(ds).__name__}; point data.path at one split's directory")
+        row, per_row = 0, sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / max(1, len(ds))
+        batches = ds.iter(batch_size=_ROW_BATCH)
+    for batch in batches:
+        records = batch.to_pylist() if hasattr(batch, "to_pylist") else [dict(zip(batch, v)) for v in zip(*batch.values())]
+        for obj in records:
+            yield f"{path}: row {row}", obj, None
+            row += 1
+        if progress is not None:
+            progress(int(per_row * len(records)))
 
 
 # ------------------------------------------------------------------------------------------- corpus
@@ -294,7 +346,7 @@ def load_preference_corpus(source: DataSource, tokenizer: PreTrainedTokenizerBas
     if not getattr(tokenizer, "is_fast", False):
         raise ConfigError(f"the tokenizer ({type(tokenizer).__name__}) is not a fast (Rust) tokenizer; preference "
                           f"data needs its character offsets to label the completions (a tokenizer.json directory)")
-    files = resolve_files(source.path, "jsonl_text", "data.path")
+    reader, files = preference_files(source.path)
     template = _template(tokenizer, data_cfg)
     share = share or SOLO
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -304,9 +356,10 @@ def load_preference_corpus(source: DataSource, tokenizer: PreTrainedTokenizerBas
     if corpus is None:
         work = functools.partial(tokenize_preference_part, tokenizer=tokenizer, template=template,
                                  seq_len=data_cfg.seq_len, overlong=data_cfg.overlong,
-                                 on_bad_row=data_cfg.on_bad_row)
+                                 on_bad_row=data_cfg.on_bad_row, reader=reader)
         streams = [("", token_dtype(len(tokenizer))), (".targets", np.uint8)]
-        build_shared(stem, plan_parts(files, "jsonl_text", share.world_size), "jsonl_text", streams, work,
+        fmt = {"jsonl": "jsonl_text", "parquet": "parquet", "hf_disk": "hf_disk"}[reader]
+        build_shared(stem, plan_parts(files, fmt, share.world_size, field="chosen"), fmt, streams, work,
                      {"source": str(source.path), "format": source.format}, share, name)
         corpus = _load_cached(stem, name)
         if corpus is None:
