@@ -1,7 +1,8 @@
 """trainer.objective=dpo against its reference, TRL: the same tiny HF model, the same pairs, the same reference
 and the same AdamW give TRL DPOTrainer's first-step loss and rewards (1e-5, fp32) and its weights after 3
 steps (1e-5), for sigmoid, hinge and ipo (and RPO's sft term); SimPO's and ORPO's per-pair losses equal TRL's
-CPOTrainer.cpo_loss and ORPOTrainer.odds_ratio_loss on the same log-probs. At step 1 the sigmoid loss is ln 2
+CPOTrainer.cpo_loss and ORPOTrainer.odds_ratio_loss on the same log-probs, and 3 steps of each equal a plain
+torch loop whose loss is TRL's function (TRL's CPO/ORPO trainers tokenize differently from DPOTrainer). At step 1 the sigmoid loss is ln 2
 (policy = reference)."""
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def _trl(root, rows, loss_type: str, sft_weight: float):
     return seen, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _ours(root, rows, loss_type: str, sft_weight: float, compose):
+def _ours(root, rows, loss_type: str, sft_weight: float, compose, *extra: str):
     from safetensors.torch import load_file
 
     from trainer.distributed import RankInfo
@@ -105,7 +106,7 @@ def _ours(root, rows, loss_type: str, sft_weight: float, compose):
                   f"optim.lr={OPTIM['lr']}", "optim.warmup_steps=0", "optim.decay=constant", "optim.weight_decay=0",
                   f"optim.beta1={OPTIM['beta1']}", f"optim.beta2={OPTIM['beta2']}", f"optim.eps={OPTIM['eps']}",
                   f"optim.grad_clip={OPTIM['grad_clip']}", "trainer.checkpoint.save_before_export=false",
-                  "trainer.device=cpu")
+                  "trainer.device=cpu", *extra)
     train(cfg, RankInfo(0, 1, 0))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return records, load_file(out / "hf" / "model.safetensors")
@@ -175,3 +176,66 @@ def test_reference_free_losses_do_not_read_the_reference():
         b = pair_losses(cfg, sc, sr, torch.full((4,), 7.0), torch.full((4,), -3.0), nc, nr)[0]
         torch.testing.assert_close(a, b)
     assert np.isfinite(pair_losses(DpoConfig(), sc, sr, sc, sr, nc, nr)[0].numpy()).all()
+
+
+def _sequences(root):
+    """The pairs as meshtron tokenized them: (ids, targets) of chosen and rejected, per pair."""
+    from transformers import AutoTokenizer
+
+    from trainer.assets import BUNDLED_TOKENIZER
+    from trainer.config import DataConfig, DataSource
+    from trainer.data.preference import load_preference_corpus
+
+    data = DataConfig(format="preference", seq_len=96, chat_template=str(root / "template.jinja"))
+    c = load_preference_corpus(DataSource(path=str(root / "pairs.jsonl"), format="preference"),
+                               AutoTokenizer.from_pretrained(BUNDLED_TOKENIZER), data, root / "seq_cache")
+    docs = [(torch.from_numpy(c.doc(i).astype("int64")), torch.from_numpy(c.doc_targets(i).copy()))
+            for i in range(c.num_docs)]
+    return list(zip(docs[0::2], docs[1::2]))
+
+
+@pytest.mark.parametrize("loss_type", ["simpo", "orpo"])
+def test_reference_free_three_steps_equal_a_loop_with_trls_losses(setup, compose, loss_type):
+    """SimPO and ORPO: meshtron's 3 steps equal a plain torch loop over the same HF model and tokens whose loss is
+    TRL's own (CPOTrainer.cpo_loss with loss_type simpo, ORPOTrainer.odds_ratio_loss plus the chosen NLL)."""
+    import torch.nn.functional as F
+    import transformers as T
+    from trl.experimental.cpo import CPOTrainer
+    from trl.experimental.orpo import ORPOTrainer
+
+    root, rows = setup
+    ours, our_weights = _ours(root, rows, loss_type, 0.0, compose, "dpo.reference=none")
+    model = T.AutoModelForCausalLM.from_pretrained(root / "hf", attn_implementation="eager").float()
+    opt = torch.optim.AdamW(model.parameters(), lr=OPTIM["lr"], betas=(OPTIM["beta1"], OPTIM["beta2"]),
+                            eps=OPTIM["eps"], weight_decay=0.0)
+    cpu = types.SimpleNamespace(device=torch.device("cpu"))
+    me = types.SimpleNamespace(loss_type="simpo", beta=0.1, simpo_gamma=0.5, label_smoothing=0.0, alpha=0.0,
+                               accelerator=cpu)
+    pairs = _sequences(root)
+    losses = []
+    for _ in range(STEPS):
+        sums, counts = [], []
+        for pair in pairs:
+            for ids, targets in pair:
+                logits = model(ids[None]).logits[0, :-1].float()
+                logp = torch.gather(F.log_softmax(logits, -1), 1, ids[1:, None])[:, 0]
+                mask = targets[1:].float()
+                sums.append((logp * mask).sum())
+                counts.append(mask.sum())
+        s, n = torch.stack(sums).view(-1, 2), torch.stack(counts).view(-1, 2)
+        avg = s / n
+        if loss_type == "simpo":
+            loss = CPOTrainer.cpo_loss(me, avg[:, 0], avg[:, 1])[0].mean()
+        else:
+            nll = -s[:, 0].sum() / n[:, 0].sum()  # TRL ORPO: cross-entropy over the chosen completions' tokens
+            loss = nll - ORPOTrainer.odds_ratio_loss(me, avg[:, 0], avg[:, 1])[0].mean()
+        losses.append(float(loss))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), OPTIM["grad_clip"])
+        opt.step()
+        opt.zero_grad()
+    for step, (a, b) in enumerate(zip(ours, losses), start=1):
+        assert a["loss"] == pytest.approx(b, abs=1e-5), f"step {step}"
+    theirs = model.state_dict()
+    for name, tensor in our_weights.items():
+        torch.testing.assert_close(tensor, theirs[name], atol=1e-5, rtol=0, msg=name)
