@@ -77,7 +77,7 @@ def test_precomputed_reference_layout_matches_one_process(single, name, nproc, p
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("name,nproc,parallel,variant", [c for c in CASES if c[0] in ("tp2_sp", "pp2_1f1b", "cp2")])
+@pytest.mark.parametrize("name,nproc,parallel,variant", [c for c in CASES if c[0] in ("fsdp2", "tp2_sp", "pp2_1f1b", "cp2", "ep2_moe")])
 def test_online_reference_layout_matches_one_process(single, name, nproc, parallel, variant):
     ref, tmp = single("online", variant)
     run = _run(tmp, f"online_{name}", nproc, [*MODEL, *DPO, *variant, *parallel, _data(tmp), "dpo.reference=online"])

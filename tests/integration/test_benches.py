@@ -143,3 +143,15 @@ def test_lora_bench_smoke():
     assert re.search(r"^lora-bf16 +[\d,]+ +[\d.]+x +[\d.]+ +[\d.]+x +[\d.]+x", proc.stdout, re.M), proc.stdout
     assert re.search(r"^goal: lora-bf16 peak <= 0.45x full: [\d.]+x -> (met|missed)$", proc.stdout, re.M)
     assert re.search(r"^goal: lora-bf16 tokens/s >= 1.2x full: [\d.]+x -> (met|missed)$", proc.stdout, re.M)
+
+
+def test_dpo_bench_smoke():
+    """bench/dpo.py on the small model: meshtron packed and padded and TRL's DPOTrainer run, the table and the
+    goal line print."""
+    pytest.importorskip("trl")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "dpo.py"), "--model", "small", "--steps", "2",
+                           "--pairs", "2", "--seq-len", "512"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for side in ("meshtron packed", "meshtron padded", "TRL DPOTrainer"):
+        assert side in proc.stdout, proc.stdout[-2000:]
+    assert "goal: meshtron packed >= 1.5x TRL's pairs/s:" in proc.stdout
