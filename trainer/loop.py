@@ -190,6 +190,11 @@ def train(cfg: Config, info: Optional[RankInfo] = None) -> Path:
         logger.write(f"fp8: {pm.fp8_layers} linear layers in fp8 on rank 0 (trainer.fp8.recipe={cfg.trainer.fp8.recipe}, "
                      + ("emulated: fp8 numerics, high-precision matmuls" if emulated(cfg.trainer.fp8, device.type)
                         else "fp8 GEMMs") + "); embeddings, norms, attention and the output layer in bf16")
+    if dpo is not None:
+        d = cfg.dpo
+        logger.write(f"objective: dpo, loss_type {d.loss_type}, beta {d.beta}, reference {d.reference}"
+                     + (f", sft_weight {d.sft_weight}" if d.sft_weight else "")
+                     + f"; the loss is the mean over each step's pairs ({G} rows a step, pairs packed whole)")
     for st in train_data.stats:
         logger.write(f"data: {st['name']}: {st['rows']} rows, packing efficiency {st['efficiency']:.1%}"
                      + (f", {st['truncated']} truncated" if st.get("truncated") else "")
