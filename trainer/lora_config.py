@@ -40,7 +40,8 @@ class LoraConfig:
     # never changes, nor gradients or optimizer state). bf16 needs trainer.precision=bf16.
     base_dtype: str = "fp32"
     # QLoRA: nf4 stores the decoder's frozen linear weights as torchao's 4-bit NF4 tensors (blocks of 64 values,
-    # dequantized to bf16 for each matmul); needs base_dtype=bf16 and the `qlora` extra (torchao).
+    # dequantized to bf16 for each matmul); needs base_dtype=bf16 and the `qlora` extra (torchao). Under FSDP/HSDP
+    # each weight is quantized whole and each rank keeps its rows of it (trainer/lora.py quantize_base).
     base_quant: Optional[str] = None
 
     @property

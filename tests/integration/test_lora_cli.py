@@ -140,3 +140,12 @@ def test_an_moe_refusal_is_one_line_exit_2(tmp_path):
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert "model.lora.dropout=0.1 with an MoE model and target linear_fc1" in lines[0]
+
+
+def test_an_nf4_refusal_is_one_line_exit_2(tmp_path):
+    pytest.importorskip("torchao")
+    done = cli(tmp_path, "refused", "model.lora.rank=4", "trainer.precision=bf16", "model.lora.base_dtype=bf16",
+               "model.lora.base_quant=nf4", "parallel.compile=true", check=False)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "model.lora.base_quant=nf4 with parallel.compile=true is not supported" in lines[0]

@@ -374,7 +374,12 @@ def test_nf4_base_is_quantized_and_trains_like_the_bf16_base(compose):
 
 @pytest.mark.parametrize("overrides,needle", [
     (["parallel=tp2"], "model.lora.base_quant=nf4 with parallel.tp=2: an NF4 weight is blocks of 64"),
-    (["parallel=fsdp"], "under FSDP (data or context parallelism) is not built yet"),
+    # FSDP2 shards rows: 128 x 128 over 2 ranks is 8192 values a rank, half a scale block.
+    (["parallel=fsdp"], "model.lora.base_quant=nf4 with FSDP over 2 ranks (dp_shard x cp): "
+                        "decoder.layers.*.self_attention.linear_proj is 128 x 128, and FSDP shards its rows; each "
+                        "rank's 128 / 2 rows must be whole and hold a multiple of 16384 values"),
+    (["parallel=fsdp", "parallel.dp_shard=1", "parallel.cp=2"], "with FSDP over 2 ranks (dp_shard x cp)"),
+    (["parallel.compile=true"], "model.lora.base_quant=nf4 with parallel.compile=true is not supported"),
     (["model.lora.base_dtype=fp32"], "needs model.lora.base_dtype=bf16 (got fp32)"),
     (["model.ffn_hidden_size=352"], "decoder.layers.*.mlp.linear_fc1_gate is 352 x 128 = 45056 values, not a "
                                     "multiple of 64 x 256"),
