@@ -36,6 +36,11 @@ def apply_fsdp(model: nn.Module, dp_mesh, precision: str, reshard_after_forward:
             if moe_layer_mesh is not None:
                 fully_shard(layer, mesh=moe_layer_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
         fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    if model.embedding is not None and not model.config.tie_word_embeddings:
+        # Its own unit (as torchtitan's apply_fsdp): gathered for the lookup and freed after it, instead of held
+        # with the root through the whole forward and backward; a frozen one (LoRA) is never gathered in backward.
+        # Tied, it shares its weight with the output layer and stays in the root.
+        fully_shard(model.embedding, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     for module in model.modules():
         if isinstance(module, FSDPModule):
