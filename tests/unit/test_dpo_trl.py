@@ -55,7 +55,7 @@ def setup(tmp_path_factory):
     return root, rows
 
 
-def _trl(root, rows, loss_type: str, sft_weight: float):
+def _trl(root, rows, loss_type: str, sft_weight: float, adapters=None):
     import datasets
     import transformers as T
     from trl import DPOConfig, DPOTrainer
@@ -65,6 +65,15 @@ def _trl(root, rows, loss_type: str, sft_weight: float):
     tok = T.AutoTokenizer.from_pretrained(BUNDLED_TOKENIZER)
     tok.chat_template = TEMPLATE
     model = T.AutoModelForCausalLM.from_pretrained(root / "hf", attn_implementation="eager").float()
+    if adapters is not None:  # LoRA: PEFT's model holding meshtron's initial adapters
+        import peft
+
+        from trainer.lora import peft_targets, to_peft
+
+        modules, _ = peft_targets(adapters, False)
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8.0, target_modules=modules,
+                                                           lora_dropout=0.0))
+        peft.set_peft_model_state_dict(model, {k: t.clone() for k, t in to_peft(adapters).items()})
     losses, weights = [loss_type], [1.0]
     if sft_weight:
         losses, weights = [loss_type, "sft"], [1.0, sft_weight]
@@ -87,7 +96,25 @@ def _trl(root, rows, loss_type: str, sft_weight: float):
 
     trainer._compute_loss = recording
     trainer.train()
+    if adapters is not None:
+        import peft
+
+        return seen, {k: v.detach().clone() for k, v in peft.get_peft_model_state_dict(model).items()}
     return seen, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _cfg(root, rows, loss_type: str, sft_weight: float, compose, *extra: str):
+    out = root / f"ours_{loss_type}_{sft_weight}_{len(extra)}"
+    return out, compose(
+        "model=tiny", f"model.hf_path={root / 'hf'}", "data=preference", f"data.path={root / 'pairs.jsonl'}",
+        f"data.chat_template={root / 'template.jinja'}", "data.packing=false", "data.seq_len=96",
+        f"data.cache_dir={root / 'cache'}", "trainer.objective=dpo", f"dpo.loss_type={loss_type}", "dpo.beta=0.1",
+        f"dpo.sft_weight={sft_weight}", "trainer.precision=fp32", f"trainer.max_steps={STEPS}",
+        f"trainer.global_batch_size={len(rows)}", "parallel.microbatch_size=1", "trainer.eval_every=0",
+        f"trainer.output_dir={out}", f"optim.lr={OPTIM['lr']}", "optim.warmup_steps=0", "optim.decay=constant",
+        "optim.weight_decay=0", f"optim.beta1={OPTIM['beta1']}", f"optim.beta2={OPTIM['beta2']}",
+        f"optim.eps={OPTIM['eps']}", f"optim.grad_clip={OPTIM['grad_clip']}",
+        "trainer.checkpoint.save_before_export=false", "trainer.device=cpu", *extra)
 
 
 def _ours(root, rows, loss_type: str, sft_weight: float, compose, *extra: str):
@@ -96,20 +123,11 @@ def _ours(root, rows, loss_type: str, sft_weight: float, compose, *extra: str):
     from trainer.distributed import RankInfo
     from trainer.loop import train
 
-    out = root / f"ours_{loss_type}_{sft_weight}"
-    cfg = compose("model=tiny", f"model.hf_path={root / 'hf'}", "data=preference", f"data.path={root / 'pairs.jsonl'}",
-                  f"data.chat_template={root / 'template.jinja'}", "data.packing=false", "data.seq_len=96",
-                  f"data.cache_dir={root / 'cache'}", "trainer.objective=dpo", f"dpo.loss_type={loss_type}",
-                  "dpo.beta=0.1", f"dpo.sft_weight={sft_weight}", "trainer.precision=fp32",
-                  f"trainer.max_steps={STEPS}", f"trainer.global_batch_size={len(rows)}",
-                  "parallel.microbatch_size=1", "trainer.eval_every=0", f"trainer.output_dir={out}",
-                  f"optim.lr={OPTIM['lr']}", "optim.warmup_steps=0", "optim.decay=constant", "optim.weight_decay=0",
-                  f"optim.beta1={OPTIM['beta1']}", f"optim.beta2={OPTIM['beta2']}", f"optim.eps={OPTIM['eps']}",
-                  f"optim.grad_clip={OPTIM['grad_clip']}", "trainer.checkpoint.save_before_export=false",
-                  "trainer.device=cpu", *extra)
+    out, cfg = _cfg(root, rows, loss_type, sft_weight, compose, *extra)
     train(cfg, RankInfo(0, 1, 0))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return records, load_file(out / "hf" / "model.safetensors")
+    weights = out / "hf_adapter" / "adapter_model.safetensors"
+    return records, load_file(weights if weights.is_file() else out / "hf" / "model.safetensors")
 
 
 @pytest.mark.parametrize("loss_type,sft_weight", [("sigmoid", 0.0), ("hinge", 0.0), ("ipo", 0.0), ("sigmoid", 0.5)])
@@ -239,3 +257,28 @@ def test_reference_free_three_steps_equal_a_loop_with_trls_losses(setup, compose
     theirs = model.state_dict()
     for name, tensor in our_weights.items():
         torch.testing.assert_close(tensor, theirs[name], atol=1e-5, rtol=0, msg=name)
+
+
+def test_lora_dpo_equals_trl_with_peft(setup, compose):
+    """DPO of LoRA adapters: TRL's DPOTrainer on a PEFT model that starts from meshtron's initial adapters (its
+    reference: the model as it starts, B = 0, i.e. the base) trains the same adapters in 3 steps (1e-5)."""
+    pytest.importorskip("peft")
+    from parallel.dims import ParallelDims
+    from parallel.parallelize import build_parallel_model
+    from trainer.lora import is_adapter, to_peft
+    from trainer.loop import hf_weight_loader, resolve_model
+
+    root, rows = setup
+    lora = ["model.lora.rank=4", "model.lora.alpha=8"]
+    _, cfg = _cfg(root, rows, "sigmoid", 0.0, compose, *lora)
+    cfg = resolve_model(cfg)
+    pm = build_parallel_model(cfg, ParallelDims.single(), None, torch.device("cpu"), hf_weight_loader(cfg))
+    initial = {n: p.detach().clone() for n, p in pm.modules[0].named_parameters() if is_adapter(n)}
+    theirs, their_adapters = _trl(root, rows, "sigmoid", 0.0, adapters=initial)
+    ours, our_adapters = _ours(root, rows, "sigmoid", 0.0, compose, *lora)
+    assert ours[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and theirs[0][0] == pytest.approx(math.log(2), abs=1e-6)
+    assert ours[1]["loss"] == pytest.approx(theirs[1][0], abs=1e-5)
+    assert our_adapters.keys() == their_adapters.keys() == to_peft(initial).keys()
+    for name, t in our_adapters.items():
+        assert torch.count_nonzero(t), name  # trained (B moved away from zero)
+        torch.testing.assert_close(t, their_adapters[name], atol=1e-5, rtol=1e-5, msg=name)
