@@ -42,12 +42,10 @@ in high precision, the same numerics without fp8 GEMMs: how the conversion and e
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import functools
 import importlib.metadata
 import importlib.util
-import logging
 from typing import Optional
 
 import torch
@@ -71,21 +69,6 @@ GROUPED_FP8_MAJORS = (9, 10)
 EXPERT_LINEARS = ("linear_fc1_gate", "linear_fc1_up", "linear_fc2")  # of mlp.experts and mlp.shared_experts
 SHARED_EXPERT_LINEARS = tuple(f"mlp.shared_experts.{n}" for n in EXPERT_LINEARS)
 SKIP_EXPERTS = "*.mlp.experts.*"  # the trainer.fp8.skip pattern that keeps every routed expert in bf16
-
-
-@contextlib.contextmanager
-def quiet():
-    """quiet_torchao, and torch's pytree logger, which (torch 2.13) warns once for each Enum torchao registers
-    as a pytree constant on import (KernelPreference, ...): nothing a user can act on, and a refusal must stay
-    one line."""
-    log = logging.getLogger("torch.utils._pytree")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        with quiet_torchao():
-            yield
-    finally:
-        log.setLevel(level)
 
 
 def uses_fp8(cfg: Config) -> bool:
@@ -197,7 +180,7 @@ def check_fp8_experts(cfg: Config, experts: dict[str, tuple[int, int, int]], ver
     what = f"trainer.precision=fp8 with MoE routed experts ({first}, ...)"
     keep = (f"keep the routed experts in bf16 with trainer.fp8.skip=['{SKIP_EXPERTS}'] (every other linear layer "
             f"stays fp8) or use trainer.precision=bf16")
-    with quiet():  # finding it imports torchao.prototype
+    with quiet_torchao():  # finding it imports torchao.prototype
         prototype = importlib.util.find_spec("torchao.prototype.moe_training")
     if prototype is None:
         raise ConfigError(f"{what}: torchao {version} has no grouped-expert float8 (torchao.prototype.moe_training); "
@@ -245,7 +228,7 @@ def float8_linear_config(cfg: Config, device_type: str, fsdp: bool):
     (tensorwise scaling only)."""
     import dataclasses
 
-    with quiet():
+    with quiet_torchao():
         from torchao.float8 import Float8LinearConfig
 
     fp8 = cfg.trainer.fp8
@@ -258,7 +241,7 @@ def convert_to_float8(module: nn.Module, cfg: Config, device_type: str, fsdp: bo
     """Swap the decoder's linear layers (and an MoE layer's shared-expert linears; not the output layer, not
     those trainer.fp8.skip names) for torchao's Float8Linear, and its routed experts' GroupedLinear for
     Float8GroupedLinear, in place; returns how many were converted."""
-    with quiet():
+    with quiet_torchao():
         from torchao.float8 import convert_to_float8_training
         from torchao.float8.float8_linear import Float8Linear
 
@@ -327,14 +310,14 @@ def pad_groups(offsets: torch.Tensor, rows: int, multiple: int) -> tuple[torch.T
 def scaled_grouped_mm(a: torch.Tensor, b_t: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """torchao's differentiable float8 grouped GEMM: a [M, K] row-major, b_t [E, K, N] column-major, group
     ends int32 [E] (multiples of 16) -> [M, N] in bf16. CUDA compute capability 9.x/10.x only."""
-    with quiet():
+    with quiet_torchao():
         from torchao.prototype.moe_training.utils import _quantize_then_scaled_grouped_mm
     return _quantize_then_scaled_grouped_mm(a, b_t, config=_grouped_config(), offs=ends)
 
 
 @functools.cache
 def _grouped_config():
-    with quiet():
+    with quiet_torchao():
         from torchao.prototype.moe_training.config import Float8TrainingOpConfig, Float8TrainingRecipe
     return Float8TrainingOpConfig.from_recipe(Float8TrainingRecipe.FP8_ROWWISE)
 
@@ -348,7 +331,7 @@ def tp_styles(cfg: Config, device_type: str):
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
     if uses_fp8(cfg) and cfg.trainer.fp8.recipe == "tensorwise" and device_type == "cuda":
-        with quiet():
+        with quiet_torchao():
             from torchao.float8.float8_tensor_parallel import Float8ColwiseParallel, Float8RowwiseParallel
         return Float8ColwiseParallel, Float8RowwiseParallel
     return ColwiseParallel, RowwiseParallel
@@ -360,7 +343,7 @@ def precompute_fsdp_scales(modules: list[nn.Module], cfg: Config, fsdp: bool) ->
     weight."""
     if not (uses_fp8(cfg) and fsdp and cfg.trainer.fp8.recipe == "tensorwise"):
         return
-    with quiet():
+    with quiet_torchao():
         from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
     for m in modules:
         precompute_float8_dynamic_scale_for_fsdp(m)

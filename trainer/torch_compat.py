@@ -131,13 +131,16 @@ def pipeline_stage_class() -> type:
 def quiet_torchao():
     """torchao's import logs a warning for each CUDA kernel library it cannot load on this machine (every CPU
     machine, every GPU other than the one it was built for) and warns about a deprecated torch.compile
-    registration: nothing a user can act on."""
-    log = logging.getLogger("torchao")
-    level = log.level
-    log.setLevel(logging.ERROR)
+    registration; torch's pytree logger (torch 2.13) warns once for each Enum torchao registers as a pytree
+    constant (KernelPreference, ...): nothing a user can act on, and a refusal must stay one line."""
+    logs = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*register_constant.*")
             yield
     finally:
-        log.setLevel(level)
+        for log, level in zip(logs, levels):
+            log.setLevel(level)
