@@ -189,7 +189,7 @@ def train(cfg: Config, info: Optional[RankInfo] = None) -> Path:
 
         logger.write(f"fp8: {pm.fp8_layers} linear layers in fp8 on rank 0 (trainer.fp8.recipe={cfg.trainer.fp8.recipe}, "
                      + ("emulated: fp8 numerics, high-precision matmuls" if emulated(cfg.trainer.fp8, device.type)
-                        else "fp8 GEMMs") + "); embeddings, norms, attention and the output layer in bf16")
+                        else "fp8 GEMMs") + "); embeddings, norms, attention, MoE routers and the output layer in bf16")
     if dpo is not None:
         d = cfg.dpo
         logger.write(f"objective: dpo, loss_type {d.loss_type}, beta {d.beta}, reference {d.reference}"
