@@ -195,6 +195,7 @@ NF4_BOUNDS = {"step1_rel": 1e-5, "loss_rel": 1e-3, "b_rel": 0.15, "vs_bf16_loss_
     ("fsdp2", 2, ["parallel=fsdp"]),
     pytest.param("hsdp2x2", 4, ["parallel=hsdp"], marks=pytest.mark.slow),
     pytest.param("cp2", 2, ["parallel=fsdp", "parallel.dp_shard=1", "parallel.cp=2"], marks=pytest.mark.slow),
+    pytest.param("pp2_fsdp2", 4, ["parallel=fsdp", "parallel.pp=2", "parallel.dp_shard=2"], marks=pytest.mark.slow),
 ])
 def test_nf4_layout_equals_one_nf4_process_and_tracks_the_bf16_base(reference, name, nproc, parallel):
     """3 steps of QLoRA under FSDP2 against one NF4 process (NF4_BOUNDS) and the one-process bf16-base run: within
