@@ -214,3 +214,20 @@ def test_nf4_layout_equals_one_nf4_process_and_tracks_the_bf16_base(reference, n
     assert losses != _losses(bf16)  # the NF4 base, not the bf16 one
     _, worst_b = _adapter_gaps(run, one)
     assert worst_b < NF4_BOUNDS["b_rel"], f"{name}: an adapter B {worst_b:.3f} of its update from one NF4 process's"
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_nf4_fsdp2_resume_is_bitwise(tmp_path):
+    """A QLoRA run under fsdp2 saved at step 2 and resumed (the NF4 base quantized again at load, the adapters
+    and their optimizer state from the checkpoint) gives the straight run's step 3, bitwise."""
+    pytest.importorskip("torchao")
+    common = [*MODEL, *RUN, *NF4_MODEL, *NF4, "parallel=fsdp", "trainer.checkpoint.every_steps=2",
+              "optim.decay=constant"]
+    straight = _run(tmp_path, "straight", 2, common)
+    _run(tmp_path, "part", 2, [*common, "trainer.max_steps=2", "trainer.export_hf=false"])
+    resumed = _run(tmp_path, "part", 2, common)
+    assert "resumed from" in (resumed / "console.log").read_text()
+    assert _losses(resumed) == _losses(straight)
+    a, b = _adapters(resumed), _adapters(straight)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b)
