@@ -38,7 +38,7 @@ from torch.distributed.tensor import DTensor
 from trainer.errors import ConfigError
 from trainer.loss import DocumentLoss
 from trainer.model.gpt import GPTModel
-from trainer.torch_compat import pipeline_stage_class
+from trainer.torch_compat import forget_pipeline_forward_setup, pipeline_stage_class
 
 SCHEDULES = {
     "gpipe": ScheduleGPipe,
@@ -251,6 +251,7 @@ class PipelineRunner:
         self.normalizer = 1.0
         # trainer.objective=dpo: (token losses, labels, sample ids) -> the micro-batch's loss; see step().
         self.pair_loss: Optional[Any] = None
+        self._trained = False  # a training step has run (see eval_loss_sum)
         self.n_microbatches = n_microbatches
         # (token losses, labels, sample ids) of each loss_fn call of the running step; see step().
         self._doc_parts: Optional[list] = None
@@ -297,6 +298,7 @@ class PipelineRunner:
             raise ValueError("pair_loss needs doc_loss and the batch's sample_ids")
         self.normalizer = float(normalizer)
         self.pair_loss = pair_loss
+        self._trained = True
         self._doc_parts = [] if doc_loss is not None and "sample_ids" in batch else None
         args, kwargs, extra = self._inputs(batch)
         try:
@@ -323,6 +325,8 @@ class PipelineRunner:
             plan = _forward_actions_only(self.schedule) if self.has_action_plan else contextlib.nullcontext()
             with plan:
                 self.schedule.eval(*args, return_outputs=False, **extra, **kwargs)
+            if not self._trained:  # the set-up was made without a backward: the first step must redo it
+                forget_pipeline_forward_setup(self.schedule)
             if self._doc_parts is not None:
                 for part in self._doc_parts[-self.n_microbatches:]:
                     doc_loss.add(*part)

@@ -26,6 +26,13 @@ Differences handled here (read from each release's source, 2026-12-06):
   vote that does not call it. :func:`pipeline_stage_class` drops the self-addressed warm-up ops: co-located stages
   hand their tensors over locally in every release, so a link to oneself is never used.
 
+* Pipeline mode switch: a schedule builds its stages' receive buffers once, on its first call, with
+  ``requires_grad`` only when that call has a backward. 2.13 and 2.14 rebuild them when a training step follows
+  an ``eval()`` (``reinit_for_mode_switch``); 2.11 does not, so a run whose first schedule call is an eval
+  (trainer.objective=dpo's precomputed reference) fails its first training step ("has gradients None").
+  :func:`forget_pipeline_forward_setup` after each eval that comes before any training step makes the next call
+  build them again, which every release does right.
+
 Outside Python, one more: torchrun's ``--shutdown-timeout`` is missing from 2.11 (its agent waits a fixed 30 s
 for the workers after a signal); slurm/train.sbatch passes it only where ``--help`` lists it.
 """
@@ -144,3 +151,13 @@ def quiet_torchao():
     finally:
         for log, level in zip(logs, levels):
             log.setLevel(level)
+
+
+def forget_pipeline_forward_setup(schedule) -> None:
+    """Make a pipeline schedule's next call set its stages up again (receive buffers, P2P warm-up), as its first
+    call did: after an ``eval()`` that was the schedule's first call, so that the first training step builds
+    receive buffers that take gradients (see the module docstring). The single- and multi-stage schedules of
+    2.11-2.14 keep the state in one of these two attributes."""
+    for attr in ("_stage_forward_initialized", "_stages_forward_initialized"):
+        if hasattr(schedule, attr):
+            setattr(schedule, attr, False)
