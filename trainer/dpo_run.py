@@ -136,7 +136,8 @@ def reference_table(pm, rows, cfg: Config, device: torch.device, is_main: bool, 
         raise ConfigError(f"dpo.reference=precompute: the reference log-probs of the initial weights for the {what} "
                           f"split ({path}) are missing, and this run resumes from {resuming}, whose weights are no "
                           f"longer the initial ones; restore that file, or start a new run (another "
-                          f"trainer.output_dir)")
+                          f"trainer.output_dir; to start DPO from a trained meshtron checkpoint, convert it with "
+                          f"meshtron-convert meshtron-to-hf and pass model.hf_path)")
     table = compute_table(pm, rows, cfg, device, is_main, what)
     if is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
