@@ -1,6 +1,6 @@
 """trainer.objective=dpo under every layout: `torchrun -m trainer` trains the same as one process (3 steps, fp32:
 loss and TRL's metrics within 1e-5), with the reference precomputed on that layout (each run its own cache) or
-run online beside the policy (every case both ways). What each layout tests: fsdp/hsdp the per-pair normalisation over data ranks,
+run online beside the policy (the cases where its reductions differ; see ONLINE). What each layout tests: fsdp/hsdp the per-pair normalisation over data ranks,
 tp2 (+SP) the replicated per-token losses, pp2 (two schedules) the last stage's micro-batch loss, cp2 the
 per-sequence sums reduced over cp with autograd before the nonlinearity (parallel.collectives.sum_of_parts),
 ep2 a tiny MoE."""
@@ -77,7 +77,13 @@ def test_precomputed_reference_layout_matches_one_process(single, name, nproc, p
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("name,nproc,parallel,variant", CASES)
+# The online reference where its reduction differs from the policy's: tp (replicated token losses), pp (the
+# reference pipeline's last stage), cp (its sums all-reduced over cp), ep (an MoE copy); fsdp, hsdp, gpipe and
+# 4d_16ranks pass too (run them with -k online after removing this filter) but cost CI time they do not repay.
+ONLINE = [c for c in CASES if c[0] in ("tp2_sp", "pp2_1f1b", "cp2", "ep2_moe")]
+
+
+@pytest.mark.parametrize("name,nproc,parallel,variant", ONLINE)
 def test_online_reference_layout_matches_one_process(single, name, nproc, parallel, variant):
     ref, tmp = single("online", variant)
     run = _run(tmp, f"online_{name}", nproc, [*MODEL, *DPO, *variant, *parallel, _data(tmp), "dpo.reference=online"])
