@@ -76,13 +76,13 @@ def test_precomputed_reference_layout_matches_one_process(single, name, nproc, p
     _check(run, ref, name)
 
 
-@pytest.mark.distributed
 # The online reference where its reduction differs from the policy's: tp (replicated token losses), pp (the
 # reference pipeline's last stage), cp (its sums all-reduced over cp), ep (an MoE copy); fsdp, hsdp, gpipe and
 # 4d_16ranks pass too (run them with -k online after removing this filter) but cost CI time they do not repay.
 ONLINE = [c for c in CASES if c[0] in ("tp2_sp", "pp2_1f1b", "cp2", "ep2_moe")]
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("name,nproc,parallel,variant", ONLINE)
 def test_online_reference_layout_matches_one_process(single, name, nproc, parallel, variant):
     ref, tmp = single("online", variant)

@@ -20,6 +20,21 @@ def run(tmp_path_factory):
     return tmp, tmp / "run", done
 
 
+
+def _check_merged_equals_the_adapter(peft, run, base) -> None:
+    """The merged export's logits equal the base + hf_adapter/ in PEFT's, and differ from the base's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(0, 2000, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(run / "hf").eval()(input_ids=ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(base).eval()
+        before = plain(input_ids=ids).logits
+        with_adapter = peft.PeftModel.from_pretrained(plain, run / "hf_adapter").eval()(input_ids=ids).logits
+    assert (merged - before).abs().max() > 1e-3  # the adapters trained and were merged
+    torch.testing.assert_close(merged, with_adapter, rtol=1e-4, atol=1e-4)
+
 def test_outputs_are_the_adapters(run):
     tmp, out, done = run
     # 2 layers x (qkv 3x4x64 + 4x128, proj 2x4x64, gate+up 2x(4x64 + 4x128), down 4x128 + 4x64) = 8192
@@ -50,7 +65,6 @@ def test_merged_export_and_the_converters(tmp_path):
 
     import torch
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
 
     peft = pytest.importorskip("peft")
     cli(tmp_path, "base", "trainer.max_steps=2", "trainer.export_hf=true")
@@ -58,14 +72,7 @@ def test_merged_export_and_the_converters(tmp_path):
     cli(tmp_path, "lora", f"model.hf_path={base}", *LORA, "trainer.export_hf=true", "trainer.export_merged=true",
         "optim.lr=3e-2")
     run = tmp_path / "lora"
-    ids = torch.randint(0, 2000, (2, 12), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        merged = AutoModelForCausalLM.from_pretrained(run / "hf").eval()(input_ids=ids).logits
-        plain = AutoModelForCausalLM.from_pretrained(base).eval()
-        before = plain(input_ids=ids).logits
-        with_adapter = peft.PeftModel.from_pretrained(plain, run / "hf_adapter").eval()(input_ids=ids).logits
-    assert (merged - before).abs().max() > 1e-3  # the adapters trained and were merged
-    torch.testing.assert_close(merged, with_adapter, rtol=1e-4, atol=1e-4)
+    _check_merged_equals_the_adapter(peft, run, base)
 
     def convert(*argv):
         return subprocess.run([sys.executable, "-m", "checkpoint_convert", *argv], capture_output=True, text=True,
@@ -100,7 +107,6 @@ def test_moe_adapters_merge_and_load_in_peft(tmp_path):
     gives the logits of the merged export (trainer.export_merged); merge-lora and lora-to-peft rebuild both."""
     import torch
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
 
     peft = pytest.importorskip("peft")
     moe = ["model=tiny_moe", "model.moe.moe_ffn_hidden_size=32"]
@@ -113,14 +119,7 @@ def test_moe_adapters_merge_and_load_in_peft(tmp_path):
     config = json.loads((run / "hf_adapter" / "adapter_config.json").read_text())
     assert config["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
     assert config["target_parameters"] == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj", "mlp.gate.weight"]
-    ids = torch.randint(0, 2000, (2, 12), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        merged = AutoModelForCausalLM.from_pretrained(run / "hf").eval()(input_ids=ids).logits
-        plain = AutoModelForCausalLM.from_pretrained(base).eval()
-        before = plain(input_ids=ids).logits
-        with_adapter = peft.PeftModel.from_pretrained(plain, run / "hf_adapter").eval()(input_ids=ids).logits
-    assert (merged - before).abs().max() > 1e-3  # the adapters trained and were merged
-    torch.testing.assert_close(merged, with_adapter, rtol=1e-4, atol=1e-4)
+    _check_merged_equals_the_adapter(peft, run, base)
 
     assert _convert("lora-to-peft", "--checkpoint", str(run / "checkpoints"), "--out", str(tmp_path / "peft")
                     ).returncode == 0

@@ -190,3 +190,9 @@ def test_parquet_and_hf_disk_rows_give_the_jsonl_tokens(tok, tmp_path):
     with pytest.raises(ConfigError, match=r"bad.parquet: row 1: 'rejected' is NoneType"):
         load_preference_corpus(DataSource(path=str(tmp_path / "bad.parquet"), format="preference"), tok, data,
                                tmp_path / "cache")
+
+
+def test_the_bundled_preference_set_is_what_its_generator_writes():
+    from trainer.assets import build_preference
+
+    assert build_preference.main(["--check"]) == 0

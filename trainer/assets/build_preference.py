@@ -16,12 +16,11 @@ Deterministic: no randomness, no clock; inputs read in file order.
 
 from __future__ import annotations
 
-import argparse
-import filecmp
 import json
 import sys
-import tempfile
 from pathlib import Path
+
+from trainer.assets import write_or_check
 
 ASSETS = Path(__file__).resolve().parent
 SOURCE_DIR = ASSETS / "sft_chat"
@@ -80,19 +79,7 @@ def write(out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--check", action="store_true", help="rebuild in a temp dir and compare")
-    args = parser.parse_args(argv)
-    if not args.check:
-        write(OUT_DIR)
-        return 0
-    with tempfile.TemporaryDirectory() as tmp:
-        write(Path(tmp))
-        _, mismatch, errors = filecmp.cmpfiles(OUT_DIR, tmp, ["train.jsonl", "val.jsonl", "README.md"], shallow=False)
-        if mismatch or errors:
-            print(f"differs from a fresh build: {mismatch + errors}", file=sys.stderr)
-            return 1
-    return 0
+    return write_or_check(write, OUT_DIR, ["train.jsonl", "val.jsonl", "README.md"], __doc__.split("\n")[0], argv)
 
 
 if __name__ == "__main__":

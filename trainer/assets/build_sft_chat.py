@@ -19,17 +19,14 @@ in file order. Contents never begin or end with whitespace (see trainer/data/sft
 
 from __future__ import annotations
 
-import argparse
-import filecmp
 import json
 import random
 import re
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.assets import BUNDLED_TRAIN, BUNDLED_VAL, asset_path
+from trainer.assets import BUNDLED_TRAIN, BUNDLED_VAL, asset_path, write_or_check
 
 OUT_DIR = asset_path("sft_chat")
 COUNTS = {"train": 400, "val": 40}
@@ -210,20 +207,7 @@ def write(out_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--check", action="store_true", help="rebuild in a temp dir and compare")
-    args = parser.parse_args(argv)
-    if not args.check:
-        write(OUT_DIR)
-        return 0
-    with tempfile.TemporaryDirectory() as tmp:
-        write(Path(tmp))
-        names = ["train.jsonl", "val.jsonl", "README.md"]
-        _, mismatch, errors = filecmp.cmpfiles(OUT_DIR, tmp, names, shallow=False)
-        if mismatch or errors:
-            print(f"differs from a fresh build: {mismatch + errors}", file=sys.stderr)
-            return 1
-    return 0
+    return write_or_check(write, OUT_DIR, ["train.jsonl", "val.jsonl", "README.md"], __doc__.split("\n")[0], argv)
 
 
 if __name__ == "__main__":

@@ -47,8 +47,7 @@ from trainer.data.sft import (SFTCorpus, BadRow, Message, _load_cached, _special
                               render_with_spans, resolve_chat_template, target_spans, targets_from_offsets)
 from trainer.data.pretrain import files_identity
 from trainer.data.shared import SOLO, Share, build_shared, plan_parts
-from trainer.data.sources import (_ROW_BATCH, Part, Progress, jsonl_rows, open_parquet, require_package,
-                                  resolve_files)
+from trainer.data.sources import _ROW_BATCH, Part, Progress, jsonl_rows, load_hf_disk, open_parquet, resolve_files
 from trainer.data.tokenizer import tokenizer_fingerprint
 from trainer.errors import ConfigError
 
@@ -293,15 +292,7 @@ def preference_rows(part: Part, reader: str, progress: Progress = None) -> Itera
         per_row = path.stat().st_size / max(1, meta.num_rows)
         batches = pf.iter_batches(batch_size=_ROW_BATCH, row_groups=groups) if groups else iter(())
     else:
-        require_package("datasets", "data.format=preference from a save_to_disk directory")
-        import datasets
-
-        try:
-            ds = datasets.load_from_disk(str(path))
-        except (FileNotFoundError, ValueError, OSError) as e:
-            raise ConfigError(f"{path}: datasets.load_from_disk failed ({e})") from e
-        if not isinstance(ds, datasets.Dataset):
-            raise ConfigError(f"{path} holds a {type(ds).__name__}; point data.path at one split's directory")
+        ds = load_hf_disk(path, "data.format=preference from a save_to_disk directory")
         row, per_row = 0, sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / max(1, len(ds))
         batches = ds.iter(batch_size=_ROW_BATCH)
     for batch in batches:

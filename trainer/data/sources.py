@@ -299,17 +299,23 @@ def _read_parquet(part: Part, field: str, bad: OnBad, progress: Progress = None)
                               first_row, progress, per_row)
 
 
-def _read_hf_disk(part: Part, field: str, bad: OnBad, progress: Progress = None) -> Iterator[str]:
-    require_package("datasets", "data.format=hf_disk")
+def load_hf_disk(path: Path, what: str):
+    """The datasets.Dataset a save_to_disk directory holds (one split), or one line saying why not."""
+    require_package("datasets", what)
     import datasets  # slow to import; only runs that read this format pay for it
 
-    path = part.path
     try:
         ds = datasets.load_from_disk(str(path))
     except (FileNotFoundError, ValueError, OSError) as e:
         raise ConfigError(f"{path}: datasets.load_from_disk failed ({e})") from e
     if not isinstance(ds, datasets.Dataset):
         raise ConfigError(f"{path} holds a {type(ds).__name__}; point the path at one split's directory")
+    return ds
+
+
+def _read_hf_disk(part: Part, field: str, bad: OnBad, progress: Progress = None) -> Iterator[str]:
+    path = part.path
+    ds = load_hf_disk(path, "data.format=hf_disk")
     if field not in ds.column_names:
         raise ConfigError(f"{path}: no {field!r} column (data.text_field); found {ds.column_names}")
     per_row = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / max(1, len(ds))
