@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", choices=sorted(SHAPES), default="default")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--pairs", type=int, default=8, help="pairs per step (TRL's batch, meshtron padded's rows)")
-    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--seq-len", type=int, default=256, help="row length (the bundled set's data.seq_len)")
     parser.add_argument("--microbatch", type=int, default=1)
     parser.add_argument("--timeout", type=int, default=1800)
     args = parser.parse_args(argv)
