@@ -182,7 +182,7 @@ def _initialise(module: GPTModel, cfg: Config, load_weights: Optional[WeightLoad
         if cfg.model.lora.init_from:
             load_peft_adapter(module, cfg.model.lora.init_from)
         if cfg.model.lora.base_quant == "nf4":
-            from trainer.lora import quantize_base
+            from trainer.qlora import quantize_base
 
             quantize_base(module)  # after the weights are in: NF4 is computed from their values
 

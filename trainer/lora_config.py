@@ -41,7 +41,7 @@ class LoraConfig:
     base_dtype: str = "fp32"
     # QLoRA: nf4 stores the decoder's frozen linear weights as torchao's 4-bit NF4 tensors (blocks of 64 values,
     # dequantized to bf16 for each matmul); needs base_dtype=bf16 and the `qlora` extra (torchao). Under FSDP/HSDP
-    # each weight is quantized whole and each rank keeps its rows of it (trainer/lora.py quantize_base).
+    # each weight is quantized whole and each rank keeps its rows of it (trainer/qlora.py quantize_base).
     base_quant: Optional[str] = None
 
     @property

@@ -97,7 +97,7 @@ def _our_adapter_names() -> set[str]:
 # ------------------------------------------------------------------------------------------------ QLoRA
 
 # QLoRA (model.lora.base_quant=nf4) under FSDP2. Widths whose every linear weight splits over 2 (and 4) ranks into
-# whole rows holding whole NF4 blocks of 64 and scale blocks of 256 (trainer/lora.py check_nf4): hidden 256
+# whole rows holding whole NF4 blocks of 64 and scale blocks of 256 (trainer/qlora.py check_nf4): hidden 256
 # (qkv 512 x 256, proj 256 x 256), SwiGLU 512; 2 layers keep the runs short.
 NF4_MODEL = ["model.hidden_size=256", "model.ffn_hidden_size=512", "model.num_layers=2",
              "model.num_attention_heads=4", "model.num_query_groups=2"]
