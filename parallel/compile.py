@@ -61,6 +61,7 @@ def apply_compile(model: nn.Module, loss_chunk: bool = True) -> None:
     # cross-entropy as a plain attribute so it can be swapped for a compiled one here.
     if loss_chunk and getattr(model, "loss_chunk_fn", None) is not None and model.decoder.final_layernorm is not None:
         model.loss_chunk_fn = compile_loss_chunk(model.loss_chunk_fn)
+        model.selection_multiple = None  # label selections padded to whole chunks: one static chunk shape
 
 
 def compile_loss_chunk(fn):

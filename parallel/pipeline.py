@@ -56,8 +56,9 @@ V_SCHEDULES = ("zbv",)
 TIED_COPY_FQN = "output_layer.weight"
 EMBEDDING_FQN = "embedding.word_embeddings.weight"
 
-# Keyword inputs that every stage needs (attention layout and rotary positions), split like input_ids.
-STAGE_KWARGS = ("position_ids", "seq_index", "document_ids", "doc_lens")
+# Keyword inputs that every stage receives (attention layout and rotary positions; the last stage's label
+# positions, trainer/loss.py label_index), split like input_ids.
+STAGE_KWARGS = ("position_ids", "seq_index", "document_ids", "doc_lens", "label_index")
 
 
 # ------------------------------------------------------------------------------------------ layout

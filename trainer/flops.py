@@ -1,18 +1,22 @@
 """Model FLOPs of a training step, achieved TFLOP/s and MFU: pure functions, computed on the host.
 
 The count is the model's arithmetic (PaLM's MFU, Chowdhery et al. 2022, app. B), not the hardware's: no
-activation recompute, no padding slots, no elementwise work. For one optimizer step of real tokens T:
+activation recompute, no padding slots, no elementwise work. For one optimizer step of real tokens T, of
+which T_y have a label that counts:
 
-    flops = 6 * N * T  +  sum over layers l, documents d of  12 * heads * head_dim * pairs(L_d, W_l)
+    flops = 6 * N * T  +  6 * hidden * padded_vocab * T_y
+            +  sum over layers l, documents d of  12 * heads * head_dim * pairs(L_d, W_l)
 
 - N, the matmul parameters a token goes through: per layer the fused QKV projection
   (hidden * (heads + 2 * query_groups) * head_dim), the attention output projection
   (heads * head_dim * hidden) and the SwiGLU MLP (gate, up and down: 3 * hidden * ffn_hidden) or, in an MoE
   layer, the active parameters: the router (hidden * experts), top_k routed experts and the shared expert
-  (3 * hidden * their widths, plus the shared expert's gate row); plus the
-  output layer (hidden * padded_vocab, the matmul that actually runs; counted also when tied to the
-  embedding). The embedding lookup is a gather, not a matmul, and is not counted. 6 = 2 FLOPs per
-  multiply-add x (forward + backward, the backward being two matmuls: input and weight gradients).
+  (3 * hidden * their widths, plus the shared expert's gate row). The embedding lookup is a gather, not a
+  matmul, and is not counted. 6 = 2 FLOPs per multiply-add x (forward + backward, the backward being two
+  matmuls: input and weight gradients).
+- The output layer (hidden * padded_vocab, the matmul that actually runs; counted also when tied to the
+  embedding), 6 * hidden * padded_vocab per labelled token: the loss needs it nowhere else, and the model
+  runs it only there when it can (trainer/loss.py selected_token_losses), as TRL's fused LM head does.
 - Attention: per visible (query, key) pair the forward runs two matmuls, Q K^T and P V, each
   2 * heads * head_dim FLOPs; backward is twice the forward, so 3 x 4 = 12 * heads * head_dim per pair.
 - pairs(L, W): the (query, key) pairs a document of L tokens sees under causal masking, counted exactly:
@@ -108,19 +112,23 @@ def real_tokens(document_ids: np.ndarray) -> int:
     return int(np.count_nonzero(np.asarray(document_ids) >= 0))
 
 
-def step_flops(cfg: ModelConfig, document_ids: np.ndarray, padded_vocab: Optional[int] = None) -> int:
-    """Model FLOPs of one optimizer step over a global batch with these document ids [B, S]."""
+def step_flops(cfg: ModelConfig, document_ids: np.ndarray, padded_vocab: Optional[int] = None,
+               labelled: Optional[int] = None) -> int:
+    """Model FLOPs of one optimizer step over a global batch with these document ids [B, S], whose
+    ``labelled`` tokens (default: every real token) run the output layer."""
     lengths = document_lengths(document_ids)  # every real token is in exactly one document
     tokens = int(lengths.sum())
-    weights = matmul_params_per_token(cfg, padded_vocab)
+    labelled = tokens if labelled is None else labelled
+    head = cfg.hidden_size * (padded_vocab or cfg.vocab_size)
+    body = matmul_params_per_token(cfg, padded_vocab) - head
     if cfg.lora.enabled:
         # Only the FLOPs that run: a frozen weight's matmul runs forward and for its input's gradient (2 + 2 per
         # weight and token), never for its own gradient; the adapters' run all three. Attention's backward runs.
         from trainer.lora import trainable_count
 
         adapters = trainable_count(cfg, cfg.lora, per_token=True)  # of the routed experts', a token's top k
-        return (4 * weights + 6 * adapters) * tokens + attention_flops(cfg, lengths)
-    return 6 * weights * tokens + attention_flops(cfg, lengths)
+        return (4 * body + 6 * adapters) * tokens + 4 * head * labelled + attention_flops(cfg, lengths)
+    return 6 * body * tokens + 6 * head * labelled + attention_flops(cfg, lengths)
 
 
 def achieved_tflops(flops: float, seconds: float, devices: int) -> float:

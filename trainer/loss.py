@@ -5,16 +5,19 @@ with parallelism, all data- and context-parallel ranks), never a mean of per-bat
 numbers of valid tokens per micro-batch a mean of means weights tokens unequally.
 
 The per-token losses come from the output layer and cross-entropy run a chunk of tokens at a time
-(chunked_token_losses, trainer.loss_chunk_size), so the [tokens, vocab] logits never exist whole.
+(chunked_token_losses, trainer.loss_chunk_size), so the [tokens, vocab] logits never exist whole, and only at
+the positions whose label counts (label_index, selected_token_losses): a chat prompt's tokens, a preference pair's
+shared prompt and padding never reach the output layer.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
@@ -65,6 +68,47 @@ def chunked_token_losses(chunk_fn: ChunkFn, hidden: torch.Tensor, weight: torch.
         else:
             losses.append(chunk_fn(h, weight, y, vocab_size))
     return torch.cat(losses).view(labels.shape)
+
+
+def label_index(labels: torch.Tensor) -> Optional[torch.Tensor]:
+    """Host side, per row of labels [B, S]: the positions of its valid labels in order, then as many of its
+    ignored positions as fill K, the most valid labels of any row: int64 [B, K]. None when no row has an
+    ignored label (K = S: nothing to skip). A prefix of a permutation of each row, so no position repeats."""
+    ignored = labels.numpy() == IGNORE_INDEX
+    if ignored.size == 0 or not ignored.any():
+        return None
+    k = max(int((~ignored).sum(1).max()), 1)
+    return torch.from_numpy(np.ascontiguousarray(np.argsort(ignored, axis=1, kind="stable")[:, :k]))
+
+
+def selected_token_losses(chunk_fn: ChunkFn, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                          index: torch.Tensor, vocab_size: int, chunk_size: int, multiple: int) -> torch.Tensor:
+    """chunked_token_losses at the positions ``index`` [B, K] (label_index) of labels [B, S] only; the other
+    positions' losses are 0, as their labels are ignored: equal to chunked_token_losses over every position.
+
+    The output layer is the step's largest matmul after the layers (hidden x vocab per token), and in chat
+    SFT or preference data most positions are prompt: TRL's fused LM head skips them the same way. The
+    B * K selected rows are padded with ignored labels to a multiple of ``multiple`` rows (GPTModel passes
+    64, or its chunk size when the chunk is compiled, so a compiled chunk sees one shape every step);
+    where that padding would not save a row, or with ``multiple`` 0, every position runs as before. A
+    Replicate DTensor hidden state (tensor parallelism) is indexed by a replicated index; the gathers and
+    the scatter back are differentiable.
+    """
+    B, S = labels.shape
+    n = index.numel()
+    rows = min(multiple, B * S)
+    padded = -(-n // rows) * rows if rows else B * S
+    if padded >= B * S:
+        return chunked_token_losses(chunk_fn, hidden, weight, labels, vocab_size, chunk_size)
+    flat = (index + torch.arange(B, device=index.device).unsqueeze(1) * S).flatten()
+    take = torch.cat([flat, flat.new_zeros(padded - n)])  # padding rows: position 0, label ignored
+    y = torch.cat([labels.flatten()[flat], labels.new_full((padded - n,), IGNORE_INDEX)])
+    if isinstance(hidden, DTensor):
+        take = DTensor.from_local(take, hidden.device_mesh, [Replicate()] * hidden.device_mesh.ndim,
+                                  run_check=False)
+    h = hidden.flatten(0, -2).index_select(0, take)
+    losses = chunked_token_losses(chunk_fn, h, weight, y, vocab_size, chunk_size)[:n]
+    return losses.new_zeros(B * S).index_copy(0, flat, losses).view(B, S)
 
 
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from parallel.collectives import sum_tokens_and_ranks
 from parallel.parallelize import ParallelModel
 from trainer.config import Config
 from trainer.flops import real_tokens, step_flops
-from trainer.loss import IGNORE_INDEX, DocumentLoss, count_valid
+from trainer.loss import IGNORE_INDEX, DocumentLoss, count_valid, label_index
 from trainer.model.moe import router_metrics, start_router_step, step_router_totals
 from trainer.step_vector import StepVector
 
@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 
 
 def local_batch(batch: dict[str, torch.Tensor], pm: ParallelModel) -> dict[str, torch.Tensor]:
-    """This rank's rows (by data-parallel coordinate) and tokens (by context-parallel coordinate)."""
+    """This rank's rows (by data-parallel coordinate) and tokens (by context-parallel coordinate), with the
+    label_index of their labels (trainer/loss.py: the output layer skips positions whose label is ignored)."""
     from trainer.data.attention_meta import attention_metadata
 
     dims, mesh = pm.dims, pm.mesh
@@ -45,7 +46,9 @@ def local_batch(batch: dict[str, torch.Tensor], pm: ParallelModel) -> dict[str, 
         from parallel.context_parallel import shard_batch_for_cp
 
         batch = shard_batch_for_cp(batch, dims.cp, mesh["cp"].get_local_rank())
-    return batch
+    # On the host, after the cp split: which of this rank's positions the output layer must run at.
+    index = label_index(batch["labels"])
+    return batch if index is None else {**batch, "label_index": index}
 
 
 def micro_batches(batch: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
@@ -60,8 +63,8 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def model_inputs(mb: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, dict]:
-    kwargs = {k: to_device(mb[k], device) for k in ("position_ids", "seq_index", "document_ids", "doc_lens")
-              if k in mb}
+    keys = ("position_ids", "seq_index", "document_ids", "doc_lens", "label_index")
+    kwargs = {k: to_device(mb[k], device) for k in keys if k in mb}
     return to_device(mb["input_ids"], device), kwargs
 
 
@@ -175,10 +178,10 @@ def batch_facts(batch: dict[str, torch.Tensor], cfg: Config, padded_vocab: int) 
     labels = batch["labels"].numpy()
     doc_ids = batch["document_ids"].numpy() if "document_ids" in batch else np.zeros(labels.shape, np.int64)
     real = real_tokens(doc_ids)
-    return BatchFacts(slots=labels.size, real_tokens=real,
-                      normalizer=int(np.count_nonzero(labels != IGNORE_INDEX)),
+    valid = int(np.count_nonzero(labels != IGNORE_INDEX))
+    return BatchFacts(slots=labels.size, real_tokens=real, normalizer=valid,
                       packing_efficiency=real / labels.size if labels.size else 1.0,
-                      flops=step_flops(cfg.model, doc_ids, padded_vocab))
+                      flops=step_flops(cfg.model, doc_ids, padded_vocab, labelled=valid))
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """The chunked output layer + cross-entropy (trainer.loss_chunk_size) on a CUDA device: equal to the unchunked
-loss and gradients in fp32 and bf16 (autocast), and the peak device memory of the loss is one chunk's.
-CPU tests (tests/unit/test_chunked_loss.py) prove the same logic; these check CUDA's kernels and allocator.
+loss and gradients in fp32 and bf16 (autocast), also at the labelled positions only (label_index), and the
+peak device memory of the loss is one chunk's. CPU tests (tests/unit/test_chunked_loss.py,
+tests/unit/test_label_index.py) prove the same logic; these check CUDA's kernels and allocator.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from trainer.config import ModelConfig
-from trainer.loss import IGNORE_INDEX, count_valid
+from trainer.loss import IGNORE_INDEX, count_valid, label_index
 from trainer.model import GPTModel
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -26,25 +27,30 @@ def _batch(device: torch.device) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
     labels = torch.randint(0, TINY.vocab_size, (B, S), generator=gen)
     labels[0, :100] = IGNORE_INDEX
+    labels[1, :200] = IGNORE_INDEX  # a chat row: mostly prompt
+    labels[2, :40] = IGNORE_INDEX
+    labels[3, 200:230] = IGNORE_INDEX  # K = 220: label_index selects 880 of the 1000 positions (896 padded)
     return {"tokens": torch.randint(0, TINY.vocab_size, (B, S), generator=gen).to(device),
             "labels": labels.to(device)}
 
 
-def _run(chunk: int, tied: bool, precision: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _run(chunk: int, tied: bool, precision: str, select: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     device = torch.device("cuda")
     model = GPTModel(dataclasses.replace(TINY, tie_word_embeddings=tied), PADDED, seed=3).to(device)
     model.loss_chunk_size = chunk
     batch = _batch(device)
+    index = label_index(batch["labels"].cpu()).to(device) if select else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16")
     with autocast:
-        losses = model(batch["tokens"], labels=batch["labels"])
+        losses = model(batch["tokens"], labels=batch["labels"], label_index=index)
         (losses.sum() / count_valid(batch["labels"])).backward()
     return losses.detach().cpu(), {n: p.grad.cpu() for n, p in model.named_parameters()}
 
 
+@pytest.mark.parametrize("select", [False, True], ids=["every_position", "labelled_only"])
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_chunked_equals_unchunked_on_cuda(precision, tied):
+def test_chunked_equals_unchunked_on_cuda(precision, tied, select):
     """fp32 (TF32 off): 1e-5, since cuBLAS may pick another kernel for a chunk's row count than for all
     tokens. bf16: the logits are bf16, so a differently blocked matmul can move them by a bf16 ulp
     (losses 2e-2); gradients sum bf16 products in another order (2e-2 relative + 2e-3)."""
@@ -52,7 +58,7 @@ def test_chunked_equals_unchunked_on_cuda(precision, tied):
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
         want_losses, want_grads = _run(0, tied, precision)
-        losses, grads = _run(CHUNK, tied, precision)
+        losses, grads = _run(CHUNK, tied, precision, select)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     assert losses.dtype == torch.float32

@@ -47,6 +47,7 @@ def test_every_block_is_compiled_and_the_loss_chunk_swapped(ac):
     if ac != "none":  # the checkpoint wrapper is the compiled module, so recompute is inside the graph
         assert all(type(b).__name__ == "CheckpointWrapper" for b in blocks)
     assert model.loss_chunk_fn is not eager_chunk
+    assert model.selection_multiple is None  # label selections padded to whole chunks: one compiled shape
     assert not is_compiled(model)  # the root (embedding, final norm, loss loop) stays eager
 
 

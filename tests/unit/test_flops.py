@@ -28,6 +28,8 @@ def test_hand_computed_step():
     assert visible_pairs(document_lengths(IDS)) == 30
     assert attention_flops(SMALL, document_lengths(IDS)) == 2 * 96 * 30 == 5760
     assert step_flops(SMALL, IDS) == 6 * 1408 * 11 + 5760 == 98688
+    # 4 labelled tokens (a prompt's labels ignored): the output layer's 256 weights count for those only
+    assert step_flops(SMALL, IDS, labelled=4) == 6 * 1152 * 11 + 6 * 256 * 4 + 5760
 
 
 def test_moe_counts_active_parameters_by_hand():

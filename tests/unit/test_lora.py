@@ -307,6 +307,9 @@ def test_flops_count_only_the_matmuls_that_run(compose):
     assert step_flops(full, ids) == 6 * weights * tokens + attention
     # Frozen weights: forward and input gradient only; the adapters: all three matmuls.
     assert step_flops(lora, ids) == (4 * weights + 6 * trainable_count(lora, lora.lora)) * tokens + attention
+    head = full.hidden_size * full.vocab_size  # 40 labelled tokens run the (frozen) output layer
+    assert (step_flops(lora, ids, labelled=40) ==
+            (4 * (weights - head) + 6 * trainable_count(lora, lora.lora)) * tokens + 4 * head * 40 + attention)
 
 
 def test_a_bf16_base_is_stored_in_bf16_and_trains_like_the_fp32_base(compose, hf_dir):

@@ -24,7 +24,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
 from trainer.config import ModelConfig
-from trainer.loss import chunked_token_losses, cross_entropy_tokens
+from trainer.loss import chunked_token_losses, cross_entropy_tokens, selected_token_losses
 from trainer.model.attention import SelfAttention, TokenLayout
 from trainer.model.init import assign_full, clean_fqn, normal_fill_, normal_like
 
@@ -107,6 +107,9 @@ class GPTModel(nn.Module):
         # per-chunk function, replaceable by a compiled one. Plain attributes: state_dict never sees them.
         self.loss_chunk_size = 0
         self.loss_chunk_fn = loss_chunk
+        # label_index selections are padded to a multiple of this many rows; None: to whole loss chunks, so a
+        # compiled chunk (parallel/compile.py sets it) sees one shape every step. See selected_token_losses.
+        self.selection_multiple: Optional[int] = SELECTION_MULTIPLE
         # MoE: rows of the training step (the aux losses' mean is over them; None: the forward's own rows),
         # and the step's router totals in training mode (trainer/model/moe.py start_router_step,
         # step_router_totals). Plain attributes too.
@@ -149,10 +152,12 @@ class GPTModel(nn.Module):
 
     def forward(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 seq_index: Optional[torch.Tensor] = None, document_ids: Optional[torch.Tensor] = None,
-                doc_lens: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+                doc_lens: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
+                label_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """tokens [B, S] (or, on a later pipeline stage, the previous stage's hidden state)
         -> logits [B, S, padded_vocab], or with ``labels`` the per-token cross-entropy [B, S] in fp32 (0 where
-        labels are IGNORE_INDEX; see token_losses). Before the last pipeline stage: the hidden state.
+        labels are IGNORE_INDEX; see token_losses; ``label_index`` lets the output layer skip them). Before the
+        last pipeline stage: the hidden state.
 
         position_ids [B, S] feed rotary embeddings (default 0..S-1); seq_index, document_ids and doc_lens
         decide what attends to what (see TokenLayout). Under sequence or pipeline parallelism the hidden
@@ -174,7 +179,7 @@ class GPTModel(nn.Module):
         if self.decoder.final_layernorm is None:
             return hidden
         hidden = self.decoder.final_layernorm(hidden)
-        return self.lm_head(hidden) if labels is None else self.token_losses(hidden, labels)
+        return self.lm_head(hidden) if labels is None else self.token_losses(hidden, labels, label_index)
 
     def _prepare_attention(self, layout: TokenLayout, position_ids: torch.Tensor, dtype: torch.dtype) -> None:
         """Kernel choice, masks and cu_seqlens once per forward, eagerly: every layer (compiled or not, and
@@ -210,19 +215,29 @@ class GPTModel(nn.Module):
         """The sum of this step's training forwards' router records (None before the first)."""
         return torch.stack(self.router_records).sum(0) if self.router_records else None
 
-    def token_losses(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def token_losses(self, hidden: torch.Tensor, labels: torch.Tensor,
+                     label_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Per-token cross-entropy (fp32, shaped like labels) of the final-normed hidden state, computed
-        ``loss_chunk_size`` tokens at a time so the whole [tokens, vocab] logits never exist (loss.py)."""
+        ``loss_chunk_size`` tokens at a time so the whole [tokens, vocab] logits never exist (loss.py); with
+        ``label_index`` (loss.label_index of these labels) only at the positions whose label counts."""
         weight = self.output_weight()
         if isinstance(weight, DTensor):
             # Gather sequence-parallel shards once for all chunks, not once per chunk.
             hidden = replicate_hidden(hidden, weight.device_mesh)
+        if label_index is not None:
+            return selected_token_losses(self.loss_chunk_fn, hidden, weight, labels, label_index,
+                                         self.config.vocab_size, self.loss_chunk_size,
+                                         self.selection_multiple or self.loss_chunk_size)
         return chunked_token_losses(self.loss_chunk_fn, hidden, weight, labels, self.config.vocab_size,
                                     self.loss_chunk_size)
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [..., padded_vocab] (vocab-sharded DTensor under tensor parallelism; see output_logits)."""
         return output_logits(hidden, self.output_weight(), self.config.vocab_size)
+
+
+# Rows of a label selection: a multiple of 64 keeps the output layer's matmul on whole tensor-core tiles.
+SELECTION_MULTIPLE = 64
 
 
 def loss_chunk(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
