@@ -29,7 +29,8 @@ CASES = [
     ("pp2_gpipe", 2, [*PP, "parallel.pp_schedule=gpipe"], []),
     ("cp2", 2, ["parallel=fsdp", "parallel.dp_shard=1", "parallel.cp=2"], []),
     ("ep2_moe", 2, ["parallel=fsdp", "parallel.ep=2"], MOE),
-    pytest.param("4d_16ranks", 16, ["parallel=4d_16ranks"], [], marks=pytest.mark.slow),
+    # Not in CI (pytest -m extended): the 4-axis composition is the layout matrix's 4d_16ranks case.
+    pytest.param("4d_16ranks", 16, ["parallel=4d_16ranks"], [], marks=[pytest.mark.slow, pytest.mark.extended]),
 ]
 
 

@@ -20,6 +20,9 @@ from safetensors.torch import load_file
 from tests.distributed.test_mesh_matrix import MODEL, MOE, RUN, TIED, _losses, _run, reference  # noqa: F401
 
 LORA = ["model.lora.rank=4", "model.lora.alpha=8", "trainer.checkpoint.save_before_export=false"]
+# Not in CI (pytest -m extended): the 16-rank mesh (its composition is the layout matrix's 4d_16ranks case; LoRA is
+# proven here on each axis) and QLoRA beyond fsdp2 (NF4's sharding is the fsdp2 case; these add the other axes).
+EXTENDED = [pytest.mark.slow, pytest.mark.extended]
 CASES = [
     ("fsdp2", 2, ["parallel=fsdp"], []),
     ("hsdp2x2", 4, ["parallel=hsdp"], TIED),
@@ -28,7 +31,7 @@ CASES = [
     ("pp2_1f1b", 2, ["parallel=fsdp", "parallel.dp_shard=1", "parallel.pp=2", "parallel.pp_schedule=1f1b"], TIED),
     ("cp2", 2, ["parallel=fsdp", "parallel.dp_shard=1", "parallel.cp=2"], []),
     ("fsdp2_tp2", 4, ["parallel=tp2"], TIED),
-    pytest.param("4d_16ranks", 16, ["parallel=4d_16ranks"], TIED, marks=pytest.mark.slow),
+    pytest.param("4d_16ranks", 16, ["parallel=4d_16ranks"], TIED, marks=EXTENDED),
     # 8 experts over 2 ranks, each rank's 4 experts' adapters sharded with them (Shard(0) over ep).
     ("ep2_moe", 2, ["parallel=fsdp", "parallel.ep=2"], MOE),
 ]
@@ -193,9 +196,9 @@ NF4_BOUNDS = {"step1_rel": 1e-5, "loss_rel": 1e-3, "b_rel": 0.15, "vs_bf16_loss_
 @pytest.mark.distributed
 @pytest.mark.parametrize("name,nproc,parallel", [
     ("fsdp2", 2, ["parallel=fsdp"]),
-    pytest.param("hsdp2x2", 4, ["parallel=hsdp"], marks=pytest.mark.slow),
-    pytest.param("cp2", 2, ["parallel=fsdp", "parallel.dp_shard=1", "parallel.cp=2"], marks=pytest.mark.slow),
-    pytest.param("pp2_fsdp2", 4, ["parallel=fsdp", "parallel.pp=2", "parallel.dp_shard=2"], marks=pytest.mark.slow),
+    pytest.param("hsdp2x2", 4, ["parallel=hsdp"], marks=EXTENDED),
+    pytest.param("cp2", 2, ["parallel=fsdp", "parallel.dp_shard=1", "parallel.cp=2"], marks=EXTENDED),
+    pytest.param("pp2_fsdp2", 4, ["parallel=fsdp", "parallel.pp=2", "parallel.dp_shard=2"], marks=EXTENDED),
 ])
 def test_nf4_layout_equals_one_nf4_process_and_tracks_the_bf16_base(reference, name, nproc, parallel):
     """3 steps of QLoRA under FSDP2 against one NF4 process (NF4_BOUNDS) and the one-process bf16-base run: within
@@ -218,6 +221,7 @@ def test_nf4_layout_equals_one_nf4_process_and_tracks_the_bf16_base(reference, n
 
 @pytest.mark.distributed
 @pytest.mark.slow
+@pytest.mark.extended
 def test_nf4_fsdp2_resume_is_bitwise(tmp_path):
     """A QLoRA run under fsdp2 saved at step 2 and resumed (the NF4 base quantized again at load, the adapters
     and their optimizer state from the checkpoint) gives the straight run's step 3, bitwise."""

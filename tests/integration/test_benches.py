@@ -24,6 +24,7 @@ def _table_rows(stdout: str) -> dict[str, list[str]]:
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # its configurations' CPU smoke also runs in test_gpu_proof_dry_run_runs_every_stage_on_the_cpu
 def test_gpu_throughput_cpu_smoke():
     """--device cpu: a measured line for the sdpa and transformers configurations (real tokens/s > 0, the
     random-init loss near ln(vocab)), the trainer's CUDA refusal for flex and varlen, the ratio line."""
