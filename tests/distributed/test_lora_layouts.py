@@ -21,11 +21,12 @@ from tests.distributed.test_mesh_matrix import MODEL, MOE, RUN, TIED, _losses, _
 
 LORA = ["model.lora.rank=4", "model.lora.alpha=8", "trainer.checkpoint.save_before_export=false"]
 # Not in CI (pytest -m extended): the 16-rank mesh (its composition is the layout matrix's 4d_16ranks case; LoRA is
-# proven here on each axis) and QLoRA beyond fsdp2 (NF4's sharding is the fsdp2 case; these add the other axes).
+# proven here on each axis), hsdp (replication adds nothing an adapter sees beyond fsdp2) and QLoRA beyond fsdp2
+# (NF4's sharding is the fsdp2 case; these add the other axes).
 EXTENDED = [pytest.mark.slow, pytest.mark.extended]
 CASES = [
     ("fsdp2", 2, ["parallel=fsdp"], []),
-    ("hsdp2x2", 4, ["parallel=hsdp"], TIED),
+    pytest.param("hsdp2x2", 4, ["parallel=hsdp"], TIED, marks=EXTENDED),  # fsdp2 + the dp2 of the layout matrix
     ("tp2_sp", 2, ["parallel=tp2"], []),
     ("tp2_no_sp_tied", 2, ["parallel=tp2", "parallel.sequence_parallel=false"], TIED),
     ("pp2_1f1b", 2, ["parallel=fsdp", "parallel.dp_shard=1", "parallel.pp=2", "parallel.pp_schedule=1f1b"], TIED),

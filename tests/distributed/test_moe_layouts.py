@@ -33,6 +33,9 @@ LAYOUTS = [
     ("mixtral_ep2_fsdp2_tp2", 8, dict(dp_shard=4, ep=2, tp=2), "mixtral"),
     ("qwen2_moe_shared_ep2_tp2", 4, dict(dp_shard=2, ep=2, tp=2), "qwen2-moe-shared"),
 ]
+# Not in CI (pytest -m extended): Mixtral at 8 ranks (its HF mapping: tests/unit/test_moe_hf_parity.py; the layout:
+# qwen3-moe above).
+EXTENDED = {"mixtral_ep2_fsdp2_tp2"}
 
 
 def _cfg(hf_dir: str, parallel: dict, microbatch: int) -> Config:
@@ -108,7 +111,9 @@ def moe_checkpoint(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("name,world,parallel,model", LAYOUTS, ids=[c[0] for c in LAYOUTS])
+@pytest.mark.parametrize("name,world,parallel,model", [
+    pytest.param(*c, id=c[0], marks=[pytest.mark.slow, pytest.mark.extended] if c[0] in EXTENDED else ())
+    for c in LAYOUTS])
 def test_moe_layout_matches_one_process(moe_checkpoint, name, world, parallel, model):
     hf_dir, reference = moe_checkpoint(model)
     ref_loss, ref_norm, ref_moe, ref_grads, (_, all_experts) = reference

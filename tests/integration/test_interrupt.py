@@ -65,7 +65,7 @@ def test_ctrl_c_checkpoints_exits_130_and_names_a_command_that_resumes(tmp_path)
 
 
 def test_a_second_ctrl_c_exits_at_once_without_a_checkpoint(tmp_path):
-    proc = _start(tmp_path, "trainer.max_steps=50", step_sleep_s=20)  # a step that outlasts both presses
+    proc = _start(tmp_path, "trainer.max_steps=50", step_sleep_s=8)  # a step that outlasts both presses (1.5 s apart)
     run = _wait_for_steps(proc, tmp_path, 1)
     proc.send_signal(signal.SIGINT)
     time.sleep(1.5)  # later than the same press delivered twice (torchrun forwards it)
