@@ -110,6 +110,7 @@ def test_trainer_overhead_smoke():
     assert ratio and float(ratio[1]) > 0, proc.stdout
 
 
+@pytest.mark.extended  # a bench's smoke, not a proof: run it with -m extended when changing bench/scale.py
 def test_scale_smoke(tmp_path):
     """bench/scale.py at minuscule sizes: its synthetic corpus is what megatron-core's IndexedDataset reads,
     both tables are measured (per-rank peaks, start-up, wall time) and the ratio lines printed."""
@@ -136,6 +137,8 @@ def test_scale_smoke(tmp_path):
     assert (tmp_path / "model_fsdp2" / "run" / "hf" / "model.safetensors").exists()  # the export ran
 
 
+@pytest.mark.slow
+@pytest.mark.extended  # a bench's smoke, not a proof: run it with -m extended when changing bench/lora.py
 def test_lora_bench_smoke():
     """bench/lora.py on the small model: every configuration runs and the ratio columns and goal lines print."""
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "lora.py"), "--model", "small", "--ranks", "2",
