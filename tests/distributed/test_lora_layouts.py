@@ -26,7 +26,7 @@ LORA = ["model.lora.rank=4", "model.lora.alpha=8", "trainer.checkpoint.save_befo
 EXTENDED = [pytest.mark.slow, pytest.mark.extended]
 CASES = [
     ("fsdp2", 2, ["parallel=fsdp"], []),
-    pytest.param("hsdp2x2", 4, ["parallel=hsdp"], TIED, marks=EXTENDED),  # fsdp2 + the dp2 of the layout matrix
+    pytest.param("hsdp2x2", 4, ["parallel=hsdp"], TIED, marks=EXTENDED),
     ("tp2_sp", 2, ["parallel=tp2"], []),
     ("tp2_no_sp_tied", 2, ["parallel=tp2", "parallel.sequence_parallel=false"], TIED),
     ("pp2_1f1b", 2, ["parallel=fsdp", "parallel.dp_shard=1", "parallel.pp=2", "parallel.pp_schedule=1f1b"], TIED),

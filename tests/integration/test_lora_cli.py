@@ -20,7 +20,6 @@ def run(tmp_path_factory):
     return tmp, tmp / "run", done
 
 
-
 def _check_merged_equals_the_adapter(peft, run, base) -> None:
     """The merged export's logits equal the base + hf_adapter/ in PEFT's, and differ from the base's."""
     import torch
@@ -34,6 +33,7 @@ def _check_merged_equals_the_adapter(peft, run, base) -> None:
         with_adapter = peft.PeftModel.from_pretrained(plain, run / "hf_adapter").eval()(input_ids=ids).logits
     assert (merged - before).abs().max() > 1e-3  # the adapters trained and were merged
     torch.testing.assert_close(merged, with_adapter, rtol=1e-4, atol=1e-4)
+
 
 def test_outputs_are_the_adapters(run):
     tmp, out, done = run

@@ -1,10 +1,11 @@
 """The output layer only where a label counts (trainer/loss.py label_index, selected_token_losses).
 
 Chat SFT and preference rows are mostly prompt, whose labels are ignored; the selected path runs the
-output layer and cross-entropy at the labelled positions only (padded with ignored ones to whole chunks)
-and must give exactly the per-token losses and gradients of running it everywhere (fp32: 1e-6), with tied
-or untied, padded or unpadded vocabularies, whether or not the chunk divides the selection. Every chunk it
-runs has one static length (a compiled chunk is built once), and it runs fewer rows than the full path.
+output layer and cross-entropy at the labelled positions only (padded with ignored ones to a multiple of
+GPTModel.selection_multiple rows, or of the chunk when that is None, as under compile) and must give exactly
+the per-token losses and gradients of running it everywhere (fp32: 1e-6), with tied or untied, padded or
+unpadded vocabularies, whether or not the chunk divides the selection. Padded to whole chunks, every chunk it
+runs has one static length (a compiled chunk is built once); it runs fewer rows than the full path.
 """
 
 from __future__ import annotations
